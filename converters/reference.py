@@ -1,0 +1,47 @@
+"""The reference: openai-whisper's own PyTorch model, with its own kv-cache hooks.
+
+It writes no files: its "artifact" is the checkpoint itself, recorded in a manifest so every
+model, reference included, is addressed the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from converters.protocol import Artifact
+from whisper.model import Whisper
+
+from harness.weights import Checkpoint, load_model
+
+
+def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> dict[str, Any]:
+    return {"checkpoint": str(checkpoint.path), "parity": {"note": "the reference is the parity baseline"}}
+
+
+class Runner:
+    kv_cache = True
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.model = load_model(artifact.checkpoint())
+        # whisper's own hooks, installed once: the same incremental computation as whisper.decode,
+        # so the reference is bit-for-bit what openai-whisper produces
+        self._cache, self._hooks = self.model.install_kv_cache_hooks()
+
+    @torch.inference_mode()
+    def encode(self, mel: np.ndarray) -> torch.Tensor:
+        return self.model.encoder(torch.from_numpy(mel))
+
+    @torch.inference_mode()
+    def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
+        if cache is None:  # a new sequence: forget the previous one's keys and values
+            self._cache.clear()
+            new = tokens
+        else:
+            new = tokens[-1:]
+        logits = self.model.decoder(torch.tensor([list(new)]), audio_features, kv_cache=self._cache)
+        return logits[0, -1].numpy(), len(tokens)

@@ -1,0 +1,128 @@
+"""The content-addressed artifact store under `models/`.
+
+An artifact's key hashes everything that could change its bytes: the source weights' tensor
+sha256, target, quantization, the converter's recipe and the toolchain versions. A folder is
+written under a temporary name and renamed into place, so the store never holds half an artifact;
+every load re-checks the file checksums recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from converters import parity
+from converters.protocol import Artifact
+from converters.registry import REFERENCE, get_target
+from harness.errors import HarnessError
+from harness.weights import Checkpoint, load_model
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+
+
+def toolchain() -> dict[str, str]:
+    return {pkg: metadata.version(pkg) for pkg in ("torch", "openai-whisper", "numpy")}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_key(checkpoint: Checkpoint, target: str, quant: str) -> tuple[str, dict[str, Any]]:
+    recipe = {
+        "source_sha256": checkpoint.sha256,
+        "target": target,
+        "quant": quant,
+        "settings": {"recipe": getattr(get_target(target).load(), "RECIPE", target)},
+        "toolchain": toolchain(),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16], recipe
+
+
+def artifact_dir(root: Path, size: str, target: str, quant: str, key: str) -> Path:
+    return root / Path(size).name / f"{target}-{quant}-{key}"
+
+
+def verify(artifact: Artifact) -> None:
+    """Refuse an artifact whose files are missing or differ from the manifest's checksums."""
+    for name, facts in artifact.manifest["files"].items():
+        path = artifact.file(name)
+        if not path.is_file():
+            raise HarnessError(f"{artifact.path}: {name} is missing; delete the folder to rebuild it")
+        if file_sha256(path) != facts["sha256"]:
+            raise HarnessError(f"{path}: sha256 differs from {MANIFEST}; the artifact is corrupt, delete the folder to rebuild it")
+
+
+def load_artifact(path: Path) -> Artifact:
+    manifest = json.loads((path / MANIFEST).read_text())
+    return Artifact(manifest["size"], manifest["target"], manifest["quant"], path, manifest)
+
+
+def ensure(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Path) -> tuple[Artifact, str]:
+    """The artifact for (checkpoint, target, quant): reused if present and intact, else built.
+
+    Returns the artifact and "reused" or "built". A built artifact that fails its parity gate is
+    kept (with status "failed" and the numbers) so the failure is reported, not rebuilt each time.
+    """
+    key, recipe = artifact_key(checkpoint, target, quant)
+    final = artifact_dir(root, size, target, quant, key)
+    if (final / MANIFEST).is_file():
+        artifact = load_artifact(final)
+        verify(artifact)
+        return artifact, "reused"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        artifact = _build(checkpoint, size, target, quant, key, recipe, tmp)
+        os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_artifact(final), "built"
+
+
+def _build(checkpoint: Checkpoint, size: str, target: str, quant: str, key: str, recipe: dict, out: Path) -> Artifact:
+    module = get_target(target).load()
+    started = time.time()
+    model = load_model(checkpoint)
+    facts = module.convert(checkpoint, model, quant, out)
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA,
+        "key": key,
+        "size": size,
+        "target": target,
+        "quant": quant,
+        "source": {"name": checkpoint.name, "path": str(checkpoint.path), "sha256": checkpoint.sha256, "origin": checkpoint.source},
+        **{k: recipe[k] for k in ("settings", "toolchain")},
+        "dims": asdict(model.dims),
+        "files": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())},
+        **facts,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+    }
+    artifact = Artifact(size, target, quant, out, manifest)
+    if target != REFERENCE:
+        from harness.decoding import Dims, build_prompt
+        from harness.spec import DecodingSpec
+
+        dims = Dims(model.dims.n_mels, model.dims.n_vocab, model.dims.n_text_ctx)
+        reference = get_target(REFERENCE).load().Runner(artifact)
+        numbers = parity.measure(reference, module.Runner(artifact), dims, build_prompt(dims, DecodingSpec()))
+        manifest["parity"] = numbers
+        manifest["parity_failures"] = parity.gate(target, quant, numbers)
+    manifest["status"] = "failed" if manifest.get("parity_failures") else "ok"
+    manifest["build_s"] = round(time.time() - started, 2)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return artifact

@@ -1,0 +1,100 @@
+"""`torchscript-mtk`: the MediaTek-friendly form of Whisper, traced to TorchScript (stage 1 of
+the MediaTek port).
+
+The NPU has no GATHER, so the decoder never sees token ids: it takes token *embeddings*
+[1, L, d] that the host looks up in `token_embedding.npy`. The positional embedding and an
+additive causal mask are buffers, attention is explicit matmul/softmax (no SDPA), and the LM head
+is the tied embedding matrix. No KV cache: every step recomputes the sequence, as the port does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from converters.protocol import Artifact
+from whisper.model import Whisper
+
+from harness.weights import Checkpoint
+
+RECIPE = "mtk-embedding-decoder-v1"  # bump when the traced graphs change
+ENCODER, DECODER, EMBEDDING = "encoder.pt", "decoder.pt", "token_embedding.npy"
+TRACE_LENGTH = 4  # traced on a 4-token prompt; slicing by the input's length keeps L dynamic
+
+
+class EmbeddingDecoder(nn.Module):
+    """Whisper's TextDecoder with the embedding lookup moved to the host."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.blocks = decoder.blocks
+        self.ln = decoder.ln
+        self.register_buffer("positional_embedding", decoder.positional_embedding.detach().clone())
+        self.register_buffer("causal_mask", decoder.mask.detach().clone())  # additive: 0 / -inf
+        self.register_buffer("lm_head", decoder.token_embedding.weight.detach().clone())  # tied
+
+    def forward(self, token_embeddings: torch.Tensor, audio_features: torch.Tensor) -> torch.Tensor:
+        length = token_embeddings.shape[1]
+        x = token_embeddings + self.positional_embedding[:length]
+        for block in self.blocks:
+            x = block(x, audio_features, mask=self.causal_mask)
+        x = self.ln(x[:, -1:])  # only the last position's logits are ever used
+        return (x @ self.lm_head.T)[:, 0]
+
+
+def _traced(model) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule, np.ndarray]:
+    from whisper.model import disable_sdpa
+
+    dims = model.dims
+    mel = torch.zeros(1, dims.n_mels, 3000)
+    with torch.inference_mode(False), torch.no_grad(), disable_sdpa():
+        encoder = torch.jit.trace(model.encoder, mel, check_trace=False)
+        features = model.encoder(mel)
+        emb = model.decoder.token_embedding.weight.detach()
+        decoder = torch.jit.trace(
+            EmbeddingDecoder(model.decoder).eval(), (emb[:TRACE_LENGTH][None], features), check_trace=False
+        )
+    return encoder, decoder, emb.numpy().astype(np.float32)
+
+
+def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> dict[str, Any]:
+    encoder, decoder, embedding = _traced(model)
+    torch.jit.save(encoder, str(out / ENCODER))
+    torch.jit.save(decoder, str(out / DECODER))
+    np.save(out / EMBEDDING, embedding)
+    d = model.dims
+    return {
+        "recipe": RECIPE,
+        "io": {
+            ENCODER: {"inputs": {"mel": [1, d.n_mels, 3000]}, "outputs": {"audio_features": [1, d.n_audio_ctx, d.n_audio_state]}},
+            DECODER: {
+                "inputs": {"token_embeddings": [1, "L", d.n_text_state], "audio_features": [1, d.n_audio_ctx, d.n_audio_state]},
+                "outputs": {"logits": [1, d.n_vocab]},
+                "max_L": d.n_text_ctx,
+            },
+            EMBEDDING: {"shape": list(embedding.shape), "dtype": "float32"},
+        },
+    }
+
+
+class Runner:
+    kv_cache = False
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.encoder = torch.jit.load(str(artifact.file(ENCODER))).eval()
+        self.decoder = torch.jit.load(str(artifact.file(DECODER))).eval()
+        self.embedding = np.load(artifact.file(EMBEDDING))
+
+    @torch.inference_mode()
+    def encode(self, mel: np.ndarray) -> torch.Tensor:
+        return self.encoder(torch.from_numpy(mel))
+
+    @torch.inference_mode()
+    def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
+        embeddings = torch.from_numpy(self.embedding[np.asarray(tokens)][None])  # the host-side lookup
+        return self.decoder(embeddings, audio_features)[0].numpy(), None

@@ -1,0 +1,82 @@
+"""`python -m harness run|validate`: the command line, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+EXAMPLES = """examples:
+  python -m harness run jobs/librispeech_base.yaml
+  python -m harness run jobs/librispeech_base.yaml --limit 10 --workers 2
+  python -m harness run jobs/librispeech_base.yaml --dataset path/to/audiofolder
+  python -m harness run jobs/librispeech_base.yaml --address ray://head:10001
+  python -m harness validate jobs/*.yaml
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness",
+        description="Evaluate Whisper and its converted forms against the PyTorch reference on Ray.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job: transcribe with every model, score, write results/")
+    run.add_argument("job", type=Path, help="a job file, e.g. jobs/librispeech_base.yaml")
+    run.add_argument("--dataset", help="replace the job's dataset: a local audiofolder path or a Hugging Face hub id")
+    run.add_argument("--limit", type=int, help="evaluate only the first N utterances")
+    run.add_argument("--workers", type=int, help="Ray workers per model (default: the job's cluster.workers)")
+    run.add_argument("--address", help="join this Ray cluster instead of starting an embedded one")
+    run.add_argument("--out", type=Path, default=Path("results"), help="results root (default: results)")
+    run.add_argument("--models", type=Path, default=Path(os.environ.get("HARNESS_MODELS", "models")),
+                     help="artifact store (default: $HARNESS_MODELS or models)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    validate = sub.add_parser("validate", help="check job files and report every problem")
+    validate.add_argument("jobs", type=Path, nargs="+")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate(args.jobs)
+        return _run(args)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _validate(paths: list[Path]) -> int:
+    from harness.spec import load_job
+
+    failed = 0
+    for path in paths:
+        try:
+            spec = load_job(path)
+        except HarnessError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        cells = ", ".join(c.label for c in spec.models.cells())
+        print(f"ok: {path}: job '{spec.name}', dataset {spec.dataset.label}, models {cells}")
+    return 1 if failed else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from harness.execute import format_summary, run_job
+    from harness.spec import load_job
+
+    spec = load_job(args.job).with_overrides(
+        dataset=args.dataset, limit=args.limit, workers=args.workers, address=args.address
+    )
+    result = run_job(spec, args.out, args.models, progress=not args.no_progress and sys.stderr.isatty())
+    print()
+    print(format_summary(result.summary))
+    print(f"\nresults: {result.run_dir}")
+    return 0

@@ -1,0 +1,150 @@
+"""Datasets through Hugging Face `datasets`: a local audiofolder or a hub id, read in shards.
+
+Audio is never decoded by `datasets` (its default decoder needs torchcodec and FFmpeg): rows keep
+the encoded bytes or the file path, and soundfile + soxr turn them into 16 kHz mono float32.
+The driver only counts rows and plans shards; each worker reads its own shard.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.errors import HarnessError
+from harness.spec import DatasetSpec
+
+SAMPLE_RATE = 16_000  # what Whisper's front end expects
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # row range [start, stop) of the dataset after split filtering and limit
+    stop: int
+
+
+@dataclass(frozen=True)
+class Utterance:
+    utt_id: str
+    text: str
+    audio: np.ndarray | None  # 16 kHz mono float32; None when it could not be decoded
+    error: str | None = None
+
+    @property
+    def audio_s(self) -> float:
+        return 0.0 if self.audio is None else len(self.audio) / SAMPLE_RATE
+
+
+def _metadata_file(folder: Path) -> Path:
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if (folder / name).is_file():
+            return folder / name
+    raise HarnessError(f"{folder}: no metadata.jsonl or metadata.csv (expected the audiofolder layout)")
+
+
+def _open(spec: DatasetSpec) -> Any:
+    """The dataset as `datasets` sees it, before any audio is touched."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if spec.path is not None:
+        meta = _metadata_file(spec.path)
+        builder = "json" if meta.suffix == ".jsonl" else "csv"
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(meta), split="train")
+        except Exception as exc:  # datasets raises many types for a malformed file
+            raise HarnessError(f"{meta}: cannot be read as {builder} ({type(exc).__name__}: {exc})") from None
+        missing = {"file_name", spec.text_column} - set(ds.column_names)
+        if missing:
+            raise HarnessError(f"{meta}: missing column(s) {sorted(missing)}; has {ds.column_names}")
+        if spec.split is not None:
+            if "split" not in ds.column_names:
+                raise HarnessError(f"{meta}: dataset.split is {spec.split!r} but the metadata has no 'split' column")
+            ds = ds.filter(lambda s: s == spec.split, input_columns="split")
+    else:
+        try:
+            ds = datasets.load_dataset(spec.hub, spec.config, split=spec.split or "test", streaming=spec.streaming)
+        except Exception as exc:
+            raise HarnessError(f"dataset hub:{spec.hub}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+        ds = ds.cast_column(spec.audio_column, datasets.Audio(decode=False))
+    if spec.limit is not None and not spec.streaming:
+        ds = ds.select(range(min(spec.limit, len(ds))))
+    return ds
+
+
+def count_rows(spec: DatasetSpec) -> int:
+    ds = _open(spec)
+    if spec.streaming:
+        if spec.limit is not None:
+            return spec.limit
+        split = ds.info.splits.get(spec.split or "test") if ds.info.splits else None
+        if split is None or not split.num_examples:
+            raise HarnessError(f"dataset hub:{spec.hub}: streaming with an unknown length; set dataset.limit")
+        return split.num_examples
+    return len(ds)
+
+
+def read_index(spec: DatasetSpec) -> tuple[list[str], list[str]]:
+    """Utterance ids and reference texts, without touching audio (for rows of unrunnable models)."""
+    if spec.streaming:
+        rows = list(_open(spec).take(count_rows(spec)))
+    else:
+        rows = list(_open(spec))
+    ids = [_utt_id(spec, r, i) for i, r in enumerate(rows)]
+    return ids, [str(r.get(spec.text_column) or "") for r in rows]
+
+
+def plan_shards(n_rows: int, shard_size: int) -> list[Shard]:
+    return [Shard(i, start, min(start + shard_size, n_rows)) for i, start in enumerate(range(0, n_rows, shard_size))]
+
+
+def read_shard(spec: DatasetSpec, shard: Shard) -> list[Utterance]:
+    """The shard's utterances with decoded audio; a bad file becomes an Utterance with an error."""
+    ds = _open(spec)
+    if spec.streaming:
+        rows = list(ds.skip(shard.start).take(shard.stop - shard.start))
+    else:
+        rows = list(ds.select(range(shard.start, shard.stop)))
+    return [_utterance(spec, row, shard.start + i) for i, row in enumerate(rows)]
+
+
+def _utt_id(spec: DatasetSpec, row: dict, position: int) -> str:
+    """The id column, else the audio file's stem, else the row's position."""
+    if row.get(spec.id_column):
+        return str(row[spec.id_column])
+    name = row.get("file_name") if spec.path is not None else (row.get(spec.audio_column) or {}).get("path")
+    return Path(name).stem if name else str(position)
+
+
+def _utterance(spec: DatasetSpec, row: dict, position: int) -> Utterance:
+    utt_id = _utt_id(spec, row, position)
+    if spec.path is not None:
+        source: str | io.BytesIO = str(spec.path / row["file_name"])
+        where = source
+    else:
+        audio = row[spec.audio_column]
+        source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"]
+        where = audio.get("path") or f"row {position}"
+    text = str(row.get(spec.text_column) or "")
+    try:
+        return Utterance(utt_id, text, decode_audio(source))
+    except Exception as exc:  # soundfile raises LibsndfileError, OSError, RuntimeError
+        return Utterance(utt_id, text, None, f"cannot decode audio {where}: {exc}")
+
+
+def decode_audio(source: str | io.BytesIO) -> np.ndarray:
+    """Any file soundfile reads (FLAC, WAV, OGG, MP3) → 16 kHz mono float32."""
+    import soundfile
+    import soxr
+
+    audio, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="VHQ")
+    if audio.size == 0:
+        raise ValueError("no samples")
+    return np.ascontiguousarray(audio, dtype=np.float32)

@@ -1,0 +1,208 @@
+"""Running a job: artifacts → Ray workers per model → raw rows per shard → scoring → results.
+
+Data flows one way. The driver prepares artifacts (converting what is missing), plans shards as
+row ranges, and hands them to idle workers; workers read their own audio. Each finished shard's
+raw rows are written at once (atomically) under the run's partial folder, and only a run that
+finished is renamed into `results/<job>/<run id>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from converters.registry import REFERENCE
+from converters.store import ensure
+from harness.data import Shard, count_rows, plan_shards, read_index
+from harness.decoding import Dims, build_prompt
+from harness.errors import HarnessError
+from harness.scoring import SCHEMA_VERSION, score_rows, summarize
+from harness.spec import JobSpec, ModelCell
+from harness.weights import resolve_checkpoint
+from harness.worker import ModelWorker, WorkerSetup
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    cell: ModelCell
+    artifact_path: Path | None
+    dims: Dims | None
+    status: str  # built | reused | failed: <why> | unavailable: <why>
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    utterances: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def prepare_models(spec: JobSpec, models_root: Path, log=print) -> list[PreparedModel]:
+    """Resolve weights and build or reuse every artifact the job needs, on the driver."""
+    prepared = []
+    for size in spec.models.sizes:
+        checkpoint = resolve_checkpoint(size)
+        for cell in (c for c in spec.models.cells() if c.size == size):
+            artifact, how = ensure(checkpoint, size, cell.target, cell.quant, models_root)
+            m = artifact.manifest
+            dims = Dims(m["dims"]["n_mels"], m["dims"]["n_vocab"], m["dims"]["n_text_ctx"])
+            status = how if m["status"] == "ok" else "failed: parity gate: " + "; ".join(m["parity_failures"])
+            log(f"{cell.label}: {status} ({artifact.path})")
+            prepared.append(PreparedModel(cell, artifact.path, dims, status))
+    return prepared
+
+
+def _slug(cell: ModelCell) -> str:
+    return cell.label.replace("/", "__")
+
+
+def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def run_job(
+    spec: JobSpec, out_root: Path, models_root: Path, progress: bool = True, log=print
+) -> RunResult:
+    started = time.time()
+    prepared = prepare_models(spec, models_root, log=log)
+    n_rows = count_rows(spec.dataset)
+    if n_rows == 0:
+        raise HarnessError(f"dataset {spec.dataset.label}: no utterances (check dataset.split and dataset.limit)")
+    shards = plan_shards(n_rows, spec.cluster.shard_size)
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
+    final_dir = out_root / spec.name / run_id
+    partial = out_root / spec.name / f".partial-{run_id}"
+    (partial / "raw").mkdir(parents=True)
+    try:
+        raw = _execute(spec, prepared, shards, partial / "raw", progress)
+        utts = score_rows(raw.assign(run_id=run_id))
+        summary = summarize(utts)
+        _write_parquet_atomic(utts, partial / "utterances.parquet")
+        summary.to_csv(partial / "summary.csv", index=False)
+        (partial / "summary.md").write_text(format_summary(summary) + "\n")
+        (partial / "run.json").write_text(
+            json.dumps(_run_info(spec, run_id, prepared, n_rows, started), indent=2, default=str)
+        )
+        os.replace(partial, final_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return RunResult(final_dir, utts, summary)
+
+
+def _execute(spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], raw_dir: Path, progress: bool) -> pd.DataFrame:
+    import ray
+    from tqdm import tqdm
+
+    _init_ray(spec.cluster.address)
+    runnable = [p for p in prepared if p.status in ("built", "reused")]
+    frames = [_status_rows(p, spec) for p in prepared if p not in runnable]
+    remote_worker = ray.remote(num_cpus=1)(ModelWorker)
+    actors: dict[Any, PreparedModel] = {}
+    for p in runnable:
+        assert p.dims is not None and p.artifact_path is not None
+        setup = WorkerSetup(p.artifact_path, p.dims, build_prompt(p.dims, spec.decoding), spec.decoding, spec.dataset)
+        for _ in range(spec.cluster.workers):
+            actors[remote_worker.remote(setup)] = p
+    queues = {p.cell: list(shards) for p in runnable}
+    bars = {
+        p.cell: tqdm(total=shards[-1].stop, desc=p.cell.label, unit="utt", disable=not progress, position=i)
+        for i, p in enumerate(runnable)
+    }
+    in_flight: dict[Any, tuple[Any, Shard]] = {}
+
+    def feed(actor) -> None:
+        queue = queues[actors[actor].cell]
+        if queue:
+            shard = queue.pop(0)
+            in_flight[actor.run_shard.remote(shard)] = (actor, shard)
+
+    for actor in actors:
+        feed(actor)
+    try:
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, shard = in_flight.pop(done[0])
+            cell = actors[actor].cell
+            rows = pd.DataFrame(ray.get(done[0])).assign(size=cell.size, target=cell.target, quant=cell.quant)
+            _write_parquet_atomic(rows, raw_dir / f"{_slug(cell)}-shard{shard.index:05d}.parquet")
+            frames.append(rows)
+            bars[cell].update(shard.stop - shard.start)
+            feed(actor)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    raw = pd.concat(frames, ignore_index=True)
+    for col in ("hyp_text", "hyp_tokens", "frontend_ms", "encode_ms", "decode_ms", "n_steps"):
+        if col not in raw:
+            raw[col] = None
+    return raw
+
+
+def _status_rows(p: PreparedModel, spec: JobSpec) -> pd.DataFrame:
+    """A model that cannot be evaluated still appears: one row per utterance, with the reason."""
+    ids, texts = read_index(spec.dataset)
+    return pd.DataFrame(
+        {"utt_id": ids, "ref_text": texts, "audio_s": 0.0, "node": None, "error": p.status}
+    ).assign(size=p.cell.size, target=p.cell.target, quant=p.cell.quant)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows: int, started: float) -> dict[str, Any]:
+    packages = ("torch", "openai-whisper", "ray", "datasets", "jiwer", "pandas", "pyarrow", "numpy", "soundfile", "soxr")
+    return {
+        "run_id": run_id,
+        "schema_version": SCHEMA_VERSION,
+        "job": asdict(spec),
+        "models": [{"model": p.cell.label, "artifact": p.artifact_path, "status": p.status} for p in prepared],
+        "utterances": n_rows,
+        "packages": {p: metadata.version(p) for p in packages},
+        "git_commit": _git_commit(),
+        "host": {"hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    from tabulate import tabulate
+
+    shown = summary.copy()
+    for col in ("wer", "cer", "exact_match", "token_edit_rate"):
+        shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%" if v == v else "-")
+    for col in ("mean_first_div", "p50_ms", "p90_ms", "p99_ms", "enc_p50_ms", "dec_ms_per_tok", "rtfx"):
+        shown[col] = shown[col].map(lambda v: f"{v:.1f}" if v == v else "-")
+    return tabulate(shown, headers="keys", tablefmt="github", showindex=False)

@@ -1,0 +1,69 @@
+"""A Ray actor that holds one model and transcribes the shards it is handed.
+
+It reads its shard's audio itself (the driver ships only row ranges) and returns raw rows:
+tokens, text and timings. Scoring happens later, on the driver, never here.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.data import Shard, read_shard
+from harness.decoding import Dims, Prompt, greedy_decode, tokenizer_for
+from harness.spec import DatasetSpec, DecodingSpec
+from harness.timing import prepare_worker_threads, warm_up
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    artifact_path: Path
+    dims: Dims
+    prompt: Prompt
+    decoding: DecodingSpec
+    dataset: DatasetSpec
+
+
+class ModelWorker:
+    """Wrapped with ray.remote by the driver; plain class so it is testable without Ray."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        from converters.registry import get_target
+        from converters.store import load_artifact, verify
+
+        prepare_worker_threads()
+        artifact = load_artifact(setup.artifact_path)
+        verify(artifact)  # the checksums, again, on the node that will run it
+        self.setup = setup
+        self.runner = get_target(artifact.target).load().Runner(artifact)
+        self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
+        self.node = socket.gethostname()
+        warm_up(self.runner, setup.dims, setup.prompt)
+
+    def run_shard(self, shard: Shard) -> list[dict[str, Any]]:
+        rows = []
+        for utt in read_shard(self.setup.dataset, shard):
+            row: dict[str, Any] = {"utt_id": utt.utt_id, "ref_text": utt.text, "audio_s": utt.audio_s, "node": self.node}
+            if utt.audio is None:
+                rows.append({**row, "error": utt.error})
+                continue
+            try:
+                out = greedy_decode(self.runner, utt.audio, self.setup.dims, self.setup.prompt)
+            except Exception as exc:  # one broken utterance must not sink the run: it becomes a row
+                rows.append({**row, "error": f"decoding failed: {type(exc).__name__}: {exc}"})
+                continue
+            rows.append(
+                {
+                    **row,
+                    "hyp_tokens": list(out.tokens),
+                    "hyp_text": self.tokenizer.decode(list(out.tokens)).strip(),
+                    "frontend_ms": out.frontend_ms,
+                    "encode_ms": out.encode_ms,
+                    "decode_ms": out.decode_ms,
+                    "n_steps": out.n_steps,
+                    "error": None,
+                }
+            )
+        return rows
