@@ -28,7 +28,7 @@ class Tolerance:
 # One row per (target, quant); a comment says why each number is what it is.
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
     # fp32 re-tracing of the same math (explicit attention instead of SDPA): only float
-    # reassociation differs, so errors stay near fp32 epsilon after 4–32 layers
+    # reassociation differs, so errors stay near fp32 epsilon after 4 to 32 layers
     ("torchscript-mtk", "fp32"): Tolerance(min_encoder_snr_db=60.0, max_logit_abs_err=1e-2, min_top1_agreement=1.0),
 }
 

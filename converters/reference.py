@@ -12,10 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from converters.protocol import Artifact
 from whisper.model import Whisper
 
+from converters.protocol import Artifact
 from harness.weights import Checkpoint, load_model
 
 

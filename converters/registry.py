@@ -40,4 +40,6 @@ def get_target(name: str) -> Target:
     try:
         return TARGETS[name]
     except KeyError:
-        raise HarnessError(f"unknown target '{name}'{did_you_mean(name, TARGETS)}; known: {', '.join(TARGETS)}") from None
+        raise HarnessError(
+            f"unknown target '{name}'{did_you_mean(name, TARGETS)}; known: {', '.join(TARGETS)}"
+        ) from None

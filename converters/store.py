@@ -63,7 +63,9 @@ def verify(artifact: Artifact) -> None:
         if not path.is_file():
             raise HarnessError(f"{artifact.path}: {name} is missing; delete the folder to rebuild it")
         if file_sha256(path) != facts["sha256"]:
-            raise HarnessError(f"{path}: sha256 differs from {MANIFEST}; the artifact is corrupt, delete the folder to rebuild it")
+            raise HarnessError(
+                f"{path}: sha256 differs from {MANIFEST}; the artifact is corrupt, delete the folder to rebuild it"
+            )
 
 
 def load_artifact(path: Path) -> Artifact:
@@ -105,7 +107,12 @@ def _build(checkpoint: Checkpoint, size: str, target: str, quant: str, key: str,
         "size": size,
         "target": target,
         "quant": quant,
-        "source": {"name": checkpoint.name, "path": str(checkpoint.path), "sha256": checkpoint.sha256, "origin": checkpoint.source},
+        "source": {
+            "name": checkpoint.name,
+            "path": str(checkpoint.path),
+            "sha256": checkpoint.sha256,
+            "origin": checkpoint.source,
+        },
         **{k: recipe[k] for k in ("settings", "toolchain")},
         "dims": asdict(model.dims),
         "files": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())},

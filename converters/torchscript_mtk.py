@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-
-from converters.protocol import Artifact
 from whisper.model import Whisper
 
+from converters.protocol import Artifact
 from harness.weights import Checkpoint
 
 RECIPE = "mtk-embedding-decoder-v1"  # bump when the traced graphs change
@@ -71,9 +70,15 @@ def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> di
     return {
         "recipe": RECIPE,
         "io": {
-            ENCODER: {"inputs": {"mel": [1, d.n_mels, 3000]}, "outputs": {"audio_features": [1, d.n_audio_ctx, d.n_audio_state]}},
+            ENCODER: {
+                "inputs": {"mel": [1, d.n_mels, 3000]},
+                "outputs": {"audio_features": [1, d.n_audio_ctx, d.n_audio_state]},
+            },
             DECODER: {
-                "inputs": {"token_embeddings": [1, "L", d.n_text_state], "audio_features": [1, d.n_audio_ctx, d.n_audio_state]},
+                "inputs": {
+                    "token_embeddings": [1, "L", d.n_text_state],
+                    "audio_features": [1, d.n_audio_ctx, d.n_audio_state],
+                },
                 "outputs": {"logits": [1, d.n_vocab]},
                 "max_L": d.n_text_ctx,
             },

@@ -33,8 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="Ray workers per model (default: the job's cluster.workers)")
     run.add_argument("--address", help="join this Ray cluster instead of starting an embedded one")
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default: results)")
-    run.add_argument("--models", type=Path, default=Path(os.environ.get("HARNESS_MODELS", "models")),
-                     help="artifact store (default: $HARNESS_MODELS or models)")
+    run.add_argument(
+        "--models",
+        type=Path,
+        default=Path(os.environ.get("HARNESS_MODELS", "models")),
+        help="artifact store (default: $HARNESS_MODELS or models)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     validate = sub.add_parser("validate", help="check job files and report every problem")
     validate.add_argument("jobs", type=Path, nargs="+")

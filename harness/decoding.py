@@ -66,7 +66,7 @@ def build_prompt(dims: Dims, options: DecodingSpec) -> Prompt:
         tokens=tuple(tok.sot_sequence_including_notimestamps),
         eot=tok.eot,
         suppress=tuple(sorted(suppress)),
-        suppress_at_begin=tuple(tok.encode(" ") + [tok.eot]),
+        suppress_at_begin=tuple([*tok.encode(" "), tok.eot]),
         max_new_tokens=options.max_new_tokens or dims.n_text_ctx // 2,
         n_ctx=dims.n_text_ctx,
     )

@@ -22,7 +22,6 @@ from typing import Any
 
 import pandas as pd
 
-from converters.registry import REFERENCE
 from converters.store import ensure
 from harness.data import Shard, count_rows, plan_shards, read_index
 from harness.decoding import Dims, build_prompt
@@ -84,9 +83,7 @@ def _init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def run_job(
-    spec: JobSpec, out_root: Path, models_root: Path, progress: bool = True, log=print
-) -> RunResult:
+def run_job(spec: JobSpec, out_root: Path, models_root: Path, progress: bool = True, log=print) -> RunResult:
     started = time.time()
     prepared = prepare_models(spec, models_root, log=log)
     n_rows = count_rows(spec.dataset)
@@ -114,7 +111,9 @@ def run_job(
     return RunResult(final_dir, utts, summary)
 
 
-def _execute(spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], raw_dir: Path, progress: bool) -> pd.DataFrame:
+def _execute(
+    spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], raw_dir: Path, progress: bool
+) -> pd.DataFrame:
     import ray
     from tqdm import tqdm
 
@@ -168,21 +167,34 @@ def _execute(spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], 
 def _status_rows(p: PreparedModel, spec: JobSpec) -> pd.DataFrame:
     """A model that cannot be evaluated still appears: one row per utterance, with the reason."""
     ids, texts = read_index(spec.dataset)
-    return pd.DataFrame(
-        {"utt_id": ids, "ref_text": texts, "audio_s": 0.0, "node": None, "error": p.status}
-    ).assign(size=p.cell.size, target=p.cell.target, quant=p.cell.quant)
+    return pd.DataFrame({"utt_id": ids, "ref_text": texts, "audio_s": 0.0, "node": None, "error": p.status}).assign(
+        size=p.cell.size, target=p.cell.target, quant=p.cell.quant
+    )
 
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
 
 
 def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows: int, started: float) -> dict[str, Any]:
-    packages = ("torch", "openai-whisper", "ray", "datasets", "jiwer", "pandas", "pyarrow", "numpy", "soundfile", "soxr")
+    packages = (
+        "torch",
+        "openai-whisper",
+        "ray",
+        "datasets",
+        "jiwer",
+        "pandas",
+        "pyarrow",
+        "numpy",
+        "soundfile",
+        "soxr",
+    )
     return {
         "run_id": run_id,
         "schema_version": SCHEMA_VERSION,
@@ -191,7 +203,12 @@ def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows:
         "utterances": n_rows,
         "packages": {p: metadata.version(p) for p in packages},
         "git_commit": _git_commit(),
-        "host": {"hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "host": {
+            "hostname": platform.node(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -67,9 +67,7 @@ def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
     df = raw.copy()
     ok = df["error"].isna()
     reference = df[(df["target"] == REFERENCE) & ok].set_index(["size", "utt_id"])["hyp_tokens"]
-    df["reference_tokens"] = [
-        reference.get((s, u)) for s, u in zip(df["size"], df["utt_id"], strict=True)
-    ]
+    df["reference_tokens"] = [reference.get((s, u)) for s, u in zip(df["size"], df["utt_id"], strict=True)]
     df["ref_norm"] = df["ref_text"].map(normalize)
     df["hyp_norm"] = df["hyp_text"].where(ok, None).map(lambda t: normalize(t) if isinstance(t, str) else None)
     counts = [
@@ -94,7 +92,9 @@ def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
     df["exact_match"] = pd.array([d[0] for d in div], dtype="boolean")
     df["first_divergence"] = pd.array([d[1] for d in div], dtype="Int64")
     df["token_edit_rate"] = pd.array([d[2] for d in div], dtype="Float64")
-    df["n_tokens"] = pd.array([len(t) if isinstance(t, (list, np.ndarray)) else None for t in df["hyp_tokens"]], dtype="Int64")
+    df["n_tokens"] = pd.array(
+        [len(t) if isinstance(t, (list, np.ndarray)) else None for t in df["hyp_tokens"]], dtype="Int64"
+    )
     df["total_ms"] = df["frontend_ms"] + df["encode_ms"] + df["decode_ms"]
     return df[UTTERANCE_COLUMNS]
 

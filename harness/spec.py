@@ -174,9 +174,8 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
             from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
             if decoding.language not in LANGUAGES and decoding.language.lower() not in TO_LANGUAGE_CODE:
-                errors.append(
-                    f"decoding.language: unknown language {decoding.language!r}{did_you_mean(decoding.language, LANGUAGES)}"
-                )
+                hint = did_you_mean(decoding.language, LANGUAGES)
+                errors.append(f"decoding.language: unknown language {decoding.language!r}{hint}")
     cluster = _simple(ClusterSpec, raw.get("cluster", {}), "cluster", errors)
     if cluster is not None:
         if cluster.workers < 1:
@@ -282,7 +281,7 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
             ok = False
     targets_raw = raw.get("targets", {})
     if isinstance(targets_raw, list):  # a plain list means fp32 for each
-        targets_raw = dict.fromkeys(targets_raw, ["fp32"])
+        targets_raw = {key: ["fp32"] for key in targets_raw}
     if not isinstance(targets_raw, dict):
         errors.append(f"models.targets: expected a mapping target -> [quantizations], got {targets_raw!r}")
         return None
@@ -304,7 +303,8 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
         allowed = TARGETS[name].quants
         for q in quants:
             if q not in allowed:
-                errors.append(f"{where}: quantization {q!r} is not offered{did_you_mean(str(q), allowed)}; offered: {', '.join(allowed)}")
+                hint = did_you_mean(str(q), allowed)
+                errors.append(f"{where}: quantization {q!r} is not offered{hint}; offered: {', '.join(allowed)}")
                 ok = False
         targets.append((name, tuple(dict.fromkeys(quants))))
     if not ok:

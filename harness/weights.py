@@ -17,6 +17,7 @@ import importlib.metadata
 import importlib.resources
 import importlib.util
 import json
+import math
 import os
 import pickle
 import socket
@@ -260,7 +261,7 @@ def _official_checkpoint(name: str, path: Path, source: str) -> Checkpoint:
 
 def _cache_dir(cache_dir: Path | None) -> Path:
     if cache_dir is not None:
-        return cache_dir
+        return Path(cache_dir).expanduser()
     configured = os.getenv(_CACHE_ENV)
     if configured:
         return Path(configured).expanduser()
@@ -355,6 +356,8 @@ def _parse_ct2(data: bytes) -> dict[str, torch.Tensor]:
         (length,) = take("H")  # includes the trailing NUL
         raw = data[offset : offset + length - 1]
         offset += length
+        if offset > len(data):
+            raise struct.error("string cut short")
         return raw.decode("utf-8")
 
     try:
@@ -375,19 +378,23 @@ def _parse_ct2(data: bytes) -> dict[str, torch.Tensor]:
             (num_bytes,) = take("I")
             if type_id not in _CT2_DTYPES:
                 raise ValueError(f"unknown CTranslate2 dtype id {type_id} for {var_name}")
+            dtype = _CT2_DTYPES[type_id]
+            if num_bytes != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{var_name} has {num_bytes} bytes for shape {shape} of {dtype}")
             raw = bytearray(data[offset : offset + num_bytes])  # writable for torch
             offset += num_bytes
+            if len(raw) != num_bytes:
+                raise struct.error("variable data cut short")
+            # frombuffer rejects an empty buffer, so empty variables are built directly.
             variables[var_name] = (
-                torch.frombuffer(raw, dtype=_CT2_DTYPES[type_id]).reshape(shape)
-                if num_bytes
-                else torch.empty(shape, dtype=_CT2_DTYPES[type_id])
+                torch.frombuffer(raw, dtype=dtype).reshape(shape) if num_bytes else torch.empty(shape, dtype=dtype)
             )
         (aliases,) = take("I")
         for _ in range(aliases):
             alias = take_string()
             variables[alias] = variables[take_string()]
     except struct.error as exc:
-        raise ValueError(f"truncated CTranslate2 model.bin at byte {offset}") from exc
+        raise ValueError(f"CTranslate2 model.bin is truncated ({len(data)} bytes)") from exc
     if offset != len(data):
         raise ValueError(f"{len(data) - offset} trailing bytes after CTranslate2 model.bin")
     return variables

@@ -45,7 +45,12 @@ class ModelWorker:
     def run_shard(self, shard: Shard) -> list[dict[str, Any]]:
         rows = []
         for utt in read_shard(self.setup.dataset, shard):
-            row: dict[str, Any] = {"utt_id": utt.utt_id, "ref_text": utt.text, "audio_s": utt.audio_s, "node": self.node}
+            row: dict[str, Any] = {
+                "utt_id": utt.utt_id,
+                "ref_text": utt.text,
+                "audio_s": utt.audio_s,
+                "node": self.node,
+            }
             if utt.audio is None:
                 rows.append({**row, "error": utt.error})
                 continue

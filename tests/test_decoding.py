@@ -1,0 +1,55 @@
+"""The shared greedy loop: the reference must reproduce `whisper.decode` token for token."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.decoding import Dims, build_prompt, greedy_decode
+from harness.spec import DecodingSpec
+
+
+def test_reference_tokens_equal_whisper_decode_on_every_embedded_utterance(
+    tiny_artifacts, tiny_dims, embedded_utterances, whisper_decoded
+):
+    from converters.reference import Runner
+
+    runner = Runner(tiny_artifacts["reference"])
+    prompt = build_prompt(tiny_dims, DecodingSpec())
+    mismatched = [
+        utt.utt_id
+        for utt in embedded_utterances
+        if list(greedy_decode(runner, utt.audio, tiny_dims, prompt).tokens) != whisper_decoded[utt.utt_id].tokens
+    ]
+    assert len(embedded_utterances) == 70
+    assert mismatched == []
+
+
+def test_prompt_english_only_and_multilingual():
+    from whisper.tokenizer import get_tokenizer
+
+    en = build_prompt(Dims(80, 51864, 448), DecodingSpec())
+    tok_en = get_tokenizer(False)
+    assert en.tokens == (tok_en.sot, tok_en.no_timestamps)
+    multi = build_prompt(Dims(80, 51865, 448), DecodingSpec(language="de", task="translate", max_new_tokens=20))
+    tok = get_tokenizer(True, num_languages=99, language="de", task="translate")
+    assert multi.tokens == (tok.sot, tok.to_language_token("de"), tok.translate, tok.no_timestamps)
+    assert multi.max_new_tokens == 20 and en.max_new_tokens == 224
+    assert tok.eot in multi.suppress_at_begin and tok.sot in multi.suppress and tok.no_speech in multi.suppress
+
+
+def test_large_v3_prompt_counts_its_extra_language():
+    # large-v3 has 100 languages (n_vocab 51866): the task tokens move by one
+    from whisper.tokenizer import get_tokenizer
+
+    prompt = build_prompt(Dims(128, 51866, 448), DecodingSpec())
+    tok = get_tokenizer(True, num_languages=100, language="en", task="transcribe")
+    assert prompt.tokens == tuple(tok.sot_sequence_including_notimestamps)
+
+
+@pytest.mark.parametrize("max_new", [1, 3])
+def test_max_new_tokens_bounds_the_loop(tiny_artifacts, tiny_dims, embedded_utterances, max_new):
+    from converters.reference import Runner
+
+    prompt = build_prompt(tiny_dims, DecodingSpec(max_new_tokens=max_new))
+    out = greedy_decode(Runner(tiny_artifacts["reference"]), embedded_utterances[0].audio, tiny_dims, prompt)
+    assert out.n_steps == max_new and len(out.tokens) == max_new

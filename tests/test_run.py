@@ -1,0 +1,107 @@
+"""End to end on a real embedded Ray: tiny.en reference vs torchscript-mtk on all 70 utterances."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import jiwer
+import pandas as pd
+import pytest
+
+from harness.execute import run_job
+from harness.scoring import normalize
+from harness.spec import load_job
+from tests.conftest import EMBEDDED, ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_local, tiny_artifacts, models_root, tmp_path_factory):
+    spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml")
+    return run_job(spec, tmp_path_factory.mktemp("results"), models_root, progress=False, log=lambda *a: None)
+
+
+def test_run_writes_complete_results(tiny_run):
+    files = {p.name for p in tiny_run.run_dir.iterdir()}
+    assert {"utterances.parquet", "summary.csv", "summary.md", "run.json", "raw"} <= files
+    assert not [p for p in tiny_run.run_dir.parent.iterdir() if p.name.startswith(".")]
+    utts = pd.read_parquet(tiny_run.run_dir / "utterances.parquet")
+    assert len(utts) == 140 and utts["error"].isna().all()
+    assert set(utts["target"]) == {"reference", "torchscript-mtk"}
+    info = json.loads((tiny_run.run_dir / "run.json").read_text())
+    assert info["utterances"] == 70 and info["packages"]["openai-whisper"] == "20250625"
+    assert pd.read_csv(tiny_run.run_dir / "summary.csv").shape[0] == 2
+
+
+def test_summary_wer_is_jiwer_over_the_rows(tiny_run):
+    utts = pd.read_parquet(tiny_run.run_dir / "utterances.parquet")
+    summary = pd.read_csv(tiny_run.run_dir / "summary.csv").set_index("target")
+    for target, rows in utts.groupby("target"):
+        refs = [normalize(t) for t in rows["ref_text"]]
+        hyps = [normalize(t) for t in rows["hyp_text"]]
+        out = jiwer.process_words(refs, hyps)
+        assert summary.loc[target, "wer"] == pytest.approx(jiwer.wer(refs, hyps), abs=1e-12)
+        assert (summary.loc[target, "sub"], summary.loc[target, "del"], summary.loc[target, "ins"]) == (
+            out.substitutions,
+            out.deletions,
+            out.insertions,
+        )
+        assert summary.loc[target, "cer"] == pytest.approx(jiwer.cer(refs, hyps), abs=1e-12)
+        assert summary.loc[target, "rtfx"] == pytest.approx(rows["audio_s"].sum() / (rows["total_ms"].sum() / 1e3))
+
+
+def test_reference_wer_equals_openai_whisper_own_output(tiny_run, whisper_decoded):
+    """An independent path: jiwer over whisper.decode's text, no harness code in between."""
+    utts = pd.read_parquet(tiny_run.run_dir / "utterances.parquet")
+    ref = utts[utts["target"] == "reference"]
+    refs = [normalize(t) for t in ref["ref_text"]]
+    hyps = [normalize(whisper_decoded[u].text) for u in ref["utt_id"]]
+    summary = tiny_run.summary.set_index("target")
+    assert summary.loc["reference", "wer"] == pytest.approx(jiwer.wer(refs, hyps), abs=1e-12)
+    assert list(ref["hyp_text"]) == [whisper_decoded[u].text for u in ref["utt_id"]]
+
+
+def test_divergence_against_the_reference(tiny_run):
+    summary = tiny_run.summary.set_index("target")
+    assert summary.loc["reference", "exact_match"] == 1.0
+    assert summary.loc["torchscript-mtk", "exact_match"] >= 0.95
+    utts = tiny_run.utterances
+    mtk = utts[utts["target"] == "torchscript-mtk"]
+    for _, row in mtk.iterrows():
+        same = list(row["hyp_tokens"]) == list(row["reference_tokens"])
+        assert bool(row["exact_match"]) == same
+        assert pd.isna(row["first_divergence"]) == same
+
+
+def test_another_audiofolder_with_a_bad_file_runs_through_the_cli(tiny_artifacts, models_root, tmp_path):
+    """A different layout (metadata.csv, nested folders, no id column) and one corrupt file."""
+    folder = tmp_path / "other"
+    (folder / "clips" / "a").mkdir(parents=True)
+    meta = [json.loads(line) for line in (EMBEDDED / "metadata.jsonl").read_text().splitlines()][8:11]
+    rows = []
+    for m in meta:
+        name = f"clips/a/{m['id']}{(EMBEDDED / m['file_name']).suffix}"
+        shutil.copy(EMBEDDED / m["file_name"], folder / name)
+        rows.append({"file_name": name, "text": m["text"]})
+    (folder / "clips" / "broken.flac").write_bytes(b"\0" * 100)
+    rows.append({"file_name": "clips/broken.flac", "text": "NOTHING HERE"})
+    with (folder / "metadata.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(ROOT / "jobs" / "librispeech_tiny_en.yaml"),
+         "--dataset", str(folder), "--out", str(out), "--models", str(models_root), "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| tiny.en | torchscript-mtk | fp32  |   4 |        1 |" in proc.stdout
+    (run_dir,) = (out / "librispeech_tiny_en").iterdir()
+    utts = pd.read_parquet(run_dir / "utterances.parquet")
+    broken = utts[utts["utt_id"] == "broken"]
+    assert len(broken) == 2 and broken["error"].str.startswith("cannot decode audio").all()
+    assert utts[utts["utt_id"] != "broken"]["error"].isna().all()
