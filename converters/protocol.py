@@ -1,9 +1,15 @@
-"""The two small protocols every target implements.
+"""The two small protocols every target implements, one module per target.
 
-- A target module's ``convert(checkpoint, model, quant, out) -> dict`` writes artifact files into `out`
-  and returns manifest facts (I/O names and shapes, parity numbers). It knows nothing of datasets.
-- Its ``Runner`` executes an artifact: ``encode`` then repeated ``step``. It knows nothing of
-  decoding; `harness.decoding` owns the prompt, suppression and the greedy loop.
+A target module has:
+- ``RECIPE``: a string naming the conversion recipe; bump it when the produced files change
+  (it is part of the artifact's store key).
+- ``convert(checkpoint, model, quant, out) -> dict``: writes artifact files into `out` and returns
+  manifest facts (I/O names and shapes; ``parity`` only when the target checks itself, e.g. in
+  PyTorch where its runtime cannot run here). Raises `Unavailable` when its toolchain is missing.
+  It knows nothing of datasets.
+- ``runtime_unavailable() -> str | None`` (optional): why its runner cannot run on this machine.
+- ``Runner(artifact)``: executes an artifact, ``encode`` then repeated ``step``. It knows nothing
+  of decoding; `harness.decoding` owns the prompt, suppression and the greedy loop.
 """
 
 from __future__ import annotations
@@ -11,11 +17,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
 
 from harness.weights import Checkpoint
+
+
+class Unavailable(Exception):
+    """This target cannot be built or run here; the message says why (e.g. a missing SDK)."""
+
+
+def runtime_unavailable(module: ModuleType) -> str | None:
+    check = getattr(module, "runtime_unavailable", None)
+    return check() if check is not None else None
 
 
 @dataclass(frozen=True)

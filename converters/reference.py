@@ -17,6 +17,8 @@ from whisper.model import Whisper
 from converters.protocol import Artifact
 from harness.weights import Checkpoint, load_model
 
+RECIPE = "openai-whisper-pytorch"
+
 
 def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> dict[str, Any]:
     return {"checkpoint": str(checkpoint.path), "parity": {"note": "the reference is the parity baseline"}}

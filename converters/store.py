@@ -17,10 +17,11 @@ import time
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from converters import parity
-from converters.protocol import Artifact
+from converters.protocol import Artifact, Unavailable, runtime_unavailable
 from converters.registry import REFERENCE, get_target
 from harness.errors import HarnessError
 from harness.weights import Checkpoint, load_model
@@ -29,8 +30,15 @@ MANIFEST = "manifest.json"
 SCHEMA = 1
 
 
-def toolchain() -> dict[str, str]:
-    return {pkg: metadata.version(pkg) for pkg in ("torch", "openai-whisper", "numpy")}
+def toolchain(module: ModuleType) -> dict[str, str]:
+    """Versions of the packages that shape a target's files: the base ones plus its TOOLCHAIN."""
+    versions = {}
+    for pkg in ("torch", "openai-whisper", "numpy", *getattr(module, "TOOLCHAIN", ())):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "absent"
+    return versions
 
 
 def file_sha256(path: Path) -> str:
@@ -42,12 +50,13 @@ def file_sha256(path: Path) -> str:
 
 
 def artifact_key(checkpoint: Checkpoint, target: str, quant: str) -> tuple[str, dict[str, Any]]:
+    module = get_target(target).load()
     recipe = {
         "source_sha256": checkpoint.sha256,
         "target": target,
         "quant": quant,
-        "settings": {"recipe": getattr(get_target(target).load(), "RECIPE", target)},
-        "toolchain": toolchain(),
+        "settings": {"recipe": module.RECIPE},
+        "toolchain": toolchain(module),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16], recipe
 
@@ -121,14 +130,17 @@ def _build(checkpoint: Checkpoint, size: str, target: str, quant: str, key: str,
     }
     artifact = Artifact(size, target, quant, out, manifest)
     if target != REFERENCE:
-        from harness.decoding import Dims, build_prompt
-        from harness.spec import DecodingSpec
+        if "parity" not in manifest:  # measured in the target's own runtime
+            if reason := runtime_unavailable(module):
+                raise Unavailable(f"cannot check parity: {reason}")
+            from harness.decoding import Dims, build_prompt
+            from harness.spec import DecodingSpec
 
-        dims = Dims(model.dims.n_mels, model.dims.n_vocab, model.dims.n_text_ctx)
-        reference = get_target(REFERENCE).load().Runner(artifact)
-        numbers = parity.measure(reference, module.Runner(artifact), dims, build_prompt(dims, DecodingSpec()))
-        manifest["parity"] = numbers
-        manifest["parity_failures"] = parity.gate(target, quant, numbers)
+            dims = Dims(model.dims.n_mels, model.dims.n_vocab, model.dims.n_text_ctx)
+            reference = get_target(REFERENCE).load().Runner(artifact)
+            runner = module.Runner(artifact)
+            manifest["parity"] = parity.measure(reference, runner, dims, build_prompt(dims, DecodingSpec()))
+        manifest["parity_failures"] = parity.gate(target, quant, manifest["parity"])
     manifest["status"] = "failed" if manifest.get("parity_failures") else "ok"
     manifest["build_s"] = round(time.time() - started, 2)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))

@@ -22,6 +22,8 @@ from typing import Any
 
 import pandas as pd
 
+from converters.protocol import Unavailable, runtime_unavailable
+from converters.registry import get_target
 from converters.store import ensure
 from harness.data import Shard, count_rows, plan_shards, read_index
 from harness.decoding import Dims, build_prompt
@@ -53,7 +55,16 @@ def prepare_models(spec: JobSpec, models_root: Path, log=print) -> list[Prepared
     for size in spec.models.sizes:
         checkpoint = resolve_checkpoint(size)
         for cell in (c for c in spec.models.cells() if c.size == size):
-            artifact, how = ensure(checkpoint, size, cell.target, cell.quant, models_root)
+            try:
+                artifact, how = ensure(checkpoint, size, cell.target, cell.quant, models_root)
+            except Unavailable as exc:
+                log(f"{cell.label}: unavailable: {exc}")
+                prepared.append(PreparedModel(cell, None, None, f"unavailable: {exc}"))
+                continue
+            if reason := runtime_unavailable(get_target(cell.target).load()):
+                log(f"{cell.label}: unavailable: {reason}")
+                prepared.append(PreparedModel(cell, artifact.path, None, f"unavailable: {reason}"))
+                continue
             m = artifact.manifest
             dims = Dims(m["dims"]["n_mels"], m["dims"]["n_vocab"], m["dims"]["n_text_ctx"])
             status = how if m["status"] == "ok" else "failed: parity gate: " + "; ".join(m["parity_failures"])
