@@ -9,7 +9,10 @@ A target module has:
   It knows nothing of datasets.
 - ``runtime_unavailable() -> str | None`` (optional): why its runner cannot run on this machine.
 - ``Runner(artifact)``: executes an artifact, ``encode`` then repeated ``step``. It knows nothing
-  of decoding; `harness.decoding` owns the prompt, suppression and the greedy loop.
+  of decoding; `harness.decoding` owns the prompt, suppression and the greedy loop. An engine
+  that can only decode by itself (CTranslate2) offers ``generate(features, prompt) -> (tokens,
+  steps)`` instead of ``step`` and must apply the `Prompt`'s rules (prompt tokens, suppression,
+  blank suppression at the first step, max_new_tokens, EOT and prompt stripped).
 """
 
 from __future__ import annotations

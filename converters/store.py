@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -103,6 +103,35 @@ def ensure(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_artifact(final), "built"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What became of one (size, target, quant): the artifact if any, and a status for tables."""
+
+    artifact: Artifact | None
+    status: str  # built | reused | failed | unavailable
+    reason: str = ""  # why failed or unavailable
+
+    @property
+    def runnable(self) -> bool:
+        return self.status in ("built", "reused")
+
+    def describe(self) -> str:
+        return f"{self.status}: {self.reason}" if self.reason else self.status
+
+
+def prepare(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Path) -> Prepared:
+    """`ensure`, with every outcome a user must see turned into a status instead of an exception."""
+    try:
+        artifact, how = ensure(checkpoint, size, target, quant, root)
+    except Unavailable as exc:
+        return Prepared(None, "unavailable", str(exc))
+    if reason := runtime_unavailable(get_target(target).load()):
+        return Prepared(artifact, "unavailable", reason)
+    if artifact.manifest["status"] != "ok":
+        return Prepared(artifact, "failed", "parity gate: " + "; ".join(artifact.manifest["parity_failures"]))
+    return Prepared(artifact, how)
 
 
 def _build(checkpoint: Checkpoint, size: str, target: str, quant: str, key: str, recipe: dict, out: Path) -> Artifact:

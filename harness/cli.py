@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   python -m harness run jobs/librispeech_base.yaml --dataset path/to/audiofolder
   python -m harness run jobs/librispeech_base.yaml --address ray://head:10001
   python -m harness validate jobs/*.yaml
+  python -m harness convert --sizes tiny.en,base --targets all --quant all
 """
 
 
@@ -40,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
         help="artifact store (default: $HARNESS_MODELS or models)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    convert = sub.add_parser("convert", help="build (or reuse) artifacts for sizes x targets x quantizations")
+    convert.add_argument("--sizes", default="tiny.en", help="comma list of model names, or 'all' (default: tiny.en)")
+    convert.add_argument("--targets", default="all", help="comma list of targets, or 'all' (default)")
+    convert.add_argument("--quant", default="all", help="comma list of quantizations, or 'all' (default)")
+    convert.add_argument(
+        "--models",
+        type=Path,
+        default=Path(os.environ.get("HARNESS_MODELS", "models")),
+        help="artifact store (default: $HARNESS_MODELS or models)",
+    )
     validate = sub.add_parser("validate", help="check job files and report every problem")
     validate.add_argument("jobs", type=Path, nargs="+")
     return parser
@@ -50,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args.jobs)
+        if args.command == "convert":
+            return _convert(args)
         return _run(args)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -70,6 +83,18 @@ def _validate(paths: list[Path]) -> int:
         cells = ", ".join(c.label for c in spec.models.cells())
         print(f"ok: {path}: job '{spec.name}', dataset {spec.dataset.label}, models {cells}")
     return 1 if failed else 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from converters.matrix import build, expand
+
+    table = build(expand(args.sizes, args.targets, args.quant), args.models, progress=sys.stderr.isatty())
+    print(tabulate(table.drop(columns="artifact"), headers="keys", tablefmt="github", showindex=False))
+    counts = table["status"].value_counts()
+    print("\n" + ", ".join(f"{n} {status}" for status, n in counts.items()) + f"; store: {args.models}")
+    return 1 if "failed" in counts else 0
 
 
 def _run(args: argparse.Namespace) -> int:

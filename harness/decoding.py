@@ -97,6 +97,9 @@ def greedy_decode(runner, audio: np.ndarray, dims: Dims, prompt: Prompt) -> Deco
     t1 = time.perf_counter()
     features = runner.encode(mel)
     t2 = time.perf_counter()
+    if hasattr(runner, "generate"):  # an engine that decodes only by itself, under these same rules
+        text_tokens, steps = runner.generate(features, prompt)
+        return Decoded(tuple(text_tokens), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3, steps)
     tokens = list(prompt.tokens)
     suppress = np.array(prompt.suppress)
     suppress_at_begin = np.array(prompt.suppress_at_begin)

@@ -22,9 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from converters.protocol import Unavailable, runtime_unavailable
-from converters.registry import get_target
-from converters.store import ensure
+from converters.store import Prepared, prepare
 from harness.data import Shard, count_rows, plan_shards, read_index
 from harness.decoding import Dims, build_prompt
 from harness.errors import HarnessError
@@ -37,9 +35,18 @@ from harness.worker import ModelWorker, WorkerSetup
 @dataclass(frozen=True)
 class PreparedModel:
     cell: ModelCell
-    artifact_path: Path | None
-    dims: Dims | None
-    status: str  # built | reused | failed: <why> | unavailable: <why>
+    prepared: Prepared
+
+    @property
+    def artifact_mb(self) -> float:
+        art = self.prepared.artifact
+        return sum(f["bytes"] for f in art.manifest["files"].values()) / 2**20 if art else float("nan")
+
+    @property
+    def dims(self) -> Dims:
+        assert self.prepared.artifact is not None
+        d = self.prepared.artifact.manifest["dims"]
+        return Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
 
 
 @dataclass(frozen=True)
@@ -55,21 +62,9 @@ def prepare_models(spec: JobSpec, models_root: Path, log=print) -> list[Prepared
     for size in spec.models.sizes:
         checkpoint = resolve_checkpoint(size)
         for cell in (c for c in spec.models.cells() if c.size == size):
-            try:
-                artifact, how = ensure(checkpoint, size, cell.target, cell.quant, models_root)
-            except Unavailable as exc:
-                log(f"{cell.label}: unavailable: {exc}")
-                prepared.append(PreparedModel(cell, None, None, f"unavailable: {exc}"))
-                continue
-            if reason := runtime_unavailable(get_target(cell.target).load()):
-                log(f"{cell.label}: unavailable: {reason}")
-                prepared.append(PreparedModel(cell, artifact.path, None, f"unavailable: {reason}"))
-                continue
-            m = artifact.manifest
-            dims = Dims(m["dims"]["n_mels"], m["dims"]["n_vocab"], m["dims"]["n_text_ctx"])
-            status = how if m["status"] == "ok" else "failed: parity gate: " + "; ".join(m["parity_failures"])
-            log(f"{cell.label}: {status} ({artifact.path})")
-            prepared.append(PreparedModel(cell, artifact.path, dims, status))
+            p = prepare(checkpoint, size, cell.target, cell.quant, models_root)
+            log(f"{cell.label}: {p.describe()}" + (f" ({p.artifact.path})" if p.artifact else ""))
+            prepared.append(PreparedModel(cell, p))
     return prepared
 
 
@@ -108,7 +103,7 @@ def run_job(spec: JobSpec, out_root: Path, models_root: Path, progress: bool = T
     try:
         raw = _execute(spec, prepared, shards, partial / "raw", progress)
         utts = score_rows(raw.assign(run_id=run_id))
-        summary = summarize(utts)
+        summary = summarize(utts, {p.cell.as_tuple(): p.artifact_mb for p in prepared})
         _write_parquet_atomic(utts, partial / "utterances.parquet")
         summary.to_csv(partial / "summary.csv", index=False)
         (partial / "summary.md").write_text(format_summary(summary) + "\n")
@@ -129,13 +124,18 @@ def _execute(
     from tqdm import tqdm
 
     _init_ray(spec.cluster.address)
-    runnable = [p for p in prepared if p.status in ("built", "reused")]
+    # a model that failed its parity gate is reported, not evaluated, unless the job asks for it
+    runnable = [
+        p for p in prepared if p.prepared.runnable or (spec.models.evaluate_failed and p.prepared.status == "failed")
+    ]
     frames = [_status_rows(p, spec) for p in prepared if p not in runnable]
     remote_worker = ray.remote(num_cpus=1)(ModelWorker)
     actors: dict[Any, PreparedModel] = {}
     for p in runnable:
-        assert p.dims is not None and p.artifact_path is not None
-        setup = WorkerSetup(p.artifact_path, p.dims, build_prompt(p.dims, spec.decoding), spec.decoding, spec.dataset)
+        assert p.prepared.artifact is not None
+        setup = WorkerSetup(
+            p.prepared.artifact.path, p.dims, build_prompt(p.dims, spec.decoding), spec.decoding, spec.dataset
+        )
         for _ in range(spec.cluster.workers):
             actors[remote_worker.remote(setup)] = p
     queues = {p.cell: list(shards) for p in runnable}
@@ -178,9 +178,9 @@ def _execute(
 def _status_rows(p: PreparedModel, spec: JobSpec) -> pd.DataFrame:
     """A model that cannot be evaluated still appears: one row per utterance, with the reason."""
     ids, texts = read_index(spec.dataset)
-    return pd.DataFrame({"utt_id": ids, "ref_text": texts, "audio_s": 0.0, "node": None, "error": p.status}).assign(
-        size=p.cell.size, target=p.cell.target, quant=p.cell.quant
-    )
+    return pd.DataFrame(
+        {"utt_id": ids, "ref_text": texts, "audio_s": 0.0, "node": None, "error": p.prepared.describe()}
+    ).assign(size=p.cell.size, target=p.cell.target, quant=p.cell.quant)
 
 
 def _git_commit() -> str | None:
@@ -210,7 +210,14 @@ def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows:
         "run_id": run_id,
         "schema_version": SCHEMA_VERSION,
         "job": asdict(spec),
-        "models": [{"model": p.cell.label, "artifact": p.artifact_path, "status": p.status} for p in prepared],
+        "models": [
+            {
+                "model": p.cell.label,
+                "artifact": p.prepared.artifact.path if p.prepared.artifact else None,
+                "status": p.prepared.describe(),
+            }
+            for p in prepared
+        ],
         "utterances": n_rows,
         "packages": {p: metadata.version(p) for p in packages},
         "git_commit": _git_commit(),
@@ -229,8 +236,17 @@ def format_summary(summary: pd.DataFrame) -> str:
     from tabulate import tabulate
 
     shown = summary.copy()
+    shown.insert(
+        shown.columns.get_loc("wer") + 1,
+        "Δwer [95% CI]",
+        [
+            f"{100 * d:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]" if d == d else "-"
+            for d, lo, hi in zip(shown["wer_delta"], shown["wer_delta_lo"], shown["wer_delta_hi"], strict=True)
+        ],
+    )
+    shown = shown.drop(columns=["wer_delta", "wer_delta_lo", "wer_delta_hi"])
     for col in ("wer", "cer", "exact_match", "token_edit_rate"):
         shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%" if v == v else "-")
-    for col in ("mean_first_div", "p50_ms", "p90_ms", "p99_ms", "enc_p50_ms", "dec_ms_per_tok", "rtfx"):
+    for col in ("mean_first_div", "p50_ms", "p90_ms", "p99_ms", "enc_p50_ms", "dec_ms_per_tok", "rtfx", "artifact_mb"):
         shown[col] = shown[col].map(lambda v: f"{v:.1f}" if v == v else "-")
     return tabulate(shown, headers="keys", tablefmt="github", showindex=False)

@@ -99,11 +99,36 @@ def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
     return df[UTTERANCE_COLUMNS]
 
 
-def summarize(utts: pd.DataFrame) -> pd.DataFrame:
+BOOTSTRAP_SAMPLES = 1000
+
+
+def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tuple[float, float, float]:
+    """WER(model) - WER(reference) with a 95% paired bootstrap interval over shared utterances.
+
+    Resampling utterances (not words) keeps each utterance's errors together, and pairing the two
+    models on the same resampled set cancels the variance the utterances themselves bring.
+    """
+    cols = ["utt_id", "wer_errors", "ref_words"]
+    both = model.loc[model["error"].isna(), cols].merge(
+        reference.loc[reference["error"].isna(), cols[:2]], on="utt_id", suffixes=("", "_ref")
+    )
+    if both.empty or both["ref_words"].sum() == 0:
+        return float("nan"), float("nan"), float("nan")
+    e_m, e_r, w = (both[c].to_numpy(dtype=float) for c in ("wer_errors", "wer_errors_ref", "ref_words"))
+    idx = np.random.default_rng(seed).integers(0, len(both), size=(BOOTSTRAP_SAMPLES, len(both)))
+    words = np.maximum(w[idx].sum(axis=1), 1.0)
+    deltas = (e_m[idx].sum(axis=1) - e_r[idx].sum(axis=1)) / words
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    return float((e_m.sum() - e_r.sum()) / w.sum()), float(lo), float(hi)
+
+
+def summarize(utts: pd.DataFrame, artifact_mb: dict[tuple[str, str, str], float] | None = None) -> pd.DataFrame:
     """One row per (size, target, quant) over the utterances table."""
     rows = []
     for (size, target, quant), g in utts.groupby(["size", "target", "quant"], sort=False):
         ok = g[g["error"].isna()]
+        reference = utts[(utts["size"] == size) & (utts["target"] == REFERENCE)]
+        delta, lo, hi = wer_delta(g, reference) if target != REFERENCE else (float("nan"),) * 3
         words = int(ok["ref_words"].sum())
         errors = int(ok["wer_errors"].sum())
         chars = int(ok["ref_chars"].sum())
@@ -117,6 +142,9 @@ def summarize(utts: pd.DataFrame) -> pd.DataFrame:
                 "n": len(g),
                 "errors": len(g) - len(ok),
                 "wer": errors / words if words else float("nan"),
+                "wer_delta": delta,
+                "wer_delta_lo": lo,
+                "wer_delta_hi": hi,
                 "sub": int(ok["substitutions"].sum()),
                 "del": int(ok["deletions"].sum()),
                 "ins": int(ok["insertions"].sum()),
@@ -130,6 +158,7 @@ def summarize(utts: pd.DataFrame) -> pd.DataFrame:
                 "enc_p50_ms": _pct(ok["encode_ms"].astype(float), 50),
                 "dec_ms_per_tok": float(ok["decode_ms"].sum() / ok["n_steps"].sum()) if len(ok) else float("nan"),
                 "rtfx": rtfx(float(ok["audio_s"].sum()), float(total.sum())),
+                "artifact_mb": (artifact_mb or {}).get((size, target, quant), float("nan")),
             }
         )
     return pd.DataFrame(rows)

@@ -55,12 +55,16 @@ class ModelCell:
     def label(self) -> str:
         return f"{self.size}/{self.target}/{self.quant}"
 
+    def as_tuple(self) -> tuple[str, str, str]:
+        return self.size, self.target, self.quant
+
 
 @dataclass(frozen=True)
 class ModelsSpec:
     sizes: tuple[str, ...] = ("base",)
     # target -> quantizations; the reference always runs, since every comparison is against it
     targets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    evaluate_failed: bool = False  # also evaluate artifacts that failed their parity gate
 
     def cells(self) -> tuple[ModelCell, ...]:
         out = []
@@ -261,7 +265,10 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
     if not isinstance(raw, dict):
         errors.append(f"models: expected a mapping with 'sizes' and 'targets', got {type(raw).__name__}")
         return None
-    _unknown_keys(raw, {"sizes", "targets"}, "models.", errors)
+    _unknown_keys(raw, {"sizes", "targets", "evaluate_failed"}, "models.", errors)
+    evaluate_failed = raw.get("evaluate_failed", False)
+    if not isinstance(evaluate_failed, bool):
+        errors.append(f"models.evaluate_failed: expected true or false, got {evaluate_failed!r}")
     sizes = raw.get("sizes", ["base"])
     if isinstance(sizes, str):
         sizes = [sizes]
@@ -309,4 +316,6 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
         targets.append((name, tuple(dict.fromkeys(quants))))
     if not ok:
         return None
-    return ModelsSpec(sizes=tuple(dict.fromkeys(sizes)), targets=tuple(targets))
+    return ModelsSpec(
+        sizes=tuple(dict.fromkeys(sizes)), targets=tuple(targets), evaluate_failed=evaluate_failed is True
+    )

@@ -105,3 +105,13 @@ def test_another_audiofolder_with_a_bad_file_runs_through_the_cli(tiny_artifacts
     broken = utts[utts["utt_id"] == "broken"]
     assert len(broken) == 2 and broken["error"].str.startswith("cannot decode audio").all()
     assert utts[utts["utt_id"] != "broken"]["error"].isna().all()
+
+
+def test_wer_delta_is_the_difference_with_a_paired_interval(tiny_run):
+    summary = tiny_run.summary.set_index("target")
+    mtk = summary.loc["torchscript-mtk"]
+    assert mtk["wer_delta"] == pytest.approx(mtk["wer"] - summary.loc["reference", "wer"], abs=1e-12)
+    assert mtk["wer_delta_lo"] <= mtk["wer_delta"] <= mtk["wer_delta_hi"]
+    assert pd.isna(summary.loc["reference", "wer_delta"])
+    files = tiny_run.utterances  # artifact size comes from the manifest's file sizes
+    assert mtk["artifact_mb"] > 100 and len(files) == 140
