@@ -9,6 +9,7 @@ is the tied embedding matrix. No KV cache: every step recomputes the sequence, a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,11 @@ def _traced(model) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule, np.n
 
     dims = model.dims
     mel = torch.zeros(1, dims.n_mels, 3000)
-    with torch.inference_mode(False), torch.no_grad(), disable_sdpa():
+    # whisper's encoder asserts its input shape: constant for the fixed [1, n_mels, 3000] input,
+    # so the tracer's warning about it (and torch.jit's deprecation notice) is noise here
+    with torch.inference_mode(False), torch.no_grad(), disable_sdpa(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         encoder = torch.jit.trace(model.encoder, mel, check_trace=False)
         features = model.encoder(mel)
         emb = model.decoder.token_embedding.weight.detach()

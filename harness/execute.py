@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from converters.registry import get_target
 from converters.store import Prepared, prepare
 from harness.data import Shard, count_rows, plan_shards, read_index
 from harness.decoding import Dims, build_prompt
@@ -137,7 +138,7 @@ def _execute(
             p.prepared.artifact.path, p.dims, build_prompt(p.dims, spec.decoding), spec.decoding, spec.dataset
         )
         for _ in range(spec.cluster.workers):
-            actors[remote_worker.remote(setup)] = p
+            actors[remote_worker.options(resources=_placement(p.cell.target)).remote(setup)] = p
     queues = {p.cell: list(shards) for p in runnable}
     bars = {
         p.cell: tqdm(total=shards[-1].stop, desc=p.cell.label, unit="utt", disable=not progress, position=i)
@@ -173,6 +174,14 @@ def _execute(
         if col not in raw:
             raw[col] = None
     return raw
+
+
+def _placement(target: str) -> dict[str, float]:
+    """Ray resources a worker of `target` asks for: its board's, when the cluster has such a node."""
+    import ray
+
+    resource = get_target(target).board_resource
+    return {resource: 1} if resource and ray.cluster_resources().get(resource, 0) > 0 else {}
 
 
 def _status_rows(p: PreparedModel, spec: JobSpec) -> pd.DataFrame:

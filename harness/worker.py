@@ -26,6 +26,12 @@ class WorkerSetup:
     dataset: DatasetSpec
 
 
+def _ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
 class ModelWorker:
     """Wrapped with ray.remote by the driver; plain class so it is testable without Ray."""
 
@@ -39,7 +45,7 @@ class ModelWorker:
         self.setup = setup
         self.runner = get_target(artifact.target).load().Runner(artifact)
         self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
-        self.node = socket.gethostname()
+        self.node = f"{socket.gethostname()}/{_ray_node_id()[:8]}"
         warm_up(self.runner, setup.dims, setup.prompt)
 
     def run_shard(self, shard: Shard) -> list[dict[str, Any]]:

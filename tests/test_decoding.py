@@ -53,3 +53,30 @@ def test_max_new_tokens_bounds_the_loop(tiny_artifacts, tiny_dims, embedded_utte
     prompt = build_prompt(tiny_dims, DecodingSpec(max_new_tokens=max_new))
     out = greedy_decode(Runner(tiny_artifacts["reference"]), embedded_utterances[0].audio, tiny_dims, prompt)
     assert out.n_steps == max_new and len(out.tokens) == max_new
+
+
+@pytest.mark.slow
+def test_base_reference_tokens_equal_whisper_decode(embedded_utterances, models_root):
+    """The main job's size: the same check with base weights."""
+    import torch
+    import whisper
+
+    from converters.reference import Runner
+    from converters.store import ensure
+    from harness.decoding import log_mel
+    from harness.weights import load_model, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint("base")
+    artifact, _ = ensure(checkpoint, "base", "reference", "fp32", models_root)
+    d = artifact.manifest["dims"]
+    dims = Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
+    runner, model = Runner(artifact), load_model(checkpoint)
+    prompt = build_prompt(dims, DecodingSpec())
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False)
+    mismatched = []
+    for utt in embedded_utterances:
+        ours = list(greedy_decode(runner, utt.audio, dims, prompt).tokens)
+        theirs = whisper.decode(model, torch.from_numpy(log_mel(utt.audio, dims.n_mels)[0]), options).tokens
+        if ours != theirs:
+            mismatched.append(utt.utt_id)
+    assert mismatched == []

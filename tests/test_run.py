@@ -99,8 +99,10 @@ def test_another_audiofolder_with_a_bad_file_runs_through_the_cli(tiny_artifacts
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| tiny.en | torchscript-mtk | fp32  |   4 |        1 |" in proc.stdout
     (run_dir,) = (out / "librispeech_tiny_en").iterdir()
+    assert (run_dir / "summary.md").read_text().strip() in proc.stdout  # the table printed at the end
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert summary["n"].tolist() == [4, 4] and summary["errors"].tolist() == [1, 1]
     utts = pd.read_parquet(run_dir / "utterances.parquet")
     broken = utts[utts["utt_id"] == "broken"]
     assert len(broken) == 2 and broken["error"].str.startswith("cannot decode audio").all()
