@@ -9,12 +9,14 @@ openai-whisper keeps its cache in a Python dict filled by forward hooks, which n
   [n_layer, 1, T, d], cross keys and values) → (logits [1, n_vocab] of the last position, the
   self-attention keys and values of all T + n positions). T is the cache length (0 on the first
   call), so the positions of the new tokens follow from the cache's shape: no offset input.
-- `Encoder`: whisper's encoder with float32 in and out, whatever the weights' dtype.
+- `Encoder`: whisper's encoder taking a float32 mel whatever the weights' dtype; its features
+  (and so both caches) are in the weights' dtype.
 
-Attention is explicit (matmul, softmax, additive causal mask buffer), never SDPA, whose
-`is_causal` flag becomes a symbolic value under dynamic-length export. Every linear layer is a plain
-`nn.Linear` (whisper's own subclass is not matched by `quantize_dynamic`) and the tied vocabulary
-projection is one too, so int8 dynamic quantization reaches it.
+The decoder's attention is explicit (matmul, softmax, additive causal mask buffer), never SDPA,
+whose `is_causal` flag becomes a symbolic value under dynamic-length export; the encoder's is
+whisper's own (no mask, fixed length: exporters pick SDPA or not with `disable_sdpa`). Every
+linear layer is a plain `nn.Linear` (whisper's own subclass is not matched by `quantize_dynamic`)
+and the tied vocabulary projection is a quantizable one too (`TiedVocab`, `TransposedVocab`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from whisper.model import AudioEncoder, MultiHeadAttention, TextDecoder, Whisper
+from whisper.model import AudioEncoder, MultiHeadAttention, ResidualAttentionBlock, TextDecoder, Whisper
 
 
 def plain_linear(src: nn.Linear) -> nn.Linear:
@@ -45,7 +47,9 @@ def use_plain_linears(module: nn.Module) -> nn.Module:
     return module
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int, mask: torch.Tensor | None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int, mask: torch.Tensor | None
+) -> torch.Tensor:
     """whisper.model.MultiHeadAttention.qkv_attention without SDPA: [1, n, d] x [1, T, d] → [1, n, d]."""
     d_head = q.shape[-1] // n_head
     scale = d_head**-0.25  # split between q and k, as whisper does, to keep fp16 products in range
@@ -60,14 +64,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int, ma
 
 
 class Encoder(nn.Module):
-    """whisper's AudioEncoder (plain linears); mel and features stay float32 at the boundary."""
+    """whisper's AudioEncoder (plain linears) on a float32 mel."""
 
     def __init__(self, encoder: AudioEncoder) -> None:
         super().__init__()
         self.encoder = use_plain_linears(encoder)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.encoder(mel.to(self.encoder.conv1.weight.dtype)).float()
+        return self.encoder(mel.to(self.encoder.conv1.weight.dtype))
 
 
 class CrossKV(nn.Module):
@@ -79,8 +83,8 @@ class CrossKV(nn.Module):
         self.values = nn.ModuleList(plain_linear(b.cross_attn.value) for b in decoder.blocks)
 
     def forward(self, audio_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xa = audio_features.to(self.keys[0].weight.dtype)
-        return torch.stack([k(xa) for k in self.keys]), torch.stack([v(xa) for v in self.values])
+        keys = torch.stack([key(audio_features) for key in self.keys])
+        return keys, torch.stack([value(audio_features) for value in self.values])
 
 
 class SelfAttention(nn.Module):
@@ -111,7 +115,7 @@ class CrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, block) -> None:  # whisper.model.ResidualAttentionBlock with cross-attention
+    def __init__(self, block: ResidualAttentionBlock) -> None:  # one with cross-attention
         super().__init__()
         self.attn, self.attn_ln = SelfAttention(block.attn), block.attn_ln
         self.cross_attn, self.cross_attn_ln = CrossAttention(block.cross_attn), block.cross_attn_ln
@@ -125,19 +129,58 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_ln(x)), k, v
 
 
+class TiedVocab(nn.Module):
+    """The token embedding and the tied vocabulary projection as an `nn.Linear` sharing its weight.
+
+    `torch.ao.quantization.quantize_dynamic` then quantizes the projection; the embedding lookup
+    keeps the float weight.
+    """
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        n_vocab, n_state = weight.shape
+        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.token_embedding.weight = weight
+        self.lm_head = nn.Linear(n_state, n_vocab, bias=False)
+        self.lm_head.weight = weight
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)
+
+
+class TransposedVocab(nn.Module):
+    """The same, stored once as [d, n_vocab], the layout ONNX's MatMul takes as its B input.
+
+    An `nn.Linear` exports as MatMul(x, Transpose(W)); the ONNX exporter folds that Transpose
+    into a new initializer only for small weights, and `onnxruntime.quantization` quantizes a
+    MatMul only when B is an initializer, so the vocabulary projection would stay float. Here
+    B is the initializer itself, and the embedding lookup gathers columns of the same tensor, so
+    the file holds it once.
+    """
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(weight.detach().T.contiguous())
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.weight_t.index_select(1, tokens.flatten()).T.reshape(*tokens.shape, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_t
+
+
 class DecoderStep(nn.Module):
     """One KV-cached step of whisper's TextDecoder; see the module docstring for the I/O."""
 
-    def __init__(self, decoder: TextDecoder) -> None:
+    def __init__(self, decoder: TextDecoder, vocab: type[TiedVocab | TransposedVocab] = TiedVocab) -> None:
         super().__init__()
-        n_vocab, n_state = decoder.token_embedding.weight.shape
-        self.token_embedding = decoder.token_embedding
+        self.vocab = vocab(decoder.token_embedding.weight)
         self.positional_embedding = nn.Parameter(decoder.positional_embedding.detach().clone())
         self.blocks = nn.ModuleList(Block(b) for b in decoder.blocks)
         self.ln = decoder.ln
-        # the tied vocabulary projection as a module of its own, so quantization sees a Linear
-        self.lm_head = nn.Linear(n_state, n_vocab, bias=False)
-        self.lm_head.weight = decoder.token_embedding.weight
         self.register_buffer("causal_mask", decoder.mask.detach().clone())  # additive: 0 / -inf
 
     def forward(
@@ -149,7 +192,7 @@ class DecoderStep(nn.Module):
         cross_v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         offset, n = self_k.shape[2], tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + n]
+        x = self.vocab.embed(tokens) + self.positional_embedding[offset : offset + n]
         x = x.to(cross_k.dtype)
         mask = self.causal_mask[offset : offset + n, : offset + n].to(x.dtype)
         ks, vs = [], []
@@ -157,23 +200,18 @@ class DecoderStep(nn.Module):
             x, k, v = block(x, self_k[i], self_v[i], cross_k[i], cross_v[i], mask)
             ks.append(k)
             vs.append(v)
-        # only the last position's logits are ever used; [1, 1, d] keeps the projection a 3-D
-        # MatMul in ONNX, the op dynamic quantization handles (a 2-D Linear becomes Gemm)
-        logits = self.lm_head(self.ln(x[:, -1:]))[:, 0].float()
+        # only the last position's logits are ever used
+        logits = self.vocab(self.ln(x[:, -1:]))[:, 0].float()
         return logits, torch.stack(ks), torch.stack(vs)
 
 
-def modules(model: Whisper) -> tuple[Encoder, CrossKV, DecoderStep]:
+def modules(
+    model: Whisper, vocab: type[TiedVocab | TransposedVocab] = TiedVocab
+) -> tuple[Encoder, CrossKV, DecoderStep]:
     """The three exportable modules of `model`, in eval mode, sharing no state with it.
 
     The modules share parameters with the whisper modules they are built from (a dtype change
     converts those in place), hence the copy.
     """
     model = copy.deepcopy(model)
-    return Encoder(model.encoder).eval(), CrossKV(model.decoder).eval(), DecoderStep(model.decoder).eval()
-
-
-def empty_cache(model: Whisper, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The self-attention cache before the first step: [n_layer, 1, 0, n_text_state]."""
-    d = model.dims
-    return torch.zeros(d.n_text_layer, 1, 0, d.n_text_state, dtype=dtype)
+    return Encoder(model.encoder).eval(), CrossKV(model.decoder).eval(), DecoderStep(model.decoder, vocab).eval()

@@ -1,0 +1,197 @@
+"""`mtk`: the MediaTek NPU form of Whisper as LiteRT (.tflite) graphs.
+
+The rules of the MediaTek port (see `torchscript_mtk`), on the static-KV-cache graphs of
+`litert_target`: fixed shapes; no GATHER, so the decoder takes the token's embedding and its
+positional embedding as inputs, looked up on the host in `token_embedding.npy` and
+`positional_embedding.npy`; the precomputed additive causal mask comes in as an input row; the
+cache is host-owned and the graph returns the new key/value row. The LM head is the tied
+embedding matrix, a FULLY_CONNECTED.
+
+Which toolchain produces the .tflite files, in order of preference (the manifest's `path`):
+- `mtk_converter` (NeuroPilot; not on PyPI) when importable: each graph is traced to TorchScript
+  and converted by `mtk_converter.PyTorchConverter`;
+- `litert-torch` otherwise.
+When the NeuroPilot SDK for LiteRT (`ai-edge-litert-sdk-mediatek` with its libraries) is present
+and `HARNESS_MTK_SOC` names a SoC (e.g. MT6989), the graphs are also compiled ahead of time for
+it with `ai_edge_litert.aot` (path `litert-aot:<soc>`, extra files `*.<soc>.tflite`).
+
+Quantizations (ai-edge-quantizer on the float graphs, the rules of `litert_target`): fp32;
+fp16 weights; int8 = int8 weights per channel with float activations (the NPU's W8 mode).
+Full-integer int8 of Whisper is the `tflite` target's `int8-static`, measured there.
+
+Runner: no board here, so the same CPU-runnable .tflite files run on the LiteRT CPU interpreter,
+an emulation of the NPU's arithmetic (the manifest's `runtime` says so).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from whisper.model import Whisper
+
+from converters import litert_target as litert
+from converters.protocol import Unavailable
+from harness.weights import Checkpoint
+
+SOC_ENV = "HARNESS_MTK_SOC"
+_SOC = os.environ.get(SOC_ENV, "").strip().upper()
+# the SoC changes the produced files, so it is part of the recipe (and the store key)
+RECIPE = "mtk-litert-static-kv-v1" + (f"+aot:{_SOC}" if _SOC else "")
+TOOLCHAIN = (*litert.TOOLCHAIN, "mtk_converter", "ai-edge-litert-sdk-mediatek")
+RECIPE_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-weight"}  # ai-edge-quantizer recipe per quant
+EMBEDDING, POSITIONS = "token_embedding.npy", "positional_embedding.npy"
+IO_NAMES = {
+    **litert.IO_NAMES,
+    litert.DECODER: (("token_embedding", "position_embedding", *litert.CACHE_INPUTS), litert.DECODER_OUTPUTS),
+}
+
+
+def runtime_unavailable() -> str | None:
+    return litert.runtime_unavailable()
+
+
+class EmbeddingDecoderGraph(nn.Module):
+    """The decoder on host-side embeddings: no GATHER in the graph."""
+
+    def __init__(self, model: Whisper) -> None:
+        super().__init__()
+        self.layers = litert.DecoderLayers(model)
+
+    def forward(
+        self, token_embedding, position_embedding, mask, k_cache, v_cache, cross_k, cross_v
+    ) -> dict[str, torch.Tensor]:
+        return self.layers(token_embedding + position_embedding, mask, k_cache, v_cache, cross_k, cross_v)
+
+
+def parts(model: Whisper) -> dict[str, litert.Part]:
+    row = torch.zeros(1, 1, model.dims.n_text_state)
+    sample = {"token_embedding": row, "position_embedding": row.clone(), **litert.cache_samples(model)}
+    return {**litert.audio_parts(model), litert.DECODER: (EmbeddingDecoderGraph(model), sample)}
+
+
+# --- toolchain paths -----------------------------------------------------------------------------
+
+
+def mtk_converter_available() -> bool:
+    return importlib.util.find_spec("mtk_converter") is not None
+
+
+class _Positional(nn.Module):
+    """A dict-in/dict-out graph as TorchScript wants it: positional tensors in, a tuple out."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.module, self.names = module, names
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.module(**dict(zip(self.names, args, strict=True))).values())
+
+
+def export_mtk_converter(module: nn.Module, sample: dict[str, torch.Tensor], path: Path) -> None:
+    """PyTorch → TorchScript → .tflite with NeuroPilot's converter (float; quantized afterwards
+    with the shared recipes). Inputs and outputs keep the traced order (`IO_NAMES`)."""
+    import mtk_converter
+    from whisper.model import disable_sdpa
+
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), disable_sdpa():
+        script = torch.jit.trace(_Positional(module.eval(), tuple(sample)), tuple(sample.values()), check_trace=False)
+        traced = Path(tmp) / "graph.pt"
+        torch.jit.save(script, str(traced))
+        converter = mtk_converter.PyTorchConverter.from_script_module_file(
+            str(traced),
+            input_shapes=[list(t.shape) for t in sample.values()],
+            input_types=[t.dtype for t in sample.values()],
+        )
+        converter.quantize = False
+        converter.convert_to_tflite(output_file=str(path))
+
+
+def soc_target(soc: str):  # -> ai_edge_litert.aot.vendors.mediatek.target.Target
+    from ai_edge_litert.aot.vendors.mediatek import target as mediatek
+
+    try:
+        return mediatek.Target(mediatek.SocModel(soc))
+    except ValueError:
+        known = ", ".join(s.value for s in mediatek.SocModel if s != mediatek.SocModel.ALL)
+        raise Unavailable(f"{SOC_ENV}={soc!r} is not a MediaTek SoC LiteRT knows ({known})") from None
+
+
+def neuropilot_sdk(soc: str) -> str | None:
+    """Why LiteRT cannot compile for `soc`'s NPU here, or None when it can."""
+    from ai_edge_litert.aot.vendors.mediatek import target as mediatek
+
+    if importlib.util.find_spec("ai_edge_litert_sdk_mediatek") is None:
+        return "ai-edge-litert-sdk-mediatek is not installed"
+    import ai_edge_litert_sdk_mediatek
+
+    version = mediatek.map_soc_to_np_version(soc_target(soc).soc_model)
+    libs = Path(ai_edge_litert_sdk_mediatek.path_to_sdk_libs(version))
+    if not libs.is_dir() or not any(libs.iterdir()):
+        return f"ai-edge-litert-sdk-mediatek holds no NeuroPilot {version} libraries ({libs})"
+    return None
+
+
+def aot_compile(out: Path, names: list[str], soc: str) -> dict[str, str]:
+    """Compile each CPU graph in `out` for `soc` into `<stem>.<soc>.tflite`; returns file → report."""
+    from ai_edge_litert.aot import aot_compile as aot
+
+    target = soc_target(soc)
+    reports = {}
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = aot.aot_compile(str(out / name), output_dir=tmp, target=target, keep_going=True)
+            if result.failed_backends or not result.models_with_backend:
+                raise Unavailable(f"LiteRT could not compile {name} for {soc}: {result.compilation_report()}")
+            (_, model), *_ = result.models_with_backend
+            compiled = out / f"{Path(name).stem}.{soc.lower()}.tflite"
+            model.save(compiled, export_only=True)
+        reports[compiled.name] = result.compilation_report()
+    return reports
+
+
+def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> dict[str, Any]:
+    if quant not in RECIPE_OF:
+        raise Unavailable(f"quantization {quant!r} is not one of {', '.join(RECIPE_OF)}")
+    if _SOC and (reason := neuropilot_sdk(_SOC)):
+        raise Unavailable(f"{SOC_ENV}={_SOC} asks for an ahead-of-time MediaTek build, but {reason}")
+    decoder = model.decoder
+    embedding = decoder.token_embedding.weight.detach().numpy().astype(np.float32)
+    positions = decoder.positional_embedding.detach().numpy().astype(np.float32)
+    np.save(out / EMBEDDING, embedding)  # first: the Runner that build() may start reads them
+    np.save(out / POSITIONS, positions)
+    if mtk_converter_available():
+        facts = litert.build(model, RECIPE_OF[quant], out, parts(model), Runner, export_mtk_converter)
+        path = "mtk_converter"
+    else:
+        facts = litert.build(model, RECIPE_OF[quant], out, parts(model), Runner)
+        path = "litert-torch"
+    facts["io"][EMBEDDING] = {"shape": list(embedding.shape), "dtype": "float32"}
+    facts["io"][POSITIONS] = {"shape": list(positions.shape), "dtype": "float32"}
+    if _SOC:
+        facts["aot"] = aot_compile(out, list(IO_NAMES), _SOC)
+        path = f"litert-aot:{_SOC}"
+    return {**facts, "path": path, "runtime": "litert-cpu (MediaTek emulation)"}
+
+
+class Runner(litert.Runner):
+    """The `tflite` Runner with the MediaTek decoder's host-side embedding lookups."""
+
+    io_names = IO_NAMES
+
+    def __init__(self, artifact) -> None:
+        super().__init__(artifact)
+        self.token_embedding = np.load(artifact.file(EMBEDDING))
+        self.positional_embedding = np.load(artifact.file(POSITIONS))
+
+    def embed(self, token: int, position: int) -> dict[str, np.ndarray]:
+        return {
+            "token_embedding": self.token_embedding[token][None, None],
+            "position_embedding": self.positional_embedding[position][None, None],
+        }

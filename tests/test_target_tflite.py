@@ -1,0 +1,224 @@
+"""The `tflite` target: LiteRT graphs from litert-torch with a static KV cache, on tiny.en.
+
+Fast tier: the fp32 artifact through the store, and one quantized form (int8 dynamic range) made
+by the real quantizer from its float graphs. Slow: every quantization through the store and the
+70 embedded utterances decoded by each.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from converters import litert_target as litert
+from converters import parity
+from converters.protocol import Artifact, Unavailable
+from converters.registry import get_target
+from converters.store import ensure, load_artifact, prepare
+from harness.decoding import Dims, build_prompt, greedy_decode
+from harness.spec import DecodingSpec
+
+FILES = {litert.ENCODER, litert.CROSS_KV, litert.DECODER}
+SUBSET = 5  # utterances the fast tier decodes against the reference
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_checkpoint, models_root):
+    return ensure(tiny_checkpoint, "tiny.en", "tflite", "fp32", models_root)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, models_root):
+    from converters.reference import Runner
+
+    return Runner(ensure(tiny_checkpoint, "tiny.en", "reference", "fp32", models_root)[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_dims(fp32):
+    """The decoding facts from the artifact's own manifest (no other target built for them)."""
+    d = fp32.manifest["dims"]
+    return Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(reference, tiny_dims):
+    """The reference's tokens per utterance id, decoded once on first use."""
+    prompt, cache = build_prompt(tiny_dims, DecodingSpec()), {}
+
+    def tokens(utterance):
+        if utterance.utt_id not in cache:
+            cache[utterance.utt_id] = greedy_decode(reference, utterance.audio, tiny_dims, prompt).tokens
+        return cache[utterance.utt_id]
+
+    return tokens
+
+
+def quantized_copy(artifact: Artifact, quant: str, folder) -> Artifact:
+    """`artifact`'s float graphs quantized in a copy, with the shared recipe (no re-conversion)."""
+    shutil.copytree(artifact.path, folder)
+    for name in FILES:
+        litert.quantize(folder / name, quant, None)
+    return Artifact(artifact.size, artifact.target, quant, folder, {**artifact.manifest, "quant": quant})
+
+
+def exact_match(runner, utterances, reference_tokens, dims) -> tuple[float, float]:
+    """Share of utterances decoded token-identical to the reference, and encode+decode ms each."""
+    prompt = build_prompt(dims, DecodingSpec())
+    decoded = [greedy_decode(runner, u.audio, dims, prompt) for u in utterances]
+    same = sum(d.tokens == reference_tokens(u) for d, u in zip(decoded, utterances, strict=True))
+    return same / len(utterances), sum(d.encode_ms + d.decode_ms for d in decoded) / len(decoded)
+
+
+def test_fp32_records_files_io_and_parity(fp32, tiny_checkpoint):
+    m = fp32.manifest
+    assert m["status"] == "ok" and m["parity_failures"] == []
+    assert set(m["files"]) == FILES and m["source"]["sha256"] == tiny_checkpoint.sha256
+    assert m["settings"]["recipe"] == litert.RECIPE and m["path"] == "litert-torch"
+    assert {"litert-torch", "ai-edge-litert", "ai-edge-quantizer"} <= set(m["toolchain"])
+    assert m["io"][litert.ENCODER]["inputs"]["mel"] == {"shape": [1, 80, 3000], "dtype": "float32"}
+    step = m["io"][litert.DECODER]
+    assert step["inputs"]["token"] == {"shape": [1, 1], "dtype": "int32"}
+    assert step["inputs"]["k_cache"]["shape"] == [4, 1, 448, 384] and step["inputs"]["mask"]["shape"] == [1, 1, 448]
+    assert step["inputs"]["cross_k"]["shape"] == [4, 1, 1500, 384]
+    assert step["outputs"]["logits"]["shape"] == [1, 51864] and step["outputs"]["k_new"]["shape"] == [4, 1, 1, 384]
+    assert set(m["convert_s"]) == FILES and m["quantization"] is None
+    p = m["parity"]
+    assert parity.gate("tflite", "fp32", p) == [] and p["top1_agreement"] == 1.0
+
+
+def test_cached_steps_match_whole_sequence_recomputation(fp32, tiny_dims):
+    """Prompt first, then one token per call, against whisper's own decoder run on the whole
+    sequence at each length: the host-owned cache holds exactly the earlier positions."""
+    from harness.weights import load_model
+
+    model = load_model(fp32.checkpoint())
+    runner = litert.Runner(fp32)
+    mel = np.random.default_rng(0).standard_normal((1, tiny_dims.n_mels, 3000)).astype(np.float32)
+    prompt = list(build_prompt(tiny_dims, DecodingSpec()).tokens)
+    tokens = [*prompt, 440, 3290, 286, 257, 1332, 13, 50, 262]
+    features, cache = runner.encode(mel), None
+    with torch.inference_mode():
+        whole = model.decoder(torch.tensor([tokens]), model.encoder(torch.from_numpy(mel)))[0].numpy()
+    for n in range(len(prompt), len(tokens) + 1):
+        logits, cache = runner.step(tokens[:n], features, cache)
+        assert cache == n
+        np.testing.assert_allclose(logits, whole[n - 1], atol=2e-4)
+    again, _ = runner.step(tokens[:4], features, None)  # a None cache starts over
+    np.testing.assert_allclose(again, whole[3], atol=2e-4)
+
+
+def test_fp32_and_int8_dynamic_decode_like_the_reference(
+    fp32, reference, reference_tokens, tiny_dims, embedded_utterances, tmp_path
+):
+    utterances = embedded_utterances[:SUBSET]
+    rate, ms = exact_match(litert.Runner(fp32), utterances, reference_tokens, tiny_dims)
+    print(f"tflite fp32 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
+    assert rate >= 0.95
+
+    int8 = quantized_copy(fp32, "int8-dynamic", tmp_path / "int8")
+    runner = litert.Runner(int8)
+    numbers = parity.measure(reference, runner, tiny_dims, build_prompt(tiny_dims, DecodingSpec()))
+    assert parity.gate("tflite", "int8-dynamic", numbers) == [], numbers
+    assert numbers["encoder_snr_db"] < 60  # really quantized
+    size = {q: (a.path / litert.DECODER).stat().st_size for q, a in (("fp32", fp32), ("int8", int8))}
+    assert size["int8"] < size["fp32"] / 3  # every weight int8, the embedding/LM head included
+    rate, ms = exact_match(runner, utterances, reference_tokens, tiny_dims)
+    print(f"tflite int8-dynamic on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
+    assert rate >= 0.5
+
+
+def _perturb_float_embedding(decoder: Path, embedding: np.ndarray) -> None:
+    """Add full-scale noise to the token embedding (also the LM head) where the .tflite stores it."""
+    data = bytearray(decoder.read_bytes())
+    start = data.find(embedding.tobytes()[:4096])
+    assert start >= 0 and data[start : start + embedding.nbytes] == embedding.tobytes()
+    noise = np.random.default_rng(0).normal(0, embedding.std(), embedding.shape).astype(np.float32)
+    data[start : start + embedding.nbytes] = (embedding + noise).tobytes()
+    decoder.write_bytes(bytes(data))
+
+
+def test_perturbed_embedding_fails_the_gate(fp32, reference, tiny_dims, tmp_path):
+    from harness.weights import load_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fp32.path, broken)
+    embedding = load_model(fp32.checkpoint()).decoder.token_embedding.weight.detach().numpy()
+    _perturb_float_embedding(broken / litert.DECODER, embedding)
+    numbers = parity.measure(
+        reference, litert.Runner(load_artifact(broken)), tiny_dims, build_prompt(tiny_dims, DecodingSpec())
+    )
+    print(f"tflite fp32 with a perturbed embedding: {numbers}")
+    failures = parity.gate("tflite", "fp32", numbers)
+    assert any("logits max abs err" in f for f in failures) and any("top-1" in f for f in failures)
+    for quant in get_target("tflite").quants:  # every row catches it, not only the strictest
+        assert parity.gate("tflite", quant, numbers), quant
+
+
+def test_tflite_runtime_is_refused_for_dynamic_int8_from_the_new_quantizer():
+    toolchain = {"ai-edge-quantizer": "0.10.0"}
+    assert "silently wrong" in litert.interpreter_refusal("tflite-runtime", "int8-dynamic", toolchain)
+    for quant in ("fp32", "fp16", "int8-weight", "int8-static"):
+        assert litert.interpreter_refusal("tflite-runtime", quant, toolchain) is None
+    assert litert.interpreter_refusal("ai-edge-litert", "int8-dynamic", toolchain) is None
+    assert litert.interpreter_refusal("tflite-runtime", "int8-dynamic", {"ai-edge-quantizer": "absent"}) is None
+
+
+def test_interpreter_choice_is_checked(fp32, monkeypatch):
+    monkeypatch.setenv(litert.INTERPRETER_ENV, "tflite")
+    assert "is not one of" in litert.runtime_unavailable()
+    monkeypatch.setenv(litert.INTERPRETER_ENV, "tflite-runtime")
+    reason = litert.runtime_unavailable()
+    if reason is not None:  # tflite-runtime needs numpy < 2, absent from this environment
+        assert reason == "tflite-runtime is not installed"
+        with pytest.raises(Unavailable, match="not installed"):
+            litert.Runner(fp32)
+    dynamic = Artifact(fp32.size, "tflite", "int8-dynamic", fp32.path, fp32.manifest)
+    with pytest.raises(Unavailable, match=r"not installed|silently wrong"):
+        litert.Runner(dynamic)
+
+
+def test_unknown_quantization_is_unavailable():
+    with pytest.raises(Unavailable, match="no LiteRT recipe"):
+        litert.quant_recipe("int4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["fp16", "int8-dynamic", "int8-weight"])
+def test_quantized_builds_pass_their_gate(tiny_checkpoint, models_root, fp32, quant):
+    m = ensure(tiny_checkpoint, "tiny.en", "tflite", quant, models_root)[0].manifest
+    print(f"tflite {quant}: parity {m['parity']}, convert_s {m['convert_s']}")
+    assert m["status"] == "ok" and m["quantization"] == {"tool": "ai-edge-quantizer", "recipe": quant}
+    assert m["files"][litert.DECODER]["bytes"] < fp32.manifest["files"][litert.DECODER]["bytes"] / 1.9
+
+
+@pytest.mark.slow
+def test_full_int8_is_refused_with_the_measured_reason(tiny_checkpoint, models_root):
+    """Full int8, calibrated on the shipped train-clean-100 utterances: ai-edge-quantizer 0.10
+    writes graphs LiteRT's kernels refuse to prepare (a gate failure, had they loaded: per-tensor
+    int8 cannot hold whisper's outliers). Either way the store reports it, never a crash."""
+    prepared = prepare(tiny_checkpoint, "tiny.en", "tflite", "int8-static", models_root)
+    print(f"tflite int8-static: {prepared.status}: {prepared.reason}")
+    assert prepared.status in ("unavailable", "failed")
+    if prepared.status == "unavailable":
+        assert "cannot run" in prepared.reason and not list(models_root.glob("*/tflite-int8-static-*"))
+    else:
+        assert prepared.artifact.manifest["calibration"]["utterances"] == 10
+        assert any("encoder SNR" in f for f in prepared.artifact.manifest["parity_failures"])
+
+
+@pytest.mark.slow
+def test_embedded_tokens_match_the_reference(
+    tiny_checkpoint, models_root, reference_tokens, tiny_dims, embedded_utterances
+):
+    rates, ms = {}, {}
+    for quant in ("fp32", "fp16", "int8-dynamic", "int8-weight"):
+        artifact = ensure(tiny_checkpoint, "tiny.en", "tflite", quant, models_root)[0]
+        rates[quant], ms[quant] = exact_match(litert.Runner(artifact), embedded_utterances, reference_tokens, tiny_dims)
+    print(f"tflite utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
+    assert rates["fp32"] >= 0.95 and rates["fp16"] >= 0.9
+    assert rates["int8-dynamic"] >= 0.5 and rates["int8-weight"] >= 0.5
