@@ -66,6 +66,8 @@ def interpreter_unavailable(interpreter: str) -> str | None:
     module = "ai_edge_litert" if interpreter == "ai-edge-litert" else "tflite_runtime"
     if importlib.util.find_spec(module) is None:
         return f"{interpreter} is not installed"
+    if interpreter == "tflite-runtime" and int(np.__version__.split(".")[0]) >= 2:
+        return f"tflite-runtime 2.14 is built for numpy < 2; this environment has numpy {np.__version__}"
     return None
 
 
@@ -252,6 +254,7 @@ Calibration = Callable[[], Iterator[list[dict[str, np.ndarray]]]]
 def quantize(path: Path, quant: str, calibration: Calibration | None) -> None:
     """Quantize the float graph at `path` in place. `calibration` yields batches of input samples,
     one per calibration utterance, merged into one range per tensor so one batch is in memory."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
     from ai_edge_quantizer import quantizer
 
     q = quantizer.Quantizer(str(path), quant_recipe(quant))
@@ -266,8 +269,6 @@ def quantize(path: Path, quant: str, calibration: Calibration | None) -> None:
     # XNNPACK can crash the process on files the quantizer writes wrong (full int8 measured a NaN
     # scale on the cross-attention keys, concatenated inputs of unequal scales); the reference
     # kernels refuse those with an error, so the build is refused instead
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
     try:
         Interpreter(
             model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES

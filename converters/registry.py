@@ -18,6 +18,7 @@ class Target:
     # a Ray resource that nodes with this target's hardware advertise (e.g. MediaTek boards):
     # when the cluster has one, the target's workers are placed there; otherwise it runs in emulation
     board_resource: str | None = None
+    runtime: str = "torch"  # what executes it, for tables; a manifest's own `runtime` overrides it
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -30,8 +31,20 @@ TARGETS: dict[str, Target] = {
     for t in (
         Target(REFERENCE, "converters.reference", ("fp32",), "openai-whisper in PyTorch (the reference)"),
         Target("torchscript", "converters.torchscript", ("fp32", "fp16", "int8"), "TorchScript, explicit KV cache"),
-        Target("onnx", "converters.onnx_export", ("fp32", "int8"), "ONNX (dynamo export), KV cache, onnxruntime CPU"),
-        Target("coreml", "converters.coreml_target", ("fp32", "fp16"), "Core ML .mlpackage in ANE form; macOS only"),
+        Target(
+            "onnx",
+            "converters.onnx_export",
+            ("fp32", "int8"),
+            "ONNX (dynamo export), KV cache, onnxruntime CPU",
+            runtime="onnxruntime-cpu",
+        ),
+        Target(
+            "coreml",
+            "converters.coreml_target",
+            ("fp32", "fp16"),
+            "Core ML .mlpackage in ANE form; macOS only",
+            runtime="coreml",
+        ),
         Target(
             "torchscript-mtk",
             "converters.torchscript_mtk",
@@ -49,12 +62,14 @@ TARGETS: dict[str, Target] = {
             "converters.ct2_target",
             ("fp32", "int8"),
             "CTranslate2 (faster-whisper's engine) via its TransformersConverter; CPU, one thread",
+            runtime="ctranslate2-cpu",
         ),
         Target(
             "tflite",
             "converters.litert_target",
             ("fp32", "fp16", "int8-dynamic", "int8-weight", "int8-static"),
             "LiteRT .tflite via litert-torch, static KV cache, ai-edge-quantizer; LiteRT CPU (XNNPACK), one thread",
+            runtime="litert-cpu",
         ),
         Target(
             "mtk",

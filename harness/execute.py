@@ -39,9 +39,15 @@ class PreparedModel:
     prepared: Prepared
 
     @property
-    def artifact_mb(self) -> float:
+    def facts(self) -> dict[str, object]:
+        """What the summary shows of the artifact: its runtime label and size on disk."""
         art = self.prepared.artifact
-        return sum(f["bytes"] for f in art.manifest["files"].values()) / 2**20 if art else float("nan")
+        if art is None:
+            return {}
+        return {
+            "runtime": art.manifest.get("runtime") or get_target(self.cell.target).runtime,
+            "artifact_mb": sum(f["bytes"] for f in art.manifest["files"].values()) / 2**20,
+        }
 
     @property
     def dims(self) -> Dims:
@@ -104,7 +110,7 @@ def run_job(spec: JobSpec, out_root: Path, models_root: Path, progress: bool = T
     try:
         raw = _execute(spec, prepared, shards, partial / "raw", progress)
         utts = score_rows(raw.assign(run_id=run_id))
-        summary = summarize(utts, {p.cell.as_tuple(): p.artifact_mb for p in prepared})
+        summary = summarize(utts, {p.cell.as_tuple(): p.facts for p in prepared})
         _write_parquet_atomic(utts, partial / "utterances.parquet")
         summary.to_csv(partial / "summary.csv", index=False)
         (partial / "summary.md").write_text(format_summary(summary) + "\n")

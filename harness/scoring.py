@@ -122,8 +122,12 @@ def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tu
     return float((e_m.sum() - e_r.sum()) / w.sum()), float(lo), float(hi)
 
 
-def summarize(utts: pd.DataFrame, artifact_mb: dict[tuple[str, str, str], float] | None = None) -> pd.DataFrame:
-    """One row per (size, target, quant) over the utterances table."""
+def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | None = None) -> pd.DataFrame:
+    """One row per (size, target, quant) over the utterances table.
+
+    `models` adds facts from each artifact's manifest: `runtime` (what executed it, e.g. a CPU
+    emulation of an NPU) and `artifact_mb`.
+    """
     rows = []
     for (size, target, quant), g in utts.groupby(["size", "target", "quant"], sort=False):
         ok = g[g["error"].isna()]
@@ -158,7 +162,8 @@ def summarize(utts: pd.DataFrame, artifact_mb: dict[tuple[str, str, str], float]
                 "enc_p50_ms": _pct(ok["encode_ms"].astype(float), 50),
                 "dec_ms_per_tok": float(ok["decode_ms"].sum() / ok["n_steps"].sum()) if len(ok) else float("nan"),
                 "rtfx": rtfx(float(ok["audio_s"].sum()), float(total.sum())),
-                "artifact_mb": (artifact_mb or {}).get((size, target, quant), float("nan")),
+                "runtime": (models or {}).get((size, target, quant), {}).get("runtime", ""),
+                "artifact_mb": (models or {}).get((size, target, quant), {}).get("artifact_mb", float("nan")),
             }
         )
     return pd.DataFrame(rows)

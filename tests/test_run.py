@@ -117,3 +117,4 @@ def test_wer_delta_is_the_difference_with_a_paired_interval(tiny_run):
     assert pd.isna(summary.loc["reference", "wer_delta"])
     files = tiny_run.utterances  # artifact size comes from the manifest's file sizes
     assert mtk["artifact_mb"] > 100 and len(files) == 140
+    assert mtk["runtime"] == "torch"
