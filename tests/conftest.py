@@ -46,6 +46,30 @@ def tiny_dims(tiny_artifacts):
 
 
 @pytest.fixture(scope="session")
+def reference(tiny_artifacts):
+    """The tiny.en reference runner, loaded once."""
+    from converters.reference import Runner
+
+    return Runner(tiny_artifacts["reference"])
+
+
+@pytest.fixture(scope="session")
+def reference_tokens(reference, tiny_dims):
+    """The reference's tokens per utterance id, decoded once on first use."""
+    from harness.decoding import build_prompt, greedy_decode
+    from harness.spec import DecodingSpec
+
+    prompt, cache = build_prompt(tiny_dims, DecodingSpec()), {}
+
+    def tokens(utterance):
+        if utterance.utt_id not in cache:
+            cache[utterance.utt_id] = greedy_decode(reference, utterance.audio, tiny_dims, prompt).tokens
+        return cache[utterance.utt_id]
+
+    return tokens
+
+
+@pytest.fixture(scope="session")
 def embedded_utterances():
     from harness.data import count_rows, plan_shards, read_shard
     from harness.spec import DatasetSpec

@@ -19,7 +19,7 @@ from converters import parity
 from converters.protocol import Artifact, Unavailable
 from converters.registry import get_target
 from converters.store import ensure, load_artifact, prepare
-from harness.decoding import Dims, build_prompt, greedy_decode
+from harness.decoding import build_prompt, greedy_decode
 from harness.spec import DecodingSpec
 
 FILES = {litert.ENCODER, litert.CROSS_KV, litert.DECODER}
@@ -29,33 +29,6 @@ SUBSET = 5  # utterances the fast tier decodes against the reference
 @pytest.fixture(scope="module")
 def fp32(tiny_checkpoint, models_root):
     return ensure(tiny_checkpoint, "tiny.en", "tflite", "fp32", models_root)[0]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint, models_root):
-    from converters.reference import Runner
-
-    return Runner(ensure(tiny_checkpoint, "tiny.en", "reference", "fp32", models_root)[0])
-
-
-@pytest.fixture(scope="module")
-def tiny_dims(fp32):
-    """The decoding facts from the artifact's own manifest (no other target built for them)."""
-    d = fp32.manifest["dims"]
-    return Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
-
-
-@pytest.fixture(scope="module")
-def reference_tokens(reference, tiny_dims):
-    """The reference's tokens per utterance id, decoded once on first use."""
-    prompt, cache = build_prompt(tiny_dims, DecodingSpec()), {}
-
-    def tokens(utterance):
-        if utterance.utt_id not in cache:
-            cache[utterance.utt_id] = greedy_decode(reference, utterance.audio, tiny_dims, prompt).tokens
-        return cache[utterance.utt_id]
-
-    return tokens
 
 
 def quantized_copy(artifact: Artifact, quant: str, folder) -> Artifact:
