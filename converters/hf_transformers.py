@@ -76,6 +76,17 @@ def _configs(model: Whisper) -> tuple[Any, Any]:
     spec = DecodingSpec()
     tok, prompt = tokenizer_for(dims, spec), build_prompt(dims, spec)
     ffn = model.encoder.blocks[0].mlp[0].out_features
+    # the special tokens and the harness's suppression rules, in both configs: HF's own generate()
+    # and CTranslate2 (which copies these into its config.json) then suppress what
+    # harness.decoding suppresses
+    shared = {
+        "decoder_start_token_id": tok.sot,
+        "bos_token_id": tok.eot,
+        "eos_token_id": tok.eot,
+        "pad_token_id": tok.eot,
+        "suppress_tokens": list(prompt.suppress),
+        "begin_suppress_tokens": list(prompt.suppress_at_begin),
+    }
     config = transformers.WhisperConfig(
         vocab_size=d.n_vocab,
         num_mel_bins=d.n_mels,
@@ -88,15 +99,8 @@ def _configs(model: Whisper) -> tuple[Any, Any]:
         decoder_ffn_dim=model.decoder.blocks[0].mlp[0].out_features,
         max_source_positions=d.n_audio_ctx,
         max_target_positions=d.n_text_ctx,
-        bos_token_id=tok.eot,
-        eos_token_id=tok.eot,
-        pad_token_id=tok.eot,
-        decoder_start_token_id=tok.sot,
-        # the harness's suppression rules, so HF's own generate() and CTranslate2's defaults
-        # (it copies these into its config.json) suppress what harness.decoding suppresses
-        suppress_tokens=list(prompt.suppress),
-        begin_suppress_tokens=list(prompt.suppress_at_begin),
         tie_word_embeddings=True,
+        **shared,
     )
     # openai-whisper's alignment heads (its default, the upper half of the decoder, when the
     # checkpoint carries none), as [layer, head] pairs
@@ -112,13 +116,8 @@ def _configs(model: Whisper) -> tuple[Any, Any]:
         else {}
     )
     generation = transformers.GenerationConfig(
-        decoder_start_token_id=tok.sot,
-        bos_token_id=tok.eot,
-        eos_token_id=tok.eot,
-        pad_token_id=tok.eot,
         max_length=d.n_text_ctx,
-        suppress_tokens=list(prompt.suppress),
-        begin_suppress_tokens=list(prompt.suppress_at_begin),
+        **shared,
         no_timestamps_token_id=tok.no_timestamps,
         is_multilingual=dims.multilingual,
         alignment_heads=heads,

@@ -15,11 +15,8 @@ import yaml
 from converters.registry import REFERENCE, TARGETS
 from harness.errors import HarnessError, did_you_mean
 
-# Every official openai-whisper name; any other size must be a path to an openai-whisper .pt.
-OFFICIAL_SIZES = (
-    "tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
-    "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo",
-)  # fmt: skip
+# every official name; any other size must be a path to an openai-whisper .pt
+from harness.weights import OFFICIAL_NAMES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -280,8 +277,8 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
         if not isinstance(size, str):
             errors.append(f"models.sizes[{i}]: expected a model name, got {size!r}")
             ok = False
-        elif size not in OFFICIAL_SIZES and not size.endswith(".pt"):
-            errors.append(f"models.sizes[{i}]: unknown size '{size}'{did_you_mean(size, OFFICIAL_SIZES)}")
+        elif size not in OFFICIAL_NAMES and not size.endswith(".pt"):
+            errors.append(f"models.sizes[{i}]: unknown size '{size}'{did_you_mean(size, OFFICIAL_NAMES)}")
             ok = False
         elif size.endswith(".pt") and not Path(size).expanduser().is_file():
             errors.append(f"models.sizes[{i}]: no such checkpoint file {size}")
