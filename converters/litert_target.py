@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from whisper.model import Whisper
 
-from converters.protocol import Artifact, Unavailable
+from converters.protocol import Artifact, Refused, Unavailable
 from harness.weights import Checkpoint
 
 RECIPE = "litert-static-kv-v1"  # bump when the graphs or the quantization recipes change
@@ -274,7 +274,7 @@ def quantize(path: Path, quant: str, calibration: Calibration | None) -> None:
             model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         ).allocate_tensors()
     except RuntimeError as exc:
-        raise Unavailable(f"ai-edge-quantizer's {quant} {path.name} cannot run: {exc}") from None
+        raise Refused(f"ai-edge-quantizer's {quant} {path.name} cannot run: {exc}") from None
 
 
 def signature(interpreter, names: tuple[tuple[str, ...], tuple[str, ...]]) -> tuple[dict, dict]:

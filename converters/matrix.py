@@ -56,7 +56,7 @@ def build(cells: list[tuple[str, str, str]], root: Path, progress: bool = True) 
                 "status": result.status,
                 "reason": result.reason,
                 "seconds": round(time.perf_counter() - started, 1),
-                "mb": round(sum(f["bytes"] for f in files) / 2**20, 1) if files else None,
+                "mb": round(sum(f["bytes"] for f in files) / 2**20, 1) if files else "-",
                 "artifact": str(result.artifact.path) if result.artifact else "",
             }
         )

@@ -5,7 +5,8 @@ A target module has:
   (it is part of the artifact's store key).
 - ``convert(checkpoint, model, quant, out) -> dict``: writes artifact files into `out` and returns
   manifest facts (I/O names and shapes; ``parity`` only when the target checks itself, e.g. in
-  PyTorch where its runtime cannot run here). Raises `Unavailable` when its toolchain is missing.
+  PyTorch where its runtime cannot run here). Raises `Unavailable` when its toolchain is missing,
+  `Refused` when the toolchain writes files its runtime will not run.
   It knows nothing of datasets.
 - ``runtime_unavailable() -> str | None`` (optional): why its runner cannot run on this machine.
 - ``Runner(artifact)``: executes an artifact, ``encode`` then repeated ``step``. It knows nothing
@@ -30,6 +31,11 @@ from harness.weights import Checkpoint
 
 class Unavailable(Exception):
     """This target cannot be built or run here; the message says why (e.g. a missing SDK)."""
+
+
+class Refused(Unavailable):
+    """The toolchain ran but wrote files its own runtime refuses: a property of the toolchain
+    versions (part of the store key), so the store records it and does not try again."""
 
 
 def runtime_unavailable(module: ModuleType) -> str | None:

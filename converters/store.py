@@ -8,12 +8,15 @@ every load re-checks the file checksums recorded in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,12 +24,13 @@ from types import ModuleType
 from typing import Any
 
 from converters import parity
-from converters.protocol import Artifact, Unavailable, runtime_unavailable
+from converters.protocol import Artifact, Refused, Unavailable, runtime_unavailable
 from converters.registry import REFERENCE, get_target
 from harness.errors import HarnessError
 from harness.weights import Checkpoint, load_model
 
 MANIFEST = "manifest.json"
+BUILD_LOG = "build.log"  # what the toolchains printed; kept beside the files, not one of them
 SCHEMA = 1
 
 
@@ -94,15 +98,59 @@ def ensure(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Pat
         artifact = load_artifact(final)
         verify(artifact)
         return artifact, "reused"
+    refusal = refusal_path(final)
+    if refusal.is_file():
+        raise Refused(f"{json.loads(refusal.read_text())['reason']} (recorded in {refusal}; delete it to retry)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    failed_log = failed_log_path(final)
     try:
-        artifact = _build(checkpoint, size, target, quant, key, recipe, tmp)
+        with _captured(tmp / BUILD_LOG):
+            artifact = _build(checkpoint, size, target, quant, key, recipe, tmp)
         os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, Refused):
+            refusal.write_text(json.dumps({"key": key, "reason": str(exc), **recipe}, indent=2, sort_keys=True))
+        if isinstance(exc, Exception) and (tmp / BUILD_LOG).is_file():
+            shutil.move(tmp / BUILD_LOG, failed_log)  # the one thing worth keeping from a failed build
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    failed_log.unlink(missing_ok=True)
     return load_artifact(final), "built"
+
+
+def failed_log_path(final: Path) -> Path:
+    return final.with_name(final.name + ".failed.log")
+
+
+def refusal_path(final: Path) -> Path:
+    return final.with_name(final.name + ".refused.json")
+
+
+@contextlib.contextmanager
+def _captured(log: Path) -> Iterator[None]:
+    """Send what converters print (file descriptors 1 and 2, so C++ toolchains too) to `log`.
+
+    litert-torch, the ONNX exporter and torch.jit.trace print pages of progress and warnings per
+    artifact; the user wants the progress bar and the table, and the log when a build goes wrong.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with log.open("ab") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 @dataclass(frozen=True)
@@ -127,8 +175,17 @@ def prepare(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Pa
         artifact, how = ensure(checkpoint, size, target, quant, root)
     except Unavailable as exc:
         return Prepared(None, "unavailable", str(exc))
+    except HarnessError:
+        raise  # a corrupt artifact in the store: the user must act, so the run stops with its line
+    except Exception as exc:  # a toolchain crashed: report the cell and go on with the others
+        key, _ = artifact_key(checkpoint, target, quant)
+        log = failed_log_path(artifact_dir(root, size, target, quant, key))
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        where = f" (log: {log})" if log.is_file() else ""
+        return Prepared(None, "failed", f"build error: {type(exc).__name__}: {first_line}{where}")
     if reason := runtime_unavailable(get_target(target).load()):
-        return Prepared(artifact, "unavailable", reason)
+        # the files exist (a macOS node, or another machine, can run them): say so
+        return Prepared(artifact, "unavailable", f"{reason} (artifact {how})")
     if artifact.manifest["status"] != "ok":
         return Prepared(artifact, "failed", "parity gate: " + "; ".join(artifact.manifest["parity_failures"]))
     return Prepared(artifact, how)
@@ -153,7 +210,11 @@ def _build(checkpoint: Checkpoint, size: str, target: str, quant: str, key: str,
         },
         **{k: recipe[k] for k in ("settings", "toolchain")},
         "dims": asdict(model.dims),
-        "files": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())},
+        "files": {
+            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(out.iterdir())
+            if p.name != BUILD_LOG
+        },
         **facts,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,44 @@ def reference_tokens(reference, tiny_dims):
         return cache[utterance.utt_id]
 
     return tokens
+
+
+@pytest.fixture(scope="session")
+def parity_of(reference, tiny_dims):
+    """The parity gate's numbers for a tiny.en runner, measured against the session's reference."""
+    from converters import parity
+    from harness.decoding import build_prompt
+    from harness.spec import DecodingSpec
+
+    prompt = build_prompt(tiny_dims, DecodingSpec())
+    return lambda runner: parity.measure(reference, runner, tiny_dims, prompt)
+
+
+@pytest.fixture(scope="session")
+def exact_match(reference_tokens, tiny_dims):
+    """Decode utterances with a runner: the share token-identical to the reference, and encode+decode ms each."""
+    from harness.decoding import build_prompt, greedy_decode
+    from harness.spec import DecodingSpec
+
+    prompt = build_prompt(tiny_dims, DecodingSpec())
+
+    def rate(runner, utterances) -> tuple[float, float]:
+        decoded = [greedy_decode(runner, u.audio, tiny_dims, prompt) for u in utterances]
+        same = sum(d.tokens == reference_tokens(u) for d, u in zip(decoded, utterances, strict=True))
+        return same / len(utterances), sum(d.encode_ms + d.decode_ms for d in decoded) / len(decoded)
+
+    return rate
+
+
+def broken_copy(artifact, tmp_path: Path) -> Path:
+    """A copy of an artifact's folder to break on purpose (the stored one stays intact)."""
+    return Path(shutil.copytree(artifact.path, tmp_path / "broken"))
+
+
+def with_noise(weights: np.ndarray) -> np.ndarray:
+    """`weights` plus full-scale Gaussian noise (standard deviation = theirs), seeded: a conversion gone wrong."""
+    noise = np.random.default_rng(0).normal(0, weights.std(), weights.shape)
+    return (weights + noise).astype(weights.dtype)
 
 
 @pytest.fixture(scope="session")

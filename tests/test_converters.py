@@ -10,10 +10,11 @@ import pytest
 
 from converters import parity
 from converters.registry import TARGETS, get_target
-from converters.store import MANIFEST, artifact_key, ensure, file_sha256, load_artifact, verify
+from converters.store import BUILD_LOG, MANIFEST, artifact_key, ensure, file_sha256, load_artifact, prepare, verify
 from harness.decoding import build_prompt
 from harness.errors import HarnessError
 from harness.spec import DecodingSpec
+from tests.conftest import broken_copy, with_noise
 
 
 def test_every_registry_entry_builds():
@@ -34,6 +35,7 @@ def test_manifest_records_recipe_checksums_shapes_and_parity(tiny_artifacts, tin
     assert m["source"]["sha256"] == tiny_checkpoint.sha256
     assert {"torch", "openai-whisper", "numpy"} <= set(m["toolchain"])
     assert set(m["files"]) == {"encoder.pt", "decoder.pt", "token_embedding.npy"}
+    assert (art.path / BUILD_LOG).is_file()  # what the toolchain printed: beside the files, not one of them
     for name, facts in m["files"].items():
         assert file_sha256(art.file(name)) == facts["sha256"]
     assert m["io"]["encoder.pt"]["inputs"]["mel"] == [1, 80, 3000]
@@ -91,22 +93,59 @@ def test_mtk_decoder_handles_every_length(tiny_artifacts, tiny_dims):
         assert np.max(np.abs(r - m)) < 1e-3
 
 
-def test_parity_gate_fails_on_a_broken_artifact(tiny_artifacts, tiny_dims, tmp_path):
-    from converters.reference import Runner as Reference
+def test_parity_gate_fails_on_a_broken_artifact(tiny_artifacts, parity_of, tmp_path):
     from converters.torchscript_mtk import Runner as Mtk
 
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_artifacts["torchscript-mtk"].path, broken)
-    emb = np.load(broken / "token_embedding.npy")
-    rng = np.random.default_rng(0)
-    np.save(broken / "token_embedding.npy", emb + rng.normal(0, emb.std(), emb.shape).astype(np.float32))
+    broken = broken_copy(tiny_artifacts["torchscript-mtk"], tmp_path)
+    np.save(broken / "token_embedding.npy", with_noise(np.load(broken / "token_embedding.npy")))
     manifest = json.loads((broken / MANIFEST).read_text())
-    numbers = parity.measure(
-        Reference(tiny_artifacts["reference"]),
-        Mtk(load_artifact(broken)),
-        tiny_dims,
-        build_prompt(tiny_dims, DecodingSpec()),
-    )
-    failures = parity.gate(manifest["target"], manifest["quant"], numbers)
+    failures = parity.gate(manifest["target"], manifest["quant"], parity_of(Mtk(load_artifact(broken))))
     assert any("logits max abs err" in f for f in failures)
     assert parity.gate("torchscript-mtk", "fp32", manifest["parity"]) == []
+
+
+def test_a_crashing_converter_is_a_failed_cell_with_its_log(monkeypatch, tiny_checkpoint, tmp_path, capfd):
+    """A toolchain that dies mid-build leaves no artifact, keeps its output in a log, and the cell
+    reads `failed` with the error's first line; the next cells still get their turn."""
+    import os
+
+    from converters import torchscript_mtk
+
+    def crash(checkpoint, model, quant, out):
+        (out / "encoder.pt").write_bytes(b"half")
+        os.write(2, b"native toolchain: lowering failed at node 42\n")
+        raise RuntimeError("lowering failed\nwith a long C++ trace")
+
+    monkeypatch.setattr(torchscript_mtk, "convert", crash)
+    result = prepare(tiny_checkpoint, "tiny.en", "torchscript-mtk", "fp32", tmp_path)
+    assert result.status == "failed" and result.artifact is None
+    assert result.reason.startswith("build error: RuntimeError: lowering failed (log: ")
+    (log,) = (tmp_path / "tiny.en").glob("*.failed.log")
+    assert "lowering failed at node 42" in log.read_text() and str(log) in result.reason
+    assert [p.name for p in (tmp_path / "tiny.en").iterdir()] == [log.name]  # nothing half-built
+    assert "node 42" not in capfd.readouterr().err
+
+
+def test_a_refused_build_is_recorded_and_not_retried(monkeypatch, tiny_checkpoint, tmp_path):
+    """A toolchain whose files its runtime refuses gives the same answer until its versions (the key)
+    change: the second call reads the record instead of converting again."""
+    from converters import torchscript_mtk
+    from converters.protocol import Refused
+
+    calls = []
+
+    def refused(checkpoint, model, quant, out):
+        calls.append(quant)
+        raise Refused("quantizer wrote a NaN scale")
+
+    monkeypatch.setattr(torchscript_mtk, "convert", refused)
+    first = prepare(tiny_checkpoint, "tiny.en", "torchscript-mtk", "fp32", tmp_path)
+    second = prepare(tiny_checkpoint, "tiny.en", "torchscript-mtk", "fp32", tmp_path)
+    assert calls == ["fp32"] and first.status == second.status == "unavailable"
+    assert first.reason == "quantizer wrote a NaN scale"
+    (record,) = (tmp_path / "tiny.en").glob("*.refused.json")
+    assert second.reason == f"quantizer wrote a NaN scale (recorded in {record}; delete it to retry)"
+    assert json.loads(record.read_text())["toolchain"]["torch"]  # keyed like an artifact
+    record.unlink()
+    prepare(tiny_checkpoint, "tiny.en", "torchscript-mtk", "fp32", tmp_path)
+    assert calls == ["fp32", "fp32"]

@@ -203,7 +203,7 @@ def test_off_macos_the_job_reports_unavailable(coreml_fp32, models_root):
     )
     status = {p.cell.target: p.prepared.describe() for p in prepare_models(spec, models_root, log=lambda *a: None)}
     assert status["reference"] == "reused"
-    assert status["coreml"] == f"unavailable: {reason}"  # the text of the job's rows for this model
+    assert status["coreml"] == f"unavailable: {reason} (artifact reused)"  # the text of the rows for this model
 
 
 @pytest.mark.slow

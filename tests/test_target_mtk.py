@@ -21,8 +21,7 @@ from converters import mtk, parity
 from converters.protocol import Artifact, Unavailable
 from converters.registry import get_target
 from converters.store import ensure, load_artifact
-from harness.decoding import build_prompt, greedy_decode
-from harness.spec import DecodingSpec
+from tests.conftest import broken_copy, with_noise
 
 GRAPHS = (litert.ENCODER, litert.CROSS_KV, litert.DECODER)
 FILES = {*GRAPHS, mtk.EMBEDDING, mtk.POSITIONS}
@@ -33,14 +32,6 @@ NO_NPU_OPS = {"GATHER", "GATHER_ND", "EMBEDDING_LOOKUP", "SCATTER_ND", "DYNAMIC_
 @pytest.fixture(scope="module")
 def fp32(tiny_checkpoint, models_root):
     return ensure(tiny_checkpoint, "tiny.en", "mtk", "fp32", models_root)[0]
-
-
-def exact_match(runner, utterances, reference_tokens, dims) -> tuple[float, float]:
-    """Share of utterances decoded token-identical to the reference, and encode+decode ms each."""
-    prompt = build_prompt(dims, DecodingSpec())
-    decoded = [greedy_decode(runner, u.audio, dims, prompt) for u in utterances]
-    same = sum(d.tokens == reference_tokens(u) for d, u in zip(decoded, utterances, strict=True))
-    return same / len(utterances), sum(d.encode_ms + d.decode_ms for d in decoded) / len(decoded)
 
 
 def op_census(path: Path) -> Counter:
@@ -84,11 +75,9 @@ def test_graphs_have_fixed_shapes_and_no_gather(fp32):
     assert op_census(fp32.file(litert.DECODER))["FULLY_CONNECTED"] == 8 * 4 + 1  # 8 per layer, the LM head
 
 
-def test_fp32_and_int8_decode_like_the_reference(
-    fp32, reference, reference_tokens, tiny_dims, embedded_utterances, tmp_path
-):
+def test_fp32_and_int8_decode_like_the_reference(fp32, parity_of, exact_match, embedded_utterances, tmp_path):
     utterances = embedded_utterances[:SUBSET]
-    rate, ms = exact_match(mtk.Runner(fp32), utterances, reference_tokens, tiny_dims)
+    rate, ms = exact_match(mtk.Runner(fp32), utterances)
     print(f"mtk fp32 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
     assert rate >= 0.95
 
@@ -97,24 +86,19 @@ def test_fp32_and_int8_decode_like_the_reference(
     for name in GRAPHS:
         litert.quantize(folder / name, mtk.RECIPE_OF["int8"], None)
     runner = mtk.Runner(Artifact(fp32.size, "mtk", "int8", folder, {**fp32.manifest, "quant": "int8"}))
-    numbers = parity.measure(reference, runner, tiny_dims, build_prompt(tiny_dims, DecodingSpec()))
+    numbers = parity_of(runner)
     assert parity.gate("mtk", "int8", numbers) == [], numbers
     assert numbers["encoder_snr_db"] < 60  # really quantized
     assert (folder / litert.DECODER).stat().st_size < fp32.file(litert.DECODER).stat().st_size / 3
-    rate, ms = exact_match(runner, utterances, reference_tokens, tiny_dims)
+    rate, ms = exact_match(runner, utterances)
     print(f"mtk int8 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
     assert rate >= 0.5
 
 
-def test_perturbed_host_embedding_fails_the_gate(fp32, reference, tiny_dims, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(fp32.path, broken)
-    embedding = np.load(broken / mtk.EMBEDDING)
-    noise = np.random.default_rng(0).normal(0, embedding.std(), embedding.shape).astype(np.float32)
-    np.save(broken / mtk.EMBEDDING, embedding + noise)
-    numbers = parity.measure(
-        reference, mtk.Runner(load_artifact(broken)), tiny_dims, build_prompt(tiny_dims, DecodingSpec())
-    )
+def test_perturbed_host_embedding_fails_the_gate(fp32, parity_of, tmp_path):
+    broken = broken_copy(fp32, tmp_path)
+    np.save(broken / mtk.EMBEDDING, with_noise(np.load(broken / mtk.EMBEDDING)))
+    numbers = parity_of(mtk.Runner(load_artifact(broken)))
     print(f"mtk fp32 with a perturbed host embedding: {numbers}")
     assert any("logits max abs err" in f for f in parity.gate("mtk", "fp32", numbers))
     for quant in get_target("mtk").quants:  # every row catches it, not only the strictest
@@ -154,12 +138,10 @@ def test_quantized_builds_pass_their_gate(tiny_checkpoint, models_root, fp32, qu
 
 
 @pytest.mark.slow
-def test_embedded_tokens_match_the_reference(
-    tiny_checkpoint, models_root, reference_tokens, tiny_dims, embedded_utterances
-):
+def test_embedded_tokens_match_the_reference(tiny_checkpoint, models_root, exact_match, embedded_utterances):
     rates, ms = {}, {}
     for quant in get_target("mtk").quants:
         artifact = ensure(tiny_checkpoint, "tiny.en", "mtk", quant, models_root)[0]
-        rates[quant], ms[quant] = exact_match(mtk.Runner(artifact), embedded_utterances, reference_tokens, tiny_dims)
+        rates[quant], ms[quant] = exact_match(mtk.Runner(artifact), embedded_utterances)
     print(f"mtk utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95 and rates["fp16"] >= 0.9 and rates["int8"] >= 0.5

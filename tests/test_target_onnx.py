@@ -3,7 +3,6 @@ run by onnxruntime on one CPU thread."""
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import numpy as np
@@ -12,8 +11,9 @@ import pytest
 from converters import onnx_export, parity
 from converters.protocol import Unavailable
 from converters.store import ensure
-from harness.decoding import build_prompt, greedy_decode
+from harness.decoding import build_prompt
 from harness.spec import DecodingSpec
+from tests.conftest import broken_copy, with_noise
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -35,13 +35,6 @@ def int8_from_fp32(fp32_artifact, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx-int8")
     onnx_export.quantize_int8(fp32_artifact.path, out)
     return out
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_artifacts):
-    from converters.reference import Runner
-
-    return Runner(tiny_artifacts["reference"])
 
 
 def _matmul_weights(path) -> dict[str, tuple[str, list[int], int]]:
@@ -108,32 +101,28 @@ def test_int8_quantizes_every_weight_matmul_including_the_vocab_projection(int8_
         assert len(w) == per_layer * N_LAYER and all(op == "MatMulInteger" for op, _, _ in w.values()), name
 
 
-def test_int8_graphs_run_and_stay_close(int8_from_fp32, fp32_artifact, reference, tiny_dims):
+def test_int8_graphs_run_and_stay_close(int8_from_fp32, parity_of):
     from converters.protocol import Artifact
 
-    runner = onnx_export.Runner(Artifact("tiny.en", "onnx", "int8", int8_from_fp32, {}))
-    numbers = parity.measure(reference, runner, tiny_dims, build_prompt(tiny_dims, DecodingSpec()))
+    numbers = parity_of(onnx_export.Runner(Artifact("tiny.en", "onnx", "int8", int8_from_fp32, {})))
     assert parity.gate("onnx", "int8", numbers) == []
     assert numbers["encoder_snr_db"] < 60  # really quantized, not float32 under another name
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int8"])
-def test_perturbed_vocabulary_fails_the_gate(fp32_artifact, int8_from_fp32, reference, tiny_dims, tmp_path, quant):
+def test_perturbed_vocabulary_fails_the_gate(fp32_artifact, int8_from_fp32, parity_of, tmp_path, quant):
     from onnx import numpy_helper
 
     from converters.protocol import Artifact
 
-    broken = tmp_path / "broken"
-    shutil.copytree(fp32_artifact.path if quant == "fp32" else int8_from_fp32, broken)
+    broken = broken_copy(
+        fp32_artifact if quant == "fp32" else Artifact("tiny.en", "onnx", quant, int8_from_fp32, {}), tmp_path
+    )
     model = onnx.load(str(broken / "decoder_step.onnx"))
     (init,) = (i for i in model.graph.initializer if i.name == "vocab.weight_t")  # the lookup's table
-    w = numpy_helper.to_array(init)
-    noise = np.random.default_rng(0).standard_normal(w.shape).astype(np.float32) * w.std()
-    init.CopyFrom(numpy_helper.from_array(w + noise, init.name))
+    init.CopyFrom(numpy_helper.from_array(with_noise(numpy_helper.to_array(init)), init.name))
     onnx.save(model, str(broken / "decoder_step.onnx"))
-    runner = onnx_export.Runner(Artifact("tiny.en", "onnx", quant, broken, {}))
-    numbers = parity.measure(reference, runner, tiny_dims, build_prompt(tiny_dims, DecodingSpec()))
-    failures = parity.gate("onnx", quant, numbers)
+    failures = parity.gate("onnx", quant, parity_of(onnx_export.Runner(Artifact("tiny.en", "onnx", quant, broken, {}))))
     assert any("logits max abs err" in f for f in failures) and any("top-1" in f for f in failures)
 
 
@@ -150,19 +139,13 @@ def test_missing_toolchain_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path
 
 @pytest.mark.slow
 def test_embedded_tokens_match_the_reference(
-    fp32_artifact, tiny_checkpoint, models_root, reference, tiny_dims, embedded_utterances
+    fp32_artifact, tiny_checkpoint, models_root, exact_match, embedded_utterances
 ):
     artifacts = {"fp32": fp32_artifact, "int8": ensure(tiny_checkpoint, "tiny.en", "onnx", "int8", models_root)[0]}
     assert artifacts["int8"].manifest["status"] == "ok", artifacts["int8"].manifest["parity_failures"]
-    prompt = build_prompt(tiny_dims, DecodingSpec())
-    expected = [greedy_decode(reference, u.audio, tiny_dims, prompt).tokens for u in embedded_utterances]
     rates, ms = {}, {}
     for quant, artifact in artifacts.items():
-        runner = onnx_export.Runner(artifact)
-        decoded = [greedy_decode(runner, u.audio, tiny_dims, prompt) for u in embedded_utterances]
-        same = sum(d.tokens == e for d, e in zip(decoded, expected, strict=True))
-        rates[quant] = same / len(embedded_utterances)
-        ms[quant] = sum(d.encode_ms + d.decode_ms for d in decoded) / len(decoded)
+        rates[quant], ms[quant] = exact_match(onnx_export.Runner(artifact), embedded_utterances)
     print(f"onnx utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95
     # 0.56 measured: dynamic int8 drifts, and one changed token makes a transcript differ

@@ -19,8 +19,9 @@ from converters import parity
 from converters.protocol import Artifact, Unavailable
 from converters.registry import get_target
 from converters.store import ensure, load_artifact, prepare
-from harness.decoding import build_prompt, greedy_decode
+from harness.decoding import build_prompt
 from harness.spec import DecodingSpec
+from tests.conftest import broken_copy, with_noise
 
 FILES = {litert.ENCODER, litert.CROSS_KV, litert.DECODER}
 SUBSET = 5  # utterances the fast tier decodes against the reference
@@ -37,14 +38,6 @@ def quantized_copy(artifact: Artifact, quant: str, folder) -> Artifact:
     for name in FILES:
         litert.quantize(folder / name, quant, None)
     return Artifact(artifact.size, artifact.target, quant, folder, {**artifact.manifest, "quant": quant})
-
-
-def exact_match(runner, utterances, reference_tokens, dims) -> tuple[float, float]:
-    """Share of utterances decoded token-identical to the reference, and encode+decode ms each."""
-    prompt = build_prompt(dims, DecodingSpec())
-    decoded = [greedy_decode(runner, u.audio, dims, prompt) for u in utterances]
-    same = sum(d.tokens == reference_tokens(u) for d, u in zip(decoded, utterances, strict=True))
-    return same / len(utterances), sum(d.encode_ms + d.decode_ms for d in decoded) / len(decoded)
 
 
 def test_fp32_records_files_io_and_parity(fp32, tiny_checkpoint):
@@ -85,22 +78,20 @@ def test_cached_steps_match_whole_sequence_recomputation(fp32, tiny_dims):
     np.testing.assert_allclose(again, whole[3], atol=2e-4)
 
 
-def test_fp32_and_int8_dynamic_decode_like_the_reference(
-    fp32, reference, reference_tokens, tiny_dims, embedded_utterances, tmp_path
-):
+def test_fp32_and_int8_dynamic_decode_like_the_reference(fp32, parity_of, exact_match, embedded_utterances, tmp_path):
     utterances = embedded_utterances[:SUBSET]
-    rate, ms = exact_match(litert.Runner(fp32), utterances, reference_tokens, tiny_dims)
+    rate, ms = exact_match(litert.Runner(fp32), utterances)
     print(f"tflite fp32 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
     assert rate >= 0.95
 
     int8 = quantized_copy(fp32, "int8-dynamic", tmp_path / "int8")
     runner = litert.Runner(int8)
-    numbers = parity.measure(reference, runner, tiny_dims, build_prompt(tiny_dims, DecodingSpec()))
+    numbers = parity_of(runner)
     assert parity.gate("tflite", "int8-dynamic", numbers) == [], numbers
     assert numbers["encoder_snr_db"] < 60  # really quantized
     size = {q: (a.path / litert.DECODER).stat().st_size for q, a in (("fp32", fp32), ("int8", int8))}
     assert size["int8"] < size["fp32"] / 3  # every weight int8, the embedding/LM head included
-    rate, ms = exact_match(runner, utterances, reference_tokens, tiny_dims)
+    rate, ms = exact_match(runner, utterances)
     print(f"tflite int8-dynamic on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
     assert rate >= 0.5
 
@@ -110,21 +101,17 @@ def _perturb_float_embedding(decoder: Path, embedding: np.ndarray) -> None:
     data = bytearray(decoder.read_bytes())
     start = data.find(embedding.tobytes()[:4096])
     assert start >= 0 and data[start : start + embedding.nbytes] == embedding.tobytes()
-    noise = np.random.default_rng(0).normal(0, embedding.std(), embedding.shape).astype(np.float32)
-    data[start : start + embedding.nbytes] = (embedding + noise).tobytes()
+    data[start : start + embedding.nbytes] = with_noise(embedding).tobytes()
     decoder.write_bytes(bytes(data))
 
 
-def test_perturbed_embedding_fails_the_gate(fp32, reference, tiny_dims, tmp_path):
+def test_perturbed_embedding_fails_the_gate(fp32, parity_of, tmp_path):
     from harness.weights import load_model
 
-    broken = tmp_path / "broken"
-    shutil.copytree(fp32.path, broken)
+    broken = broken_copy(fp32, tmp_path)
     embedding = load_model(fp32.checkpoint()).decoder.token_embedding.weight.detach().numpy()
     _perturb_float_embedding(broken / litert.DECODER, embedding)
-    numbers = parity.measure(
-        reference, litert.Runner(load_artifact(broken)), tiny_dims, build_prompt(tiny_dims, DecodingSpec())
-    )
+    numbers = parity_of(litert.Runner(load_artifact(broken)))
     print(f"tflite fp32 with a perturbed embedding: {numbers}")
     failures = parity.gate("tflite", "fp32", numbers)
     assert any("logits max abs err" in f for f in failures) and any("top-1" in f for f in failures)
@@ -178,20 +165,21 @@ def test_full_int8_is_refused_with_the_measured_reason(tiny_checkpoint, models_r
     print(f"tflite int8-static: {prepared.status}: {prepared.reason}")
     assert prepared.status in ("unavailable", "failed")
     if prepared.status == "unavailable":
-        assert "cannot run" in prepared.reason and not list(models_root.glob("*/tflite-int8-static-*"))
+        assert "cannot run" in prepared.reason
+        assert not [p for p in models_root.glob("*/tflite-int8-static-*") if p.is_dir()]  # no artifact
+        again = prepare(tiny_checkpoint, "tiny.en", "tflite", "int8-static", models_root)  # recorded, not rebuilt
+        assert again.status == "unavailable" and again.reason.startswith(prepared.reason + " (recorded in ")
     else:
         assert prepared.artifact.manifest["calibration"]["utterances"] == 10
         assert any("encoder SNR" in f for f in prepared.artifact.manifest["parity_failures"])
 
 
 @pytest.mark.slow
-def test_embedded_tokens_match_the_reference(
-    tiny_checkpoint, models_root, reference_tokens, tiny_dims, embedded_utterances
-):
+def test_embedded_tokens_match_the_reference(tiny_checkpoint, models_root, exact_match, embedded_utterances):
     rates, ms = {}, {}
     for quant in ("fp32", "fp16", "int8-dynamic", "int8-weight"):
         artifact = ensure(tiny_checkpoint, "tiny.en", "tflite", quant, models_root)[0]
-        rates[quant], ms[quant] = exact_match(litert.Runner(artifact), embedded_utterances, reference_tokens, tiny_dims)
+        rates[quant], ms[quant] = exact_match(litert.Runner(artifact), embedded_utterances)
     print(f"tflite utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95 and rates["fp16"] >= 0.9
     assert rates["int8-dynamic"] >= 0.5 and rates["int8-weight"] >= 0.5

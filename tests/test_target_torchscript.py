@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
 from converters import parity, torchscript
 from converters.store import ensure, load_artifact
-from harness.decoding import build_prompt, greedy_decode
+from harness.decoding import build_prompt
 from harness.spec import DecodingSpec
+from tests.conftest import broken_copy, with_noise
 
 QUANTS = ("fp32", "int8")  # fp16 traces and runs slowly on CPUs without half arithmetic: slow tier
 FILES = {"encoder.pt", "cross_kv.pt", "decoder_step.pt"}
@@ -25,13 +24,6 @@ def ts_artifacts(tiny_checkpoint, models_root):
 @pytest.fixture(scope="module")
 def fp16_artifact(tiny_checkpoint, models_root):
     return ensure(tiny_checkpoint, "tiny.en", "torchscript", "fp16", models_root)[0]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_artifacts):
-    from converters.reference import Runner
-
-    return Runner(tiny_artifacts["reference"])
 
 
 def _dynamic_linears(graph: str) -> int:
@@ -91,19 +83,16 @@ def test_int8_quantizes_every_linear_including_the_vocab_projection(ts_artifacts
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int8"])
-def test_perturbed_embedding_fails_the_gate(ts_artifacts, reference, tiny_dims, tmp_path, quant):
+def test_perturbed_embedding_fails_the_gate(ts_artifacts, parity_of, tmp_path, quant):
     """Full-scale noise on the embedding, in the float and in the quantized graphs. The fp32 file's
     numbers are held to the fp16 row as well: it is looser than fp32's, tighter than int8's."""
-    broken = tmp_path / "broken"
-    shutil.copytree(ts_artifacts[quant].path, broken)
+    broken = broken_copy(ts_artifacts[quant], tmp_path)
     decoder = torch.jit.load(str(broken / "decoder_step.pt"))
     weight = dict(decoder.named_parameters())["vocab.token_embedding.weight"]
     with torch.no_grad():
-        weight += torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * weight.std()
+        weight.copy_(torch.from_numpy(with_noise(weight.numpy())))
     torch.jit.save(decoder, str(broken / "decoder_step.pt"))
-    numbers = parity.measure(
-        reference, torchscript.Runner(load_artifact(broken)), tiny_dims, build_prompt(tiny_dims, DecodingSpec())
-    )
+    numbers = parity_of(torchscript.Runner(load_artifact(broken)))
     for row in ("fp32", "fp16") if quant == "fp32" else (quant,):
         failures = parity.gate("torchscript", row, numbers)
         assert any("logits max abs err" in f for f in failures) and any("top-1" in f for f in failures), row
@@ -122,16 +111,10 @@ def test_fp16_build_computes_in_half(fp16_artifact, ts_artifacts, tiny_checkpoin
 
 
 @pytest.mark.slow
-def test_embedded_tokens_match_the_reference(ts_artifacts, fp16_artifact, reference, tiny_dims, embedded_utterances):
-    prompt = build_prompt(tiny_dims, DecodingSpec())
-    expected = [greedy_decode(reference, u.audio, tiny_dims, prompt).tokens for u in embedded_utterances]
+def test_embedded_tokens_match_the_reference(ts_artifacts, fp16_artifact, exact_match, embedded_utterances):
     rates, ms = {}, {}
     for quant, artifact in {**ts_artifacts, "fp16": fp16_artifact}.items():
-        runner = torchscript.Runner(artifact)
-        decoded = [greedy_decode(runner, u.audio, tiny_dims, prompt) for u in embedded_utterances]
-        same = sum(d.tokens == e for d, e in zip(decoded, expected, strict=True))
-        rates[quant] = same / len(embedded_utterances)
-        ms[quant] = sum(d.encode_ms + d.decode_ms for d in decoded) / len(decoded)
+        rates[quant], ms[quant] = exact_match(torchscript.Runner(artifact), embedded_utterances)
     print(f"torchscript utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95
     assert rates["fp16"] >= 0.8

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ from converters import parity
 from converters.store import MANIFEST, ensure, load_artifact
 from harness.decoding import build_prompt, greedy_decode
 from harness.spec import DecodingSpec
+from tests.conftest import broken_copy, with_noise
 
 pytest.importorskip("transformers")
 
@@ -56,11 +56,10 @@ def test_config_follows_the_checkpoint_and_the_decoding_rules(hf_artifact, tiny_
     assert "lang_to_id" not in generation  # English-only checkpoint
 
 
-def test_hf_generate_reproduces_the_reference(hf_runner, tiny_artifacts, tiny_dims):
+def test_hf_generate_reproduces_the_reference(hf_runner, reference, tiny_dims):
     """HF's own generate() under the saved configs (not the shared loop) = the reference's tokens."""
     import torch
 
-    from converters.reference import Runner as Reference
     from harness.data import decode_audio
     from harness.decoding import log_mel
 
@@ -69,7 +68,7 @@ def test_hf_generate_reproduces_the_reference(hf_runner, tiny_artifacts, tiny_di
     with torch.inference_mode():
         ours = hf_runner.model.generate(input_features=mel, num_beams=1, do_sample=False)[0].tolist()
     prompt = build_prompt(tiny_dims, DecodingSpec())
-    assert ours == list(greedy_decode(Reference(tiny_artifacts["reference"]), audio, tiny_dims, prompt).tokens)
+    assert ours == list(greedy_decode(reference, audio, tiny_dims, prompt).tokens)
 
 
 def test_cached_steps_match_uncached_ones(hf_runner, tiny_dims):
@@ -84,10 +83,7 @@ def test_cached_steps_match_uncached_ones(hf_runner, tiny_dims):
         assert np.max(np.abs(cached - fresh)) < 1e-4
 
 
-def test_first_utterances_match_the_reference(hf_runner, tiny_artifacts, tiny_dims, embedded_utterances):
-    from converters.reference import Runner as Reference
-
-    reference = Reference(tiny_artifacts["reference"])
+def test_first_utterances_match_the_reference(hf_runner, reference, tiny_dims, embedded_utterances):
     prompt = build_prompt(tiny_dims, DecodingSpec())
     for utt in embedded_utterances[:2]:
         ours = greedy_decode(hf_runner, utt.audio, tiny_dims, prompt)
@@ -95,28 +91,19 @@ def test_first_utterances_match_the_reference(hf_runner, tiny_artifacts, tiny_di
         assert (ours.tokens, ours.n_steps) == (theirs.tokens, theirs.n_steps)
 
 
-def test_perturbed_weights_fail_the_gate(hf_artifact, tiny_artifacts, tiny_dims, tmp_path):
+def test_perturbed_weights_fail_the_gate(hf_artifact, parity_of, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
     from converters.hf_transformers import Runner
-    from converters.reference import Runner as Reference
 
-    broken = tmp_path / "broken"
-    shutil.copytree(hf_artifact.path, broken)
+    broken = broken_copy(hf_artifact, tmp_path)
     weights = load_file(broken / "model.safetensors")
-    emb = weights["model.decoder.embed_tokens.weight"]  # also the LM head (tied)
-    weights["model.decoder.embed_tokens.weight"] = (
-        emb + torch.randn(emb.shape, generator=torch.Generator().manual_seed(0)) * emb.std()
-    )
+    name = "model.decoder.embed_tokens.weight"  # also the LM head (tied)
+    weights[name] = torch.from_numpy(with_noise(weights[name].numpy()))
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     manifest = json.loads((broken / MANIFEST).read_text())
-    numbers = parity.measure(
-        Reference(tiny_artifacts["reference"]),
-        Runner(load_artifact(broken)),
-        tiny_dims,
-        build_prompt(tiny_dims, DecodingSpec()),
-    )
+    numbers = parity_of(Runner(load_artifact(broken)))
     assert any("logits max abs err" in f for f in parity.gate(manifest["target"], manifest["quant"], numbers))
 
 
@@ -133,18 +120,10 @@ def test_missing_transformers_is_unavailable(monkeypatch, tiny_checkpoint, tmp_p
 
 
 @pytest.mark.slow
-def test_embedded_tokens_match_the_reference(hf_runner, tiny_artifacts, tiny_dims, embedded_utterances):
-    from converters.reference import Runner as Reference
-
-    reference = Reference(tiny_artifacts["reference"])
-    prompt = build_prompt(tiny_dims, DecodingSpec())
-    same = sum(
-        greedy_decode(hf_runner, u.audio, tiny_dims, prompt).tokens
-        == greedy_decode(reference, u.audio, tiny_dims, prompt).tokens
-        for u in embedded_utterances
-    )
-    print(f"transformers fp32: {same}/{len(embedded_utterances)} utterances token-identical to the reference")
-    assert same / len(embedded_utterances) >= 0.95
+def test_embedded_tokens_match_the_reference(hf_runner, exact_match, embedded_utterances):
+    rate, ms = exact_match(hf_runner, embedded_utterances)
+    print(f"transformers fp32: {rate:.1%} of utterances token-identical to the reference, {ms:.0f} ms/utt")
+    assert rate >= 0.95
 
 
 @pytest.mark.slow
