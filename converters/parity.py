@@ -136,10 +136,11 @@ def gate(target: str, quant: str, numbers: dict[str, Any]) -> list[str]:
     """The tolerances `numbers` break (empty: the artifact passes)."""
     tol = TOLERANCES[(target, quant)]
     failures = []
-    if numbers["encoder_snr_db"] < tol.min_encoder_snr_db:
+    # written as "not within", so a NaN (an artifact computing NaN anywhere) fails every check
+    if not numbers["encoder_snr_db"] >= tol.min_encoder_snr_db:
         failures.append(f"encoder SNR {numbers['encoder_snr_db']} dB < {tol.min_encoder_snr_db}")
-    if numbers["logits_max_abs_err"] > tol.max_logit_abs_err:
+    if not numbers["logits_max_abs_err"] <= tol.max_logit_abs_err:
         failures.append(f"logits max abs err {numbers['logits_max_abs_err']:.3g} > {tol.max_logit_abs_err}")
-    if numbers["top1_agreement"] < tol.min_top1_agreement:
+    if not numbers["top1_agreement"] >= tol.min_top1_agreement:
         failures.append(f"top-1 agreement {numbers['top1_agreement']:.2f} < {tol.min_top1_agreement}")
     return failures

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,45 @@ def with_noise(weights: np.ndarray) -> np.ndarray:
     """`weights` plus full-scale Gaussian noise (standard deviation = theirs), seeded: a conversion gone wrong."""
     noise = np.random.default_rng(0).normal(0, weights.std(), weights.shape)
     return (weights + noise).astype(weights.dtype)
+
+
+def check_cached_steps(runner, checkpoint, dims, cache_length) -> None:
+    """Prompt first, then one token per call, against whisper's own decoder run on the whole
+    sequence at each length: `cache_length(cache)` (how many positions the runner's cache holds)
+    must equal the tokens seen, and a None cache must start over."""
+    import torch
+
+    from harness.decoding import build_prompt
+    from harness.spec import DecodingSpec
+    from harness.weights import load_model
+
+    model = load_model(checkpoint)
+    mel = np.random.default_rng(0).standard_normal((1, dims.n_mels, 3000)).astype(np.float32)
+    prompt = list(build_prompt(dims, DecodingSpec()).tokens)
+    tokens = [*prompt, 440, 3290, 286, 257, 1332, 13, 50, 262]
+    features, cache = runner.encode(mel), None
+    with torch.inference_mode():
+        whole = model.decoder(torch.tensor([tokens]), model.encoder(torch.from_numpy(mel)))[0].numpy()
+    for n in range(len(prompt), len(tokens) + 1):
+        logits, cache = runner.step(tokens[:n], features, cache)
+        assert cache_length(cache) == n
+        np.testing.assert_allclose(logits, whole[n - 1], atol=2e-4)
+    again, _ = runner.step(tokens[:4], features, None)
+    np.testing.assert_allclose(again, whole[3], atol=2e-4)
+
+
+def check_unavailable_without(package: str, module, message: str, checkpoint, tmp_path: Path, monkeypatch) -> None:
+    """As if `package` were not installed: the runtime check and the converter both say `message`,
+    and the converter writes nothing."""
+    from converters.protocol import Unavailable
+    from harness.weights import load_model
+
+    model = load_model(checkpoint)
+    monkeypatch.setitem(sys.modules, package, None)
+    assert message in module.runtime_unavailable()
+    with pytest.raises(Unavailable, match=message):
+        module.convert(checkpoint, model, "fp32", tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="session")

@@ -149,3 +149,47 @@ def test_a_refused_build_is_recorded_and_not_retried(monkeypatch, tiny_checkpoin
     record.unlink()
     prepare(tiny_checkpoint, "tiny.en", "torchscript-mtk", "fp32", tmp_path)
     assert calls == ["fp32", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def large_v3_shaped(tmp_path_factory):
+    """A checkpoint shaped like large-v3 where sizes differ in kind (128 mel bins, the 51866-token
+    vocabulary with 100 languages) but two layers of width 64, seeded random weights: the sizes
+    without packaged weights cannot be downloaded here, and every target must still take them."""
+    from dataclasses import asdict
+
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    from harness.weights import resolve_checkpoint
+
+    dims = ModelDimensions(
+        n_mels=128, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
+        n_vocab=51866, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Whisper(dims)
+    # whisper leaves the decoder's positional embedding uninitialized (torch.empty): the
+    # checkpoint fills it, and a random model must too, or it holds whatever memory held
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
+    path = tmp_path_factory.mktemp("weights") / "large-v3-shaped.pt"
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
+    return resolve_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "reference"])
+def test_every_target_converts_a_large_v3_shaped_model(large_v3_shaped, target, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "large-v3-shaped-models"
+    result = prepare(large_v3_shaped, str(large_v3_shaped.path), target, "fp32", root)
+    assert result.runnable or (result.status == "unavailable" and result.artifact is not None), result.describe()
+    m = result.artifact.manifest
+    assert m["status"] == "ok" and m["dims"]["n_mels"] == 128 and m["dims"]["n_vocab"] == 51866
+    assert m["parity"]["top1_agreement"] == 1.0 and m["parity"]["logits_max_abs_err"] < 1e-3, m["parity"]
+
+
+def test_nan_numbers_fail_every_check():
+    """NaN compares false with everything: an artifact that computes NaN must not slip through."""
+    nan = float("nan")
+    numbers = {"encoder_snr_db": nan, "logits_max_abs_err": nan, "top1_agreement": nan}
+    assert len(parity.gate("torchscript", "int8", numbers)) == 3
+    assert np.isnan(parity.snr_db(np.ones(3), np.array([1.0, nan, 1.0])))  # not "inf", as for equal outputs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -12,7 +11,7 @@ from converters.store import ensure, load_artifact
 from harness.decoding import build_prompt, greedy_decode
 from harness.errors import HarnessError
 from harness.spec import DecodingSpec
-from tests.conftest import broken_copy, with_noise
+from tests.conftest import broken_copy, check_unavailable_without, with_noise
 
 pytest.importorskip("ctranslate2")
 pytest.importorskip("transformers")
@@ -112,14 +111,10 @@ def test_perturbed_weights_fail_the_gate(tiny_checkpoint, parity_of, tmp_path):
 
 def test_missing_ctranslate2_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
     from converters import ct2_target
-    from converters.protocol import Unavailable
-    from harness.weights import load_model
 
-    model = load_model(tiny_checkpoint)
-    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # as if it were not installed
-    assert "ctranslate2 is not installed" in ct2_target.runtime_unavailable()
-    with pytest.raises(Unavailable, match="ctranslate2 is not installed"):
-        ct2_target.convert(tiny_checkpoint, model, "fp32", tmp_path)
+    check_unavailable_without(
+        "ctranslate2", ct2_target, "ctranslate2 is not installed", tiny_checkpoint, tmp_path, monkeypatch
+    )
 
 
 @pytest.mark.slow

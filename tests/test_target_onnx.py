@@ -3,17 +3,11 @@ run by onnxruntime on one CPU thread."""
 
 from __future__ import annotations
 
-import sys
-
-import numpy as np
 import pytest
 
 from converters import onnx_export, parity
-from converters.protocol import Unavailable
 from converters.store import ensure
-from harness.decoding import build_prompt
-from harness.spec import DecodingSpec
-from tests.conftest import broken_copy, with_noise
+from tests.conftest import broken_copy, check_cached_steps, check_unavailable_without, with_noise
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -73,23 +67,8 @@ def test_vocab_projection_is_one_initializer_shared_with_the_lookup(fp32_artifac
 
 
 def test_cached_steps_match_whole_sequence_recomputation(fp32_artifact, tiny_dims, tiny_checkpoint):
-    """Prompt first, then one token per call, against whisper's decoder on the whole sequence."""
-    import torch
-
-    from harness.weights import load_model
-
-    model = load_model(tiny_checkpoint)
-    runner = onnx_export.Runner(fp32_artifact)
-    mel = np.random.default_rng(0).standard_normal((1, tiny_dims.n_mels, 3000)).astype(np.float32)
-    prompt = list(build_prompt(tiny_dims, DecodingSpec()).tokens)
-    tokens = [*prompt, 440, 3290, 286, 257, 1332, 13, 50, 262]
-    features, cache = runner.encode(mel), None
-    with torch.inference_mode():
-        whole = model.decoder(torch.tensor([tokens]), torch.from_numpy(features))[0].numpy()
-    for n in range(len(prompt), len(tokens) + 1):
-        logits, cache = runner.step(tokens[:n], features, cache)
-        assert cache[2].shape[2] == n  # self-attention keys for every position seen
-        np.testing.assert_allclose(logits, whole[n - 1], atol=2e-4)
+    # the cache's self-attention keys [n_layer, 1, positions, d]
+    check_cached_steps(onnx_export.Runner(fp32_artifact), tiny_checkpoint, tiny_dims, lambda c: c[2].shape[2])
 
 
 def test_int8_quantizes_every_weight_matmul_including_the_vocab_projection(int8_from_fp32):
@@ -127,14 +106,9 @@ def test_perturbed_vocabulary_fails_the_gate(fp32_artifact, int8_from_fp32, pari
 
 
 def test_missing_toolchain_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
-    from harness.weights import load_model
-
-    model = load_model(tiny_checkpoint)
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
-    assert "onnxruntime" in onnx_export.runtime_unavailable()
-    with pytest.raises(Unavailable, match="not installed: onnxruntime"):
-        onnx_export.convert(tiny_checkpoint, model, "fp32", tmp_path)
-    assert not list(tmp_path.iterdir())
+    check_unavailable_without(
+        "onnxruntime", onnx_export, "not installed: onnxruntime", tiny_checkpoint, tmp_path, monkeypatch
+    )
 
 
 @pytest.mark.slow

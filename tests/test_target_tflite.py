@@ -12,16 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from converters import litert_target as litert
 from converters import parity
 from converters.protocol import Artifact, Unavailable
 from converters.registry import get_target
 from converters.store import ensure, load_artifact, prepare
-from harness.decoding import build_prompt
-from harness.spec import DecodingSpec
-from tests.conftest import broken_copy, with_noise
+from tests.conftest import broken_copy, check_cached_steps, with_noise
 
 FILES = {litert.ENCODER, litert.CROSS_KV, litert.DECODER}
 SUBSET = 5  # utterances the fast tier decodes against the reference
@@ -58,24 +55,8 @@ def test_fp32_records_files_io_and_parity(fp32, tiny_checkpoint):
 
 
 def test_cached_steps_match_whole_sequence_recomputation(fp32, tiny_dims):
-    """Prompt first, then one token per call, against whisper's own decoder run on the whole
-    sequence at each length: the host-owned cache holds exactly the earlier positions."""
-    from harness.weights import load_model
-
-    model = load_model(fp32.checkpoint())
-    runner = litert.Runner(fp32)
-    mel = np.random.default_rng(0).standard_normal((1, tiny_dims.n_mels, 3000)).astype(np.float32)
-    prompt = list(build_prompt(tiny_dims, DecodingSpec()).tokens)
-    tokens = [*prompt, 440, 3290, 286, 257, 1332, 13, 50, 262]
-    features, cache = runner.encode(mel), None
-    with torch.inference_mode():
-        whole = model.decoder(torch.tensor([tokens]), model.encoder(torch.from_numpy(mel)))[0].numpy()
-    for n in range(len(prompt), len(tokens) + 1):
-        logits, cache = runner.step(tokens[:n], features, cache)
-        assert cache == n
-        np.testing.assert_allclose(logits, whole[n - 1], atol=2e-4)
-    again, _ = runner.step(tokens[:4], features, None)  # a None cache starts over
-    np.testing.assert_allclose(again, whole[3], atol=2e-4)
+    # the host owns the cache; the runner's cache value is the number of filled slots
+    check_cached_steps(litert.Runner(fp32), fp32.checkpoint(), tiny_dims, lambda filled: filled)
 
 
 def test_fp32_and_int8_dynamic_decode_like_the_reference(fp32, parity_of, exact_match, embedded_utterances, tmp_path):

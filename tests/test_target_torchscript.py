@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from converters import parity, torchscript
 from converters.store import ensure, load_artifact
-from harness.decoding import build_prompt
-from harness.spec import DecodingSpec
-from tests.conftest import broken_copy, with_noise
+from tests.conftest import broken_copy, check_cached_steps, with_noise
 
 QUANTS = ("fp32", "int8")  # fp16 traces and runs slowly on CPUs without half arithmetic: slow tier
 FILES = {"encoder.pt", "cross_kv.pt", "decoder_step.pt"}
@@ -49,22 +46,9 @@ def test_build_records_files_io_and_parity(ts_artifacts, tiny_checkpoint, quant)
     _check_build(ts_artifacts[quant], tiny_checkpoint, quant)
 
 
-def test_cached_steps_match_whole_sequence_recomputation(ts_artifacts, tiny_artifacts, tiny_dims):
-    """Prompt first, then one token per call, against whisper's own decoder run on the whole
-    sequence at each length: the cache carries exactly the earlier positions."""
-    from harness.weights import load_model
-
-    model = load_model(tiny_artifacts["reference"].checkpoint())
-    runner = torchscript.Runner(ts_artifacts["fp32"])
-    mel = np.random.default_rng(0).standard_normal((1, tiny_dims.n_mels, 3000)).astype(np.float32)
-    tokens = [*build_prompt(tiny_dims, DecodingSpec()).tokens, 440, 3290, 286, 257, 1332, 13, 50, 262]
-    features, cache = runner.encode(mel), None
-    with torch.inference_mode():
-        whole = model.decoder(torch.tensor([tokens]), model.encoder(torch.from_numpy(mel)))[0].numpy()
-    for n in range(len(build_prompt(tiny_dims, DecodingSpec()).tokens), len(tokens) + 1):
-        logits, cache = runner.step(tokens[:n], features, cache)
-        assert cache[2].shape[2] == n  # self-attention keys for every position seen
-        np.testing.assert_allclose(logits, whole[n - 1], atol=2e-4)
+def test_cached_steps_match_whole_sequence_recomputation(ts_artifacts, tiny_checkpoint, tiny_dims):
+    # the cache's self-attention keys [n_layer, 1, positions, d]
+    check_cached_steps(torchscript.Runner(ts_artifacts["fp32"]), tiny_checkpoint, tiny_dims, lambda c: c[2].shape[2])
 
 
 def test_int8_quantizes_every_linear_including_the_vocab_projection(ts_artifacts):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from converters import parity
 from converters.store import MANIFEST, ensure, load_artifact
 from harness.decoding import build_prompt, greedy_decode
 from harness.spec import DecodingSpec
-from tests.conftest import broken_copy, with_noise
+from tests.conftest import broken_copy, check_unavailable_without, with_noise
 
 pytest.importorskip("transformers")
 
@@ -109,14 +108,10 @@ def test_perturbed_weights_fail_the_gate(hf_artifact, parity_of, tmp_path):
 
 def test_missing_transformers_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
     from converters import hf_transformers
-    from converters.protocol import Unavailable
-    from harness.weights import load_model
 
-    model = load_model(tiny_checkpoint)
-    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
-    assert "transformers is not installed" in hf_transformers.runtime_unavailable()
-    with pytest.raises(Unavailable, match="transformers is not installed"):
-        hf_transformers.convert(tiny_checkpoint, model, "fp32", tmp_path)
+    check_unavailable_without(
+        "transformers", hf_transformers, "transformers is not installed", tiny_checkpoint, tmp_path, monkeypatch
+    )
 
 
 @pytest.mark.slow
