@@ -153,10 +153,14 @@ def _execute(
     in_flight: dict[Any, tuple[Any, Shard]] = {}
 
     def feed(actor) -> None:
+        """Give `actor` its model's next shard; with none left, end it, so the CPU (or board) it
+        holds goes to a model still waiting: a job may have more models than the cluster has CPUs."""
         queue = queues[actors[actor].cell]
         if queue:
             shard = queue.pop(0)
             in_flight[actor.run_shard.remote(shard)] = (actor, shard)
+        else:
+            ray.kill(actor)
 
     for actor in actors:
         feed(actor)

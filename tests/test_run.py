@@ -118,3 +118,30 @@ def test_wer_delta_is_the_difference_with_a_paired_interval(tiny_run):
     files = tiny_run.utterances  # artifact size comes from the manifest's file sizes
     assert mtk["artifact_mb"] > 100 and len(files) == 140
     assert mtk["runtime"] == "torch"
+
+
+def test_more_models_than_cpus_all_run(ray_local, tiny_artifacts, models_root, tmp_path):
+    """Three models on a 2-CPU Ray: a worker whose model has no shards left gives its CPU back,
+    so the third model starts instead of waiting for ever."""
+    import threading
+
+    from harness.spec import ClusterSpec, DatasetSpec, JobSpec, ModelsSpec
+
+    assert ray_local.cluster_resources()["CPU"] == 2
+    spec = JobSpec(
+        name="three-models",
+        dataset=DatasetSpec(path=EMBEDDED, limit=2),
+        models=ModelsSpec(sizes=("tiny.en",), targets=(("torchscript-mtk", ("fp32",)), ("transformers", ("fp32",)))),
+        cluster=ClusterSpec(shard_size=1),
+    )
+    done: dict = {}
+    thread = threading.Thread(
+        target=lambda: done.update(result=run_job(spec, tmp_path, models_root, progress=False, log=lambda *a: None)),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(timeout=600)
+    assert "result" in done, "the third model never got a CPU"
+    utts = done["result"].utterances
+    assert sorted(utts["target"].unique()) == ["reference", "torchscript-mtk", "transformers"]
+    assert len(utts) == 6 and utts["error"].isna().all()
