@@ -44,9 +44,11 @@ class PreparedModel:
         art = self.prepared.artifact
         if art is None:
             return {}
+        # the reference's artifact is the checkpoint itself
+        sizes = [f["bytes"] for f in art.manifest["files"].values()] or [art.checkpoint().path.stat().st_size]
         return {
             "runtime": art.manifest.get("runtime") or get_target(self.cell.target).runtime,
-            "artifact_mb": sum(f["bytes"] for f in art.manifest["files"].values()) / 2**20,
+            "artifact_mb": sum(sizes) / 2**20,
         }
 
     @property
@@ -251,6 +253,9 @@ def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows:
     }
 
 
+STATUS_WORDS = ("unavailable", "failed")  # the first word of a model's status line (converters.store)
+
+
 def format_summary(summary: pd.DataFrame) -> str:
     from tabulate import tabulate
 
@@ -268,4 +273,14 @@ def format_summary(summary: pd.DataFrame) -> str:
         shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%" if v == v else "-")
     for col in ("mean_first_div", "p50_ms", "p90_ms", "p99_ms", "enc_p50_ms", "dec_ms_per_tok", "rtfx", "artifact_mb"):
         shown[col] = shown[col].map(lambda v: f"{v:.1f}" if v == v else "-")
-    return tabulate(shown, headers="keys", tablefmt="github", showindex=False)
+    # the table keeps a word; the whole reason goes under it, once per model
+    shown["status"] = shown["status"].map(lambda s: s.split(":")[0] if s.split(":")[0] in STATUS_WORDS else s[:20])
+    notes = [
+        f"- {size}/{target}/{quant}: {status}"
+        for size, target, quant, status in zip(
+            summary["size"], summary["target"], summary["quant"], summary["status"], strict=True
+        )
+        if status != "ok"
+    ]
+    table = tabulate(shown, headers="keys", tablefmt="github", showindex=False)
+    return table + ("\n\n" + "\n".join(notes) if notes else "")

@@ -126,7 +126,8 @@ def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | Non
     """One row per (size, target, quant) over the utterances table.
 
     `models` adds facts from each artifact's manifest: `runtime` (what executed it, e.g. a CPU
-    emulation of an NPU) and `artifact_mb`.
+    emulation of an NPU) and `artifact_mb`; its order is the order of the rows (the job's).
+    `status` is "ok", or why utterances have no transcript (the model's own line when none has).
     """
     rows = []
     for (size, target, quant), g in utts.groupby(["size", "target", "quant"], sort=False):
@@ -164,9 +165,23 @@ def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | Non
                 "rtfx": rtfx(float(ok["audio_s"].sum()), float(total.sum())),
                 "runtime": (models or {}).get((size, target, quant), {}).get("runtime", ""),
                 "artifact_mb": (models or {}).get((size, target, quant), {}).get("artifact_mb", float("nan")),
+                "status": _status(g["error"].dropna()),
             }
         )
-    return pd.DataFrame(rows)
+    summary = pd.DataFrame(rows)
+    if models:
+        order = {key: i for i, key in enumerate(models)}
+        keys = zip(summary["size"], summary["target"], summary["quant"], strict=True)
+        rank = [order.get(key, len(order)) for key in keys]
+        summary = summary.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
+    return summary
+
+
+def _status(errors: pd.Series) -> str:
+    if errors.empty:
+        return "ok"
+    most = errors.value_counts()
+    return most.index[0] if len(most) == 1 else f"{len(errors)} errors, e.g. {most.index[0]}"
 
 
 def _pct(values: pd.Series, q: float) -> float:

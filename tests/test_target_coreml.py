@@ -206,6 +206,24 @@ def test_off_macos_the_job_reports_unavailable(coreml_fp32, models_root):
     assert status["coreml"] == f"unavailable: {reason} (artifact reused)"  # the text of the rows for this model
 
 
+@pytest.mark.skipif(ON_MAC, reason="Core ML runs on macOS")
+def test_off_macos_the_summary_says_why(coreml_fp32, models_root, ray_local, tmp_path):
+    from harness.execute import format_summary, run_job
+
+    spec = JobSpec(
+        name="coreml-off-mac",
+        dataset=DatasetSpec(path=EMBEDDED, limit=2),
+        models=ModelsSpec(sizes=("tiny.en",), targets=(("coreml", ("fp32",)),)),
+    )
+    summary = run_job(spec, tmp_path, models_root, progress=False, log=lambda *a: None).summary
+    assert list(summary["target"]) == ["reference", "coreml"]  # the job's order
+    reason = f"unavailable: {runtime_unavailable()} (artifact reused)"
+    assert list(summary["status"]) == ["ok", reason] and list(summary["errors"]) == [0, 2]
+    table = format_summary(summary)
+    assert f"- tiny.en/coreml/fp32: {reason}" in table.splitlines()
+    assert "| unavailable |" in table.splitlines()[3].replace("  ", "")
+
+
 @pytest.mark.slow
 def test_fp16_build_passes_its_gate(tiny_checkpoint, models_root, coreml_fp32):
     art = ensure(tiny_checkpoint, "tiny.en", "coreml", "fp16", models_root)[0]
