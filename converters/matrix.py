@@ -47,7 +47,6 @@ def build(cells: list[tuple[str, str, str]], root: Path, progress: bool = True) 
             if isinstance(ckpt, WeightsError)
             else prepare(ckpt, size, target, quant, root)
         )
-        files = result.artifact.manifest["files"].values() if result.artifact else []
         rows.append(
             {
                 "size": size,
@@ -56,7 +55,7 @@ def build(cells: list[tuple[str, str, str]], root: Path, progress: bool = True) 
                 "status": result.status,
                 "reason": result.reason,
                 "seconds": round(time.perf_counter() - started, 1),
-                "mb": round(sum(f["bytes"] for f in files) / 2**20, 1) if files else "-",
+                "mb": round(result.artifact.mb, 1) if result.artifact else "-",
                 "artifact": str(result.artifact.path) if result.artifact else "",
             }
         )

@@ -56,6 +56,12 @@ class Artifact:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    @property
+    def mb(self) -> float:
+        """Size on disk in MiB: its files, or for the reference (no files of its own) its checkpoint."""
+        sizes = [f["bytes"] for f in self.manifest["files"].values()] or [self.checkpoint().path.stat().st_size]
+        return sum(sizes) / 2**20
+
     def checkpoint(self) -> Checkpoint:
         src = self.manifest["source"]
         return Checkpoint(name=src["name"], path=Path(src["path"]), sha256=src["sha256"], source=src["origin"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -44,12 +45,7 @@ class PreparedModel:
         art = self.prepared.artifact
         if art is None:
             return {}
-        # the reference's artifact is the checkpoint itself
-        sizes = [f["bytes"] for f in art.manifest["files"].values()] or [art.checkpoint().path.stat().st_size]
-        return {
-            "runtime": art.manifest.get("runtime") or get_target(self.cell.target).runtime,
-            "artifact_mb": sum(sizes) / 2**20,
-        }
+        return {"runtime": art.manifest.get("runtime") or get_target(self.cell.target).runtime, "artifact_mb": art.mb}
 
     @property
     def dims(self) -> Dims:
@@ -137,7 +133,7 @@ def _execute(
     runnable = [
         p for p in prepared if p.prepared.runnable or (spec.models.evaluate_failed and p.prepared.status == "failed")
     ]
-    frames = [_status_rows(p, spec) for p in prepared if p not in runnable]
+    frames = [_error_rows(p, spec, p.prepared.describe()) for p in prepared if p not in runnable]
     remote_worker = ray.remote(num_cpus=1)(ModelWorker)
     actors: dict[Any, PreparedModel] = {}
     for p in runnable:
@@ -164,17 +160,34 @@ def _execute(
         else:
             ray.kill(actor)
 
+    def record(p: PreparedModel, shard: Shard, rows: pd.DataFrame) -> None:
+        _write_parquet_atomic(rows, raw_dir / f"{_slug(p.cell)}-shard{shard.index:05d}.parquet")
+        frames.append(rows)
+        bars[p.cell].update(shard.stop - shard.start)
+
     for actor in actors:
         feed(actor)
     try:
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             actor, shard = in_flight.pop(done[0])
-            cell = actors[actor].cell
-            rows = pd.DataFrame(ray.get(done[0])).assign(size=cell.size, target=cell.target, quant=cell.quant)
-            _write_parquet_atomic(rows, raw_dir / f"{_slug(cell)}-shard{shard.index:05d}.parquet")
-            frames.append(rows)
-            bars[cell].update(shard.stop - shard.start)
+            p = actors[actor]
+            try:
+                rows = pd.DataFrame(ray.get(done[0])).assign(size=p.cell.size, target=p.cell.target, quant=p.cell.quant)
+            except ray.exceptions.RayError as exc:
+                # the worker could not load its model or its process died (a native runtime's crash,
+                # memory): this model's utterances become rows with the reason, the other models go on
+                reason = f"worker failed: {_one_line(exc)}"
+                record(p, shard, _error_rows(p, spec, reason, shard.start, shard.stop))
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    del actors[actor]
+                    if not any(q is p for q in actors.values()):  # no worker left for this model
+                        while queues[p.cell]:
+                            left = queues[p.cell].pop(0)
+                            record(p, left, _error_rows(p, spec, reason, left.start, left.stop))
+                    continue
+            else:
+                record(p, shard, rows)
             feed(actor)
     finally:
         for bar in bars.values():
@@ -196,12 +209,31 @@ def _placement(target: str) -> dict[str, float]:
     return {resource: 1} if resource and ray.cluster_resources().get(resource, 0) > 0 else {}
 
 
-def _status_rows(p: PreparedModel, spec: JobSpec) -> pd.DataFrame:
-    """A model that cannot be evaluated still appears: one row per utterance, with the reason."""
+def _error_rows(p: PreparedModel, spec: JobSpec, reason: str, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+    """Utterances [start, stop) of a model that produced no transcript for them: rows with the reason."""
     ids, texts = read_index(spec.dataset)
     return pd.DataFrame(
-        {"utt_id": ids, "ref_text": texts, "audio_s": 0.0, "node": None, "error": p.prepared.describe()}
+        {"utt_id": ids[start:stop], "ref_text": texts[start:stop], "audio_s": 0.0, "node": None, "error": reason}
     ).assign(size=p.cell.size, target=p.cell.target, quant=p.cell.quant)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The worker's own exception as `Type: first line`; Ray wraps it in pages of traceback (for a
+    failed `__init__` only as text), or says in its first line why a process died."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        text = f"{type(exc.cause).__name__}: {exc.cause}"
+    else:
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
+        frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+        after = [line for line in lines[frames[-1] + 1 :] if line[:1].strip()] if frames else []
+        if after:  # the traceback's last line names the exception: `module.Type: message`
+            name, _, message = after[0].partition(": ")
+            text = f"{name.rsplit('.', 1)[-1]}: {message}"
+        else:
+            text = lines[0] if lines else type(exc).__name__
+    return text.strip().splitlines()[0]
 
 
 def _git_commit() -> str | None:
@@ -253,7 +285,7 @@ def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows:
     }
 
 
-STATUS_WORDS = ("unavailable", "failed")  # the first word of a model's status line (converters.store)
+STATUS_WORDS = ("unavailable", "failed", "worker failed")  # how a model's status line starts (store, _execute)
 
 
 def format_summary(summary: pd.DataFrame) -> str:

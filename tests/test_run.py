@@ -145,3 +145,41 @@ def test_more_models_than_cpus_all_run(ray_local, tiny_artifacts, models_root, t
     utts = done["result"].utterances
     assert sorted(utts["target"].unique()) == ["reference", "torchscript-mtk", "transformers"]
     assert len(utts) == 6 and utts["error"].isna().all()
+
+
+def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
+    ray_local, tiny_artifacts, models_root, tmp_path, monkeypatch
+):
+    """The artifact breaks after the driver checked it (another node's copy, a disk): that model's
+    utterances become rows naming the worker's own error, and the rest of the run completes."""
+    from converters.protocol import Artifact
+    from converters.store import Prepared
+    from harness import execute
+    from harness.spec import ClusterSpec, DatasetSpec, JobSpec, ModelsSpec
+    from tests.conftest import broken_copy
+
+    def prepare_then_break(*args, **kwargs):
+        prepared = real(*args, **kwargs)
+        good = prepared[1].prepared.artifact
+        broken = broken_copy(good, tmp_path)
+        (broken / "token_embedding.npy").write_bytes(b"changed after the driver's check")
+        moved = Artifact(good.size, good.target, good.quant, broken, good.manifest)
+        return [prepared[0], execute.PreparedModel(prepared[1].cell, Prepared(moved, "reused"))]
+
+    real = execute.prepare_models
+    monkeypatch.setattr(execute, "prepare_models", prepare_then_break)
+    spec = JobSpec(
+        name="broken-worker",
+        dataset=DatasetSpec(path=EMBEDDED, limit=3),
+        models=ModelsSpec(sizes=("tiny.en",), targets=(("torchscript-mtk", ("fp32",)),)),
+        cluster=ClusterSpec(shard_size=1),
+    )
+    result = run_job(spec, tmp_path / "results", models_root, progress=False, log=lambda *a: None)
+    summary = result.summary.set_index("target")
+    assert summary.loc["reference", "status"] == "ok" and summary.loc["reference", "errors"] == 0
+    status = summary.loc["torchscript-mtk", "status"]
+    assert summary.loc["torchscript-mtk", "errors"] == 3
+    assert status.startswith("worker failed: HarnessError: ") and "sha256 differs" in status, status
+    assert len(list((result.run_dir / "raw").glob("tiny.en__torchscript-mtk__fp32-shard*.parquet"))) == 3
+    table = execute.format_summary(result.summary)
+    assert "| worker failed |" in table and f"- tiny.en/torchscript-mtk/fp32: {status}" in table
