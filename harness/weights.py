@@ -475,36 +475,28 @@ def _ct2_to_whisper(
             else:
                 sd[f"{dst}.bias"] = bias.clone()
 
-    for i in range(dims.n_audio_layer):
-        dst, src = f"encoder.blocks.{i}", f"encoder/layer_{i}"
+    def self_attention(dst: str, src: str) -> None:
         layer_norm(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
-        fused(
-            [f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"],
-            f"{src}/self_attention/linear_0",
-        )
+        fused([f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"], f"{src}/self_attention/linear_0")
         linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
+
+    def mlp(dst: str, src: str) -> None:
         layer_norm(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
         linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
         linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
 
+    for i in range(dims.n_audio_layer):
+        self_attention(f"encoder.blocks.{i}", f"encoder/layer_{i}")
+        mlp(f"encoder.blocks.{i}", f"encoder/layer_{i}")
+
     for i in range(dims.n_text_layer):
         dst, src = f"decoder.blocks.{i}", f"decoder/layer_{i}"
-        layer_norm(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
-        fused(
-            [f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"],
-            f"{src}/self_attention/linear_0",
-        )
-        linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
+        self_attention(dst, src)
         layer_norm(f"{dst}.cross_attn_ln", f"{src}/attention/layer_norm")
         linear(f"{dst}.cross_attn.query", f"{src}/attention/linear_0")
-        fused(
-            [f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"],
-            f"{src}/attention/linear_1",
-        )
+        fused([f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"], f"{src}/attention/linear_1")
         linear(f"{dst}.cross_attn.out", f"{src}/attention/linear_2")
-        layer_norm(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
-        linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
-        linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
+        mlp(dst, src)
 
     # openai-whisper computes logits with the token embedding; CTranslate2 normally
     # stores its projection as an alias of it. Anything else is a different model.
