@@ -30,6 +30,7 @@ from harness.decoding import Dims, build_prompt
 from harness.errors import HarnessError
 from harness.scoring import SCHEMA_VERSION, score_rows, summarize
 from harness.spec import JobSpec, ModelCell
+from harness.timing import cpu_description
 from harness.weights import resolve_checkpoint
 from harness.worker import ModelWorker, WorkerSetup
 
@@ -213,7 +214,14 @@ def _error_rows(p: PreparedModel, spec: JobSpec, reason: str, start: int = 0, st
     """Utterances [start, stop) of a model that produced no transcript for them: rows with the reason."""
     ids, texts = read_index(spec.dataset)
     return pd.DataFrame(
-        {"utt_id": ids[start:stop], "ref_text": texts[start:stop], "audio_s": 0.0, "node": None, "error": reason}
+        {
+            "utt_id": ids[start:stop],
+            "ref_text": texts[start:stop],
+            "audio_s": 0.0,
+            "node": None,
+            "cpu": None,
+            "error": reason,
+        }
     ).assign(size=p.cell.size, target=p.cell.target, quant=p.cell.quant)
 
 
@@ -279,6 +287,7 @@ def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
+            "cpu": cpu_description(),
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -17,14 +17,15 @@ from rapidfuzz.distance import Levenshtein
 from converters.registry import REFERENCE
 from harness.timing import rtfx
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `cpu`
 
 # The declared schema of utterances.parquet, in column order.
 UTTERANCE_COLUMNS = [
     "run_id", "utt_id", "size", "target", "quant", "ref_text", "hyp_text", "ref_norm", "hyp_norm",
     "hyp_tokens", "reference_tokens", "wer_errors", "substitutions", "deletions", "insertions",
     "ref_words", "cer_errors", "ref_chars", "exact_match", "first_divergence", "token_edit_rate",
-    "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_tokens", "total_ms", "node", "error",
+    "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_tokens", "total_ms", "node", "cpu",
+    "error",
 ]  # fmt: skip
 
 

@@ -11,11 +11,34 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import numpy as np
 
 from harness.decoding import Dims, Prompt, greedy_decode
 
 WARM_UP_SECONDS = 5.0
+# CPU features that decide which kernels run: timings, and the results of int8 forms that quantize
+# activations at run time (torch, onnxruntime, XNNPACK pick their int8 kernels by these)
+KERNEL_FEATURES = (
+    "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16",
+    "asimddp", "i8mm", "sve",
+)  # fmt: skip
+
+
+def cpu_description() -> str:
+    """The CPU a worker runs on, e.g. `Intel(R) Xeon(R) Processor [avx2 avx512f avx_vnni]`."""
+    name, features = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux; elsewhere the platform's processor name alone
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                name = value
+            elif key in ("flags", "Features"):
+                features.update(value.split())
+    return f"{name} [{' '.join(f for f in KERNEL_FEATURES if f in features)}]"
 
 
 def prepare_worker_threads() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from harness.data import Shard, read_shard
 from harness.decoding import Dims, Prompt, greedy_decode, tokenizer_for
 from harness.spec import DatasetSpec, DecodingSpec
-from harness.timing import prepare_worker_threads, warm_up
+from harness.timing import cpu_description, prepare_worker_threads, warm_up
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class ModelWorker:
         self.runner = get_target(artifact.target).load().Runner(artifact)
         self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
         self.node = f"{socket.gethostname()}/{_ray_node_id()[:8]}"
+        self.cpu = cpu_description()
         warm_up(self.runner, setup.dims, setup.prompt)
 
     def run_shard(self, shard: Shard) -> list[dict[str, Any]]:
@@ -56,6 +57,7 @@ class ModelWorker:
                 "ref_text": utt.text,
                 "audio_s": utt.audio_s,
                 "node": self.node,
+                "cpu": self.cpu,
             }
             if utt.audio is None:
                 rows.append({**row, "error": utt.error})

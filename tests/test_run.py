@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from harness.execute import run_job
-from harness.scoring import normalize
+from harness.scoring import SCHEMA_VERSION, UTTERANCE_COLUMNS, normalize
 from harness.spec import load_job
+from harness.timing import cpu_description
 from tests.conftest import EMBEDDED, ROOT
 
 
@@ -33,6 +34,9 @@ def test_run_writes_complete_results(tiny_run):
     assert set(utts["target"]) == {"reference", "torchscript-mtk"}
     info = json.loads((tiny_run.run_dir / "run.json").read_text())
     assert info["utterances"] == 70 and info["packages"]["openai-whisper"] == "20250625"
+    # the CPU that timed each row and picked its kernels (int8 results depend on it): this machine's
+    assert set(utts["cpu"]) == {cpu_description()} == {info["host"]["cpu"]}
+    assert info["schema_version"] == SCHEMA_VERSION and list(utts.columns) == UTTERANCE_COLUMNS
     assert pd.read_csv(tiny_run.run_dir / "summary.csv").shape[0] == 2
 
 
