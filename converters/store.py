@@ -111,8 +111,11 @@ def ensure(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Pat
     except BaseException as exc:
         if isinstance(exc, Refused):
             refusal.write_text(json.dumps({"key": key, "reason": str(exc), **recipe}, indent=2, sort_keys=True))
-        if isinstance(exc, Exception) and (tmp / BUILD_LOG).is_file():
-            shutil.move(tmp / BUILD_LOG, failed_log)  # the one thing worth keeping from a failed build
+        # the one thing worth keeping from a build the toolchain ran and lost (a missing toolchain's
+        # Unavailable says all in its message, and is no failure to investigate)
+        toolchain_ran = isinstance(exc, Refused) or (isinstance(exc, Exception) and not isinstance(exc, Unavailable))
+        if toolchain_ran and (tmp / BUILD_LOG).is_file():
+            shutil.move(tmp / BUILD_LOG, failed_log)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     failed_log.unlink(missing_ok=True)
