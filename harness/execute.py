@@ -8,6 +8,7 @@ finished is renamed into `results/<job>/<run id>/`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -134,7 +135,12 @@ def _execute(
     runnable = [
         p for p in prepared if p.prepared.runnable or (spec.models.evaluate_failed and p.prepared.status == "failed")
     ]
-    frames = [_error_rows(p, spec, p.prepared.describe()) for p in prepared if p not in runnable]
+
+    @functools.cache
+    def index() -> tuple[list[str], list[str]]:  # ids and texts, read once and only if a model has no transcripts
+        return read_index(spec.dataset)
+
+    frames = [_error_rows(p, index(), p.prepared.describe()) for p in prepared if p not in runnable]
     remote_worker = ray.remote(num_cpus=1)(ModelWorker)
     actors: dict[Any, PreparedModel] = {}
     for p in runnable:
@@ -179,13 +185,13 @@ def _execute(
                 # the worker could not load its model or its process died (a native runtime's crash,
                 # memory): this model's utterances become rows with the reason, the other models go on
                 reason = f"worker failed: {_one_line(exc)}"
-                record(p, shard, _error_rows(p, spec, reason, shard.start, shard.stop))
+                record(p, shard, _error_rows(p, index(), reason, shard.start, shard.stop))
                 if isinstance(exc, ray.exceptions.RayActorError):
                     del actors[actor]
                     if not any(q is p for q in actors.values()):  # no worker left for this model
                         while queues[p.cell]:
                             left = queues[p.cell].pop(0)
-                            record(p, left, _error_rows(p, spec, reason, left.start, left.stop))
+                            record(p, left, _error_rows(p, index(), reason, left.start, left.stop))
                     continue
             else:
                 record(p, shard, rows)
@@ -210,9 +216,11 @@ def _placement(target: str) -> dict[str, float]:
     return {resource: 1} if resource and ray.cluster_resources().get(resource, 0) > 0 else {}
 
 
-def _error_rows(p: PreparedModel, spec: JobSpec, reason: str, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+def _error_rows(
+    p: PreparedModel, index: tuple[list[str], list[str]], reason: str, start: int = 0, stop: int | None = None
+) -> pd.DataFrame:
     """Utterances [start, stop) of a model that produced no transcript for them: rows with the reason."""
-    ids, texts = read_index(spec.dataset)
+    ids, texts = index
     return pd.DataFrame(
         {
             "utt_id": ids[start:stop],
