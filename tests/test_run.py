@@ -187,3 +187,36 @@ def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
     assert len(list((result.run_dir / "raw").glob("tiny.en__torchscript-mtk__fp32-shard*.parquet"))) == 3
     table = execute.format_summary(result.summary)
     assert "| worker failed |" in table and f"- tiny.en/torchscript-mtk/fp32: {status}" in table
+
+
+def test_worker_errors_read_as_one_line(ray_local):
+    """The three shapes Ray hands a worker's failure to the driver in: a failed `__init__` (only as
+    traceback text), a failed task (the exception object), a dead process (Ray's own words)."""
+    import os
+
+    from harness.errors import HarnessError
+    from harness.execute import _one_line
+
+    class Worker:  # local, so Ray ships it by value
+        def __init__(self, fail: bool) -> None:
+            if fail:
+                raise HarnessError("model.bin: sha256 differs from manifest.json\nsecond line")
+
+        def fail(self) -> None:
+            raise ValueError("bad shard\nmore detail")
+
+        def crash(self) -> None:
+            os._exit(1)
+
+    remote = ray_local.remote(num_cpus=0)(Worker)
+
+    def failure(call) -> BaseException:
+        with pytest.raises(ray_local.exceptions.RayError) as info:
+            ray_local.get(call())
+        return info.value
+
+    init = failure(lambda: remote.remote(True).fail.remote())
+    assert _one_line(init) == "HarnessError: model.bin: sha256 differs from manifest.json"
+    assert _one_line(failure(lambda: remote.remote(False).fail.remote())) == "ValueError: bad shard"
+    died = _one_line(failure(lambda: remote.remote(False).crash.remote()))
+    assert "\n" not in died and "died" in died, died
