@@ -14,18 +14,15 @@ CoreML converter, whisperkittools):
   cross-attention keys/values are computed once per utterance by the encoder package instead of
   at every step.
 
-`AneHost` is the host side of that interface (cache bookkeeping), shared by `TorchAneRunner`
-(this module in PyTorch, for parity here) and the Core ML runner in `converters.coreml_target`.
+`converters.ane_host` is the host side of that interface, shared by the form in PyTorch (parity
+here) and the Core ML runner (`converters.coreml_target`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -262,97 +259,3 @@ def from_whisper(model: Whisper) -> WhisperANE:
     state = {k: v for k, v in model.state_dict().items() if k not in ("decoder.mask", "alignment_heads")}
     ane.load_state_dict(state, strict=True)
     return ane.eval()
-
-
-# -- host side ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncoderOutput:
-    """What `encode` hands to `step`: features in the ANE layout plus the cross keys/values.
-
-    `np.asarray` on it gives openai-whisper's layout [1, n_audio_ctx, C], so parity compares it
-    with the reference's features directly.
-    """
-
-    features: np.ndarray  # [1, C, 1, n_audio_ctx]
-    cross_k: np.ndarray  # [n_text_layer, C, 1, n_audio_ctx]
-    cross_v: np.ndarray
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self.features[:, :, 0, :].transpose(0, 2, 1)
-        return out if dtype is None else out.astype(dtype)
-
-
-@dataclass
-class KvCache:
-    """The self-attention keys/values of one sequence, filled in place step after step."""
-
-    k: np.ndarray  # [n_text_layer, C, 1, n_text_ctx]
-    v: np.ndarray
-    length: int  # positions filled
-
-
-class AneHost:
-    """Runner protocol over an ANE-form encoder/decoder pair; subclasses supply the two calls."""
-
-    kv_cache = True
-
-    def __init__(self, n_text_layer: int, n_text_state: int, n_text_ctx: int) -> None:
-        self.cache_shape = (n_text_layer, n_text_state, 1, n_text_ctx)
-
-    def _encoder(self, mel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-    def _decoder(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-    def encode(self, mel: np.ndarray) -> EncoderOutput:
-        return EncoderOutput(*self._encoder(mel))
-
-    def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
-        if cache is None:
-            cache = KvCache(np.zeros(self.cache_shape, np.float32), np.zeros(self.cache_shape, np.float32), 0)
-        logits = None
-        for position in range(cache.length, len(tokens)):  # the prompt one token at a time, then one per step
-            logits, k, v = self._decoder(
-                {
-                    "token": np.array([tokens[position]], dtype=np.int32),
-                    "position": np.array([position], dtype=np.int32),
-                    "self_k": cache.k,
-                    "self_v": cache.v,
-                    "cross_k": audio_features.cross_k,
-                    "cross_v": audio_features.cross_v,
-                }
-            )
-            cache.k[..., position] = k[..., 0]
-            cache.v[..., position] = v[..., 0]
-        assert logits is not None, "step called without a new token"
-        return np.asarray(logits, dtype=np.float32)[0], KvCache(cache.k, cache.v, len(tokens))
-
-
-class TorchAneRunner(AneHost):
-    """The ANE-form model run by PyTorch on the CPU (float32 or float16): the Core ML graph's math.
-
-    `ane` is cast to `dtype` in place.
-    """
-
-    def __init__(self, ane: WhisperANE, dtype: torch.dtype = torch.float32) -> None:
-        d = ane.dims
-        super().__init__(d.n_text_layer, d.n_text_state, d.n_text_ctx)
-        self.ane = ane.to(dtype)
-        self.encoder = ane.encoder_package()
-        self.dtype = dtype
-
-    def _tensor(self, a: np.ndarray) -> Tensor:
-        t = torch.from_numpy(a)
-        return t.to(self.dtype) if t.is_floating_point() else t
-
-    @torch.inference_mode()
-    def _encoder(self, mel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return tuple(t.float().numpy() for t in self.encoder(self._tensor(mel)))
-
-    @torch.inference_mode()
-    def _decoder(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = self.ane.decoder(**{k: self._tensor(v) for k, v in inputs.items()})
-        return tuple(t.float().numpy() for t in out)

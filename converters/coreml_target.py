@@ -19,6 +19,7 @@ from __future__ import annotations
 import platform
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,14 @@ import numpy as np
 import torch
 from whisper.model import Whisper
 
-from converters.ane_model import AneHost, TorchAneRunner, WhisperANE, from_whisper, vocab_chunks
-from converters.protocol import Artifact, Unavailable
-from harness.weights import Checkpoint
+from converters import parity
+from converters.ane_host import AneHost, TorchAneRunner
+from converters.ane_model import WhisperANE, from_whisper, vocab_chunks
+from harness.core.audio import N_FRAMES
+from harness.core.checkpoint import Checkpoint
+from harness.core.decoding import Dims, build_prompt
+from harness.core.target import DEFAULT_THREADS, Artifact, Target, Tolerance, Unavailable
 
-RECIPE = "ane-bc1s-static-kv-v1"  # bump when the exported graphs or conversion settings change
-TOOLCHAIN = ("coremltools",)
 ENCODER, DECODER = "encoder.mlpackage.zip", "decoder.mlpackage.zip"
 DEPLOYMENT_TARGET = "macOS13"  # the ML Program opset of macOS 13 / iOS 16: nothing here needs a newer one
 ENCODER_OUTPUTS = ("audio_features", "cross_k", "cross_v")
@@ -51,7 +54,7 @@ def runtime_unavailable() -> str | None:
 
 def _example_inputs(ane: WhisperANE) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     d = ane.dims
-    mel = torch.zeros(1, d.n_mels, 3000)
+    mel = torch.zeros(1, d.n_mels, N_FRAMES)
     cache = torch.zeros(d.n_text_layer, d.n_text_state, 1, d.n_text_ctx)
     cross = torch.zeros(d.n_text_layer, d.n_text_state, 1, d.n_audio_ctx)
     token, position = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
@@ -102,22 +105,21 @@ def _convert(ct, module: torch.nn.Module, args: tuple, outputs: tuple[str, ...],
 
 
 def _torch_parity(checkpoint: Checkpoint, model: Whisper, ane: WhisperANE, quant: str) -> dict[str, Any]:
-    from converters import parity
-    from converters.reference import Runner as Reference
-    from harness.decoding import Dims, build_prompt
-    from harness.spec import DecodingSpec
+    from converters.reference import ReferenceRunner
 
     # the reference's "artifact" is only the checkpoint, described as the store describes it
     c = checkpoint
     source = {"name": c.name, "path": str(c.path), "sha256": c.sha256, "origin": c.source}
-    reference = Reference(Artifact(checkpoint.name, "reference", "fp32", checkpoint.path.parent, {"source": source}))
-    dims = Dims(model.dims.n_mels, model.dims.n_vocab, model.dims.n_text_ctx)
-    numbers = parity.measure(reference, TorchAneRunner(ane, DTYPES[quant]), dims, build_prompt(dims, DecodingSpec()))
+    reference = ReferenceRunner(Artifact(c.name, "reference", "fp32", c.path.parent, {"source": source}))
+    dims = Dims.of(model.dims)
+    numbers = parity.measure(reference, TorchAneRunner(ane, DTYPES[quant]), dims, build_prompt(dims))
     precision = str(DTYPES[quant]).removeprefix("torch.")
     return {**numbers, "runtime": f"PyTorch CPU {precision}, the ANE-form graph that was converted"}
 
 
-def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> dict[str, Any]:
+def convert(
+    checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]
+) -> dict[str, Any]:
     try:
         import coremltools as ct
     except ImportError as exc:
@@ -128,7 +130,6 @@ def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> di
     decoder = _convert(ct, ane.decoder, decoder_args, DECODER_OUTPUTS, quant, out / DECODER)
     numbers = _torch_parity(checkpoint, model, ane, quant)  # casts `ane` to the quant's dtype: last
     return {
-        "recipe": RECIPE,
         "path": f"torch.export → coremltools {ct.__version__} mlprogram ({DEPLOYMENT_TARGET})",
         "compute_precision": "float16" if quant == "fp16" else "float32",
         "vocab_chunks": vocab_chunks(model.dims.n_vocab),
@@ -144,14 +145,15 @@ def _unzip(archive: Path, into: Path) -> Path:
     return into / archive.name.removesuffix(".zip")
 
 
-class Runner(AneHost):
-    """Core ML on macOS (compute units ALL: the ANE where Core ML places ops there)."""
+class CoreMLRunner(AneHost):
+    """Core ML on macOS (compute units ALL: the ANE where Core ML places ops there; Core ML picks
+    its own threads)."""
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
         import coremltools as ct
 
         d = artifact.manifest["dims"]
-        super().__init__(d["n_text_layer"], d["n_text_state"], d["n_text_ctx"])
+        self.cache_shape = (d["n_text_layer"], d["n_text_state"], 1, d["n_text_ctx"])
         self._unpacked = tempfile.TemporaryDirectory(prefix="coreml-")  # lives as long as the runner
         into = Path(self._unpacked.name)
         self.encoder = ct.models.MLModel(str(_unzip(artifact.file(ENCODER), into)), compute_units=ct.ComputeUnit.ALL)
@@ -164,3 +166,32 @@ class Runner(AneHost):
     def _decoder(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         out = self.decoder.predict(inputs)
         return tuple(np.asarray(out[name], dtype=np.float32) for name in DECODER_OUTPUTS)
+
+
+TARGET = Target(
+    name="coreml",
+    description="Core ML .mlpackage in ANE form; macOS only",
+    recipe="ane-bc1s-static-kv-v1",
+    toolchain=("coremltools",),
+    tolerances={
+        "fp32": Tolerance(
+            60.0,
+            1e-2,
+            1.0,
+            "ANE form in fp32 (1x1 convs, per-head einsum, bias-before-scale "
+            "LayerNorm): the same math reassociated, like torchscript-mtk (tiny.en 110 dB, 2e-4)",
+        ),
+        "fp16": Tolerance(
+            40.0,
+            0.5,
+            0.875,
+            "float16 everywhere, as on the ANE: ~11-bit rounding at every op; "
+            "tiny.en measured 56 dB and 0.05 on logits of magnitude ~20; margin for deeper models and "
+            "one near-tie flip in 8 steps",
+        ),
+    },
+    runtime="coreml",
+    convert=convert,
+    runner=CoreMLRunner,
+    unavailable=runtime_unavailable,
+)

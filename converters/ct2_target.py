@@ -24,30 +24,22 @@ import numpy as np
 from whisper.model import Whisper
 
 from converters import hf_transformers
-from converters.protocol import Artifact, Unavailable
-from harness.errors import HarnessError
-from harness.weights import Checkpoint
+from harness.core.checkpoint import Checkpoint
+from harness.core.decoding import DecodingOptions, Dims, Prompt, tokenizer_for
+from harness.core.errors import HarnessError
+from harness.core.target import (
+    DEFAULT_THREADS,
+    Artifact,
+    SelfDecodingRunner,
+    Target,
+    Tolerance,
+    encoder_io,
+    needs,
+    require,
+)
 
-RECIPE = f"ct2-transformers-converter-v1+{hf_transformers.RECIPE}"  # the HF folder is its input
-TOOLCHAIN = ("ctranslate2", "transformers")
 QUANTIZATION = {"fp32": "float32", "int8": "int8"}
 MODEL, CONFIG, VOCABULARY = "model.bin", "config.json", "vocabulary.json"
-
-
-def _ctranslate2():
-    try:
-        import ctranslate2
-    except ImportError as exc:
-        raise Unavailable(f"ctranslate2 is not installed ({exc}); pip install ctranslate2") from exc
-    return ctranslate2
-
-
-def runtime_unavailable() -> str | None:
-    try:
-        _ctranslate2()
-    except Unavailable as exc:
-        return str(exc)
-    return None
 
 
 class WhisperVocabulary:
@@ -55,13 +47,10 @@ class WhisperVocabulary:
     own encoding: token strings by id (byte-level BPE spelling, as faster-whisper's models ship)
     and the language tokens (its `lang_ids`, used by language detection)."""
 
-    def __init__(self, dims) -> None:  # dims: harness.decoding.Dims
+    def __init__(self, dims: Dims) -> None:
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-        from harness.decoding import tokenizer_for
-        from harness.spec import DecodingSpec
-
-        tok = tokenizer_for(dims, DecodingSpec())
+        tok = tokenizer_for(dims, DecodingOptions())
         enc = tok.encoding
         spelling = bytes_to_unicode()
         self._ids = {}
@@ -90,29 +79,25 @@ def _convert_hf_folder(hf_dir: Path, vocabulary: WhisperVocabulary, quantization
     Converter(str(hf_dir)).convert(str(out), quantization=quantization)
 
 
-def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> dict[str, Any]:
-    from harness.decoding import Dims
-
-    _ctranslate2()
+def convert(
+    checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]
+) -> dict[str, Any]:
+    require("ctranslate2", "transformers")
     d = model.dims
-    vocabulary = WhisperVocabulary(Dims(d.n_mels, d.n_vocab, d.n_text_ctx))
+    vocabulary = WhisperVocabulary(Dims.of(d))
     with tempfile.TemporaryDirectory(prefix="ct2-") as work:
         hf_dir, ct2_dir = Path(work) / "hf", Path(work) / "ct2"
         hf_dir.mkdir()
-        hf_transformers.convert(checkpoint, model, "fp32", hf_dir)
+        hf_transformers.convert(checkpoint, model, "fp32", hf_dir, ())
         # the converter replaces its output folder, so it writes beside `out`, not into it
         _convert_hf_folder(hf_dir, vocabulary, QUANTIZATION[quant], ct2_dir)
         for path in ct2_dir.iterdir():
             shutil.move(path, out / path.name)
     facts: dict[str, Any] = {
-        "recipe": RECIPE,
         "path": f"hf_transformers folder -> ctranslate2 TransformersConverter(quantization={QUANTIZATION[quant]})",
         "io": {
             MODEL: {
-                "encode": {
-                    "inputs": {"features": [1, d.n_mels, 3000]},
-                    "outputs": {"encoder_output": [1, d.n_audio_ctx, d.n_audio_state]},
-                },
+                "encode": encoder_io(d, "features", "encoder_output"),
                 "generate": {
                     "inputs": {"encoder_output": [1, d.n_audio_ctx, d.n_audio_state], "prompt": ["P"]},
                     "outputs": {"sequences_ids": [1, "N"], "logits (parity only)": ["N", d.n_vocab]},
@@ -125,21 +110,22 @@ def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> di
     if "CTranslate2" in checkpoint.source:
         facts["source_note"] = (
             "the source is a packaged CTranslate2 model (float16) rebuilt bit-exactly into openai-whisper form "
-            "(tensor sha256 pinned in harness.weights); it is re-converted here like any other source"
+            "(tensor sha256 pinned in harness.core.checkpoint); it is re-converted here like any other source"
         )
     return facts
 
 
-class Runner:
-    # `step` (the parity check only) re-decodes the whole prefix on every call; decoding itself goes
-    # through `generate`, which keeps CTranslate2's own KV cache
-    kv_cache = False
+class CTranslate2Runner(SelfDecodingRunner):
+    """`generate` keeps CTranslate2's own KV cache; `step` (the parity check only) re-decodes the
+    whole prefix on every call."""
 
-    def __init__(self, artifact: Artifact) -> None:
-        ct2 = _ctranslate2()
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
+        require("ctranslate2")
+        import ctranslate2 as ct2
+
         self._ct2 = ct2
-        # one worker, one thread: the single-stream CPU number faster-whisper users compare with
-        self.model = ct2.models.Whisper(str(artifact.path), device="cpu", inter_threads=1, intra_threads=1)
+        # one thread per worker by default: the single-stream CPU number faster-whisper users compare with
+        self.model = ct2.models.Whisper(str(artifact.path), device="cpu", inter_threads=1, intra_threads=threads)
         self._suppress_at_begin = tuple(json.loads(artifact.file(CONFIG).read_text())["suppress_ids_begin"])
         vocab = json.loads(artifact.file(VOCABULARY).read_text())
         self._n_vocab = len(vocab)
@@ -166,8 +152,8 @@ class Runner:
             features, [list(tokens)], beam_size=1, max_length=n_new + max(n_new, start_step), **options
         )[0]
 
-    def generate(self, features: Any, prompt) -> tuple[list[int], int]:
-        """Greedy decoding under harness.decoding's rules (prompt: harness.decoding.Prompt)."""
+    def generate(self, audio_features: Any, prompt: Prompt) -> tuple[list[int], int]:
+        """Greedy decoding under the `Prompt`'s rules (see SelfDecodingRunner)."""
         if self._task_length(prompt.tokens) != len(prompt.tokens):
             raise HarnessError(f"CTranslate2 would take part of the prompt {prompt.tokens} as forced text")
         # blank suppression at the first sampled step can only come from the model's config.json
@@ -176,10 +162,9 @@ class Runner:
                 f"CTranslate2 model suppresses {self._suppress_at_begin} at the first step, "
                 f"the decoding rules {tuple(prompt.suppress_at_begin)}; rebuild the artifact"
             )
-        # the shared loop's two limits: max_new_tokens, and no more than n_ctx tokens ever fed
-        limit = min(prompt.max_new_tokens, prompt.n_ctx + 1 - len(prompt.tokens))
+        limit = prompt.step_limit
         result = self._generate(
-            features, prompt.tokens, limit, suppress_tokens=list(prompt.suppress), suppress_blank=True
+            audio_features, prompt.tokens, limit, suppress_tokens=list(prompt.suppress), suppress_blank=True
         )
         tokens = list(result.sequences_ids[0])  # prompt and EOT already left out
         # decoder steps as the shared loop counts them: one per token, plus the one that chose EOT
@@ -199,3 +184,32 @@ class Runner:
         # logits come per decoding step, a forced prefix as one [prefix + 1, vocab] block: the
         # last row is the position after `tokens`
         return np.asarray(result.logits[-1], dtype=np.float32).reshape(-1, self._n_vocab)[-1], None
+
+
+TARGET = Target(
+    name="ctranslate2",
+    description="CTranslate2 (faster-whisper's engine) via its TransformersConverter; CPU",
+    recipe=f"ct2-transformers-converter-v1+{hf_transformers.RECIPE}",  # the HF folder is its input
+    toolchain=("ctranslate2", "transformers"),
+    tolerances={
+        "fp32": Tolerance(
+            80.0,
+            1e-3,
+            1.0,
+            "CTranslate2 fp32 (its own GEMM/GELU kernels): encoder 112 dB, logits "
+            "4.7e-5 off on tiny.en; 80 dB and 1e-3 keep a 30 dB / 20x margin and catch any wrong weight",
+        ),
+        "int8": Tolerance(
+            15.0,
+            4.0,
+            0.75,
+            "int8 weights per row, activations quantized on the fly: encoder 27.8 dB "
+            "(tiny.en) / 24.2 dB (base), falling with depth, logits 1.73 / 1.83 off, top-1 8/8; room for "
+            "deeper sizes and a near-tie flip; a perturbed embedding still fails by far",
+        ),
+    },
+    runtime="ctranslate2-cpu",
+    convert=convert,
+    runner=CTranslate2Runner,
+    unavailable=needs("ctranslate2"),
+)

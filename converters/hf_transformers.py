@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from whisper.model import Whisper
 
-from converters.protocol import Artifact, Unavailable
-from harness.weights import Checkpoint
+from harness.core.checkpoint import Checkpoint
+from harness.core.decoding import DecodingOptions, Dims, build_prompt, tokenizer_for
+from harness.core.target import DEFAULT_THREADS, Artifact, Runner, Target, Tolerance, encoder_io, needs, require
 
-RECIPE = "hf-whisper-from-openai-v1"  # bump when the saved config or weights change
-TOOLCHAIN = ("transformers", "safetensors")
+RECIPE = "hf-whisper-from-openai-v1"  # bump when the saved config or weights change (ctranslate2's input too)
 WEIGHTS, CONFIG, GENERATION_CONFIG = "model.safetensors", "config.json", "generation_config.json"
 
 # openai-whisper name fragment -> HF name fragment, applied in this order to every key. A leading
@@ -58,23 +58,19 @@ def hf_key(key: str) -> str:
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as exc:
-        raise Unavailable(f"transformers is not installed ({exc}); pip install transformers") from exc
+    require("transformers")
+    import transformers
+
     return transformers
 
 
 def _configs(model: Whisper) -> tuple[Any, Any]:
     """WhisperConfig and GenerationConfig from the checkpoint dims and openai-whisper's tokenizer."""
-    from harness.decoding import Dims, build_prompt, tokenizer_for
-    from harness.spec import DecodingSpec
-
     transformers = _transformers()
     d = model.dims
-    dims = Dims(d.n_mels, d.n_vocab, d.n_text_ctx)
-    spec = DecodingSpec()
-    tok, prompt = tokenizer_for(dims, spec), build_prompt(dims, spec)
+    dims = Dims.of(d)
+    prompt = build_prompt(dims)
+    tok = tokenizer_for(dims, DecodingOptions())
     ffn = model.encoder.blocks[0].mlp[0].out_features
     # the special tokens and the harness's suppression rules, in both configs: HF's own generate()
     # and CTranslate2 (which copies these into its config.json) then suppress what
@@ -144,19 +140,17 @@ def build_hf_model(model: Whisper):
     return hf.eval()
 
 
-def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> dict[str, Any]:
+def convert(
+    checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]
+) -> dict[str, Any]:
     hf = build_hf_model(model)
     hf.save_pretrained(out)
     d = model.dims
     return {
-        "recipe": RECIPE,
         "path": "openai-whisper state dict renamed onto WhisperForConditionalGeneration, save_pretrained",
         "io": {
             WEIGHTS: {
-                "encoder": {
-                    "inputs": {"input_features": [1, d.n_mels, 3000]},
-                    "outputs": {"last_hidden_state": [1, d.n_audio_ctx, d.n_audio_state]},
-                },
+                "encoder": encoder_io(d, "input_features", "last_hidden_state"),
                 "decoder": {
                     "inputs": {"decoder_input_ids": [1, "L"], "cache": "EncoderDecoderCache"},
                     "outputs": {"logits": [1, "L", d.n_vocab]},
@@ -168,18 +162,8 @@ def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> di
     }
 
 
-def runtime_unavailable() -> str | None:
-    try:
-        _transformers()
-    except Unavailable as exc:
-        return str(exc)
-    return None
-
-
-class Runner:
-    kv_cache = True
-
-    def __init__(self, artifact: Artifact) -> None:
+class TransformersRunner(Runner):
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
         transformers = _transformers()
         self.model = transformers.WhisperForConditionalGeneration.from_pretrained(
             artifact.path, attn_implementation="sdpa", dtype=torch.float32
@@ -201,3 +185,25 @@ class Runner:
             use_cache=True,
         )
         return out.logits[0, -1].numpy(), out.cache
+
+
+TARGET = Target(
+    name="transformers",
+    description="Hugging Face WhisperForConditionalGeneration from the same weights (SDPA, HF KV cache)",
+    recipe=RECIPE,
+    toolchain=("transformers", "safetensors"),
+    tolerances={
+        "fp32": Tolerance(
+            80.0,
+            1e-3,
+            1.0,
+            "HF Whisper on the same fp32 weights: encoder bit-identical (SNR inf), "
+            "logits 2.2e-5 off (HF scales q once by d^-0.5, whisper q and k by d^-0.25); 80 dB and 1e-3 "
+            "leave room for other CPUs' kernels and still catch any wrong weight",
+        ),
+    },
+    runtime="torch",
+    convert=convert,
+    runner=TransformersRunner,
+    unavailable=needs("transformers"),
+)

@@ -1,19 +1,26 @@
-"""`python -m harness convert`: build or reuse every (size, target, quantization) cell asked for."""
+"""Cells of the conversion matrix (size, target, quantization): expand what was asked, prepare each.
+
+`prepare_cells` is the one resolve-then-prepare loop: `python -m harness convert` tabulates it
+and `harness run` evaluates what it prepares.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
 
 from converters.registry import TARGETS, get_target
-from converters.store import Prepared, prepare
-from harness.errors import HarnessError, did_you_mean
-from harness.weights import OFFICIAL_NAMES, WeightsError, resolve_checkpoint
+from converters.store import Cell, Prepared, prepare
+from harness.core.checkpoint import OFFICIAL_NAMES, Checkpoint, WeightsError, resolve_checkpoint
+from harness.core.errors import HarnessError, did_you_mean
+from harness.core.status import Status
+from harness.core.target import CalibrationSource
 
 
-def expand(sizes: str, targets: str, quants: str) -> list[tuple[str, str, str]]:
+def expand(sizes: str, targets: str, quants: str) -> list[Cell]:
     """Comma lists (or 'all') → the cells each target offers; an unknown word is an error."""
     size_list = list(OFFICIAL_NAMES) if sizes == "all" else [s.strip() for s in sizes.split(",") if s.strip()]
     for size in size_list:
@@ -28,35 +35,48 @@ def expand(sizes: str, targets: str, quants: str) -> list[tuple[str, str, str]]:
     return [(s, t, q) for s in size_list for t in target_list for q in TARGETS[t].quants if q in quant_list]
 
 
-def build(cells: list[tuple[str, str, str]], root: Path, progress: bool = True) -> pd.DataFrame:
-    """One row per cell: status (built, reused, failed, unavailable), reason, time, size on disk."""
-    from tqdm import tqdm
-
-    rows = []
-    checkpoints: dict[str, object] = {}
-    for size, target, quant in tqdm(cells, desc="convert", unit="artifact", disable=not progress):
-        started = time.perf_counter()
+def prepare_cells(
+    cells: Iterable[Cell], root: Path, calibration: CalibrationSource | None = None
+) -> Iterator[tuple[Cell, Prepared]]:
+    """Each cell's artifact, built or reused, in order; weights are resolved once per size, and a
+    size whose weights cannot be had makes its cells unavailable."""
+    checkpoints: dict[str, Checkpoint | WeightsError] = {}
+    for size, target, quant in cells:
         if size not in checkpoints:
             try:
                 checkpoints[size] = resolve_checkpoint(size)
             except WeightsError as exc:
                 checkpoints[size] = exc
         ckpt = checkpoints[size]
-        result = (
-            Prepared(None, "unavailable", f"weights: {ckpt}")
-            if isinstance(ckpt, WeightsError)
-            else prepare(ckpt, size, target, quant, root)
-        )
+        if isinstance(ckpt, WeightsError):
+            yield (size, target, quant), Prepared(None, Status.UNAVAILABLE, f"weights: {ckpt}")
+        else:
+            yield (size, target, quant), prepare(ckpt, (size, target, quant), root, calibration)
+
+
+def build(
+    cells: list[Cell], root: Path, calibration: CalibrationSource | None = None, progress: bool = True
+) -> pd.DataFrame:
+    """One row per cell: status (built, reused, failed, unavailable), reason, time, size on disk."""
+    from tqdm import tqdm
+
+    rows = []
+    started = time.perf_counter()
+    bar = tqdm(total=len(cells), desc="convert", unit="artifact", disable=not progress)
+    for (size, target, quant), result in prepare_cells(cells, root, calibration):
         rows.append(
             {
                 "size": size,
                 "target": target,
                 "quant": quant,
-                "status": result.status,
+                "status": str(result.status),
                 "reason": result.reason,
                 "seconds": round(time.perf_counter() - started, 1),
                 "mb": round(result.artifact.mb, 1) if result.artifact else "-",
                 "artifact": str(result.artifact.path) if result.artifact else "",
             }
         )
+        bar.update()
+        started = time.perf_counter()
+    bar.close()
     return pd.DataFrame(rows)

@@ -1,7 +1,7 @@
 """`mtk`: the MediaTek NPU form of Whisper as LiteRT (.tflite) graphs.
 
 The rules of the MediaTek port (see `torchscript_mtk`), on the static-KV-cache graphs of
-`litert_target`: fixed shapes; no GATHER, so the decoder takes the token's embedding and its
+`converters.litert_graphs`: fixed shapes; no GATHER, so the decoder takes the token's embedding and its
 positional embedding as inputs, looked up on the host in `token_embedding.npy` and
 `positional_embedding.npy`; the precomputed additive causal mask comes in as an input row; the
 cache is host-owned and the graph returns the new key/value row. The LM head is the tied
@@ -15,7 +15,7 @@ When the NeuroPilot SDK for LiteRT (`ai-edge-litert-sdk-mediatek` with its libra
 and `HARNESS_MTK_SOC` names a SoC (e.g. MT6989), the graphs are also compiled ahead of time for
 it with `ai_edge_litert.aot` (path `litert-aot:<soc>`, extra files `*.<soc>.tflite`).
 
-Quantizations (ai-edge-quantizer on the float graphs, the rules of `litert_target`): fp32;
+Quantizations (ai-edge-quantizer on the float graphs, the rules of `converters.litert_graphs`): fp32;
 fp16 weights; int8 = int8 weights per channel with float activations (the NPU's W8 mode).
 Full-integer int8 of Whisper is the `tflite` target's `int8-static`, measured there.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +37,21 @@ import torch
 from torch import nn
 from whisper.model import Whisper
 
-from converters import litert_target as litert
-from converters.protocol import Unavailable
-from harness.weights import Checkpoint
+from converters import litert_build, litert_graphs, litert_runtime, litert_target
+from harness.core.checkpoint import Checkpoint
+from harness.core.target import DEFAULT_THREADS, Artifact, Target, Unavailable
 
 SOC_ENV = "HARNESS_MTK_SOC"
 _SOC = os.environ.get(SOC_ENV, "").strip().upper()
-# the SoC changes the produced files, so it is part of the recipe (and the store key)
-RECIPE = "mtk-litert-static-kv-v1" + (f"+aot:{_SOC}" if _SOC else "")
-TOOLCHAIN = (*litert.TOOLCHAIN, "mtk_converter", "ai-edge-litert-sdk-mediatek")
 RECIPE_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-weight"}  # ai-edge-quantizer recipe per quant
 EMBEDDING, POSITIONS = "token_embedding.npy", "positional_embedding.npy"
 IO_NAMES = {
-    **litert.IO_NAMES,
-    litert.DECODER: (("token_embedding", "position_embedding", *litert.CACHE_INPUTS), litert.DECODER_OUTPUTS),
+    **litert_graphs.IO_NAMES,
+    litert_graphs.DECODER: (
+        ("token_embedding", "position_embedding", *litert_graphs.CACHE_INPUTS),
+        litert_graphs.DECODER_OUTPUTS,
+    ),
 }
-
-
-def runtime_unavailable() -> str | None:
-    return litert.runtime_unavailable()
 
 
 class EmbeddingDecoderGraph(nn.Module):
@@ -62,7 +59,7 @@ class EmbeddingDecoderGraph(nn.Module):
 
     def __init__(self, model: Whisper) -> None:
         super().__init__()
-        self.layers = litert.DecoderLayers(model)
+        self.layers = litert_graphs.DecoderLayers(model)
 
     def forward(
         self, token_embedding, position_embedding, mask, k_cache, v_cache, cross_k, cross_v
@@ -70,10 +67,10 @@ class EmbeddingDecoderGraph(nn.Module):
         return self.layers(token_embedding + position_embedding, mask, k_cache, v_cache, cross_k, cross_v)
 
 
-def parts(model: Whisper) -> dict[str, litert.Part]:
+def parts(model: Whisper) -> dict[str, litert_graphs.Part]:
     row = torch.zeros(1, 1, model.dims.n_text_state)
-    sample = {"token_embedding": row, "position_embedding": row.clone(), **litert.cache_samples(model)}
-    return {**litert.audio_parts(model), litert.DECODER: (EmbeddingDecoderGraph(model), sample)}
+    sample = {"token_embedding": row, "position_embedding": row.clone(), **litert_graphs.cache_samples(model)}
+    return {**litert_graphs.audio_parts(model), litert_graphs.DECODER: (EmbeddingDecoderGraph(model), sample)}
 
 
 # --- toolchain paths -----------------------------------------------------------------------------
@@ -156,9 +153,9 @@ def aot_compile(out: Path, names: list[str], soc: str) -> dict[str, str]:
     return reports
 
 
-def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> dict[str, Any]:
-    if quant not in RECIPE_OF:
-        raise Unavailable(f"quantization {quant!r} is not one of {', '.join(RECIPE_OF)}")
+def convert(
+    checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]
+) -> dict[str, Any]:
     if _SOC and (reason := neuropilot_sdk(_SOC)):
         raise Unavailable(f"{SOC_ENV}={_SOC} asks for an ahead-of-time MediaTek build, but {reason}")
     decoder = model.decoder
@@ -167,10 +164,10 @@ def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> di
     np.save(out / EMBEDDING, embedding)  # first: the Runner that build() may start reads them
     np.save(out / POSITIONS, positions)
     if mtk_converter_available():
-        facts = litert.build(model, RECIPE_OF[quant], out, parts(model), Runner, export_mtk_converter)
+        facts = litert_build.build(model, RECIPE_OF[quant], out, parts(model), Runner, exporter=export_mtk_converter)
         path = "mtk_converter"
     else:
-        facts = litert.build(model, RECIPE_OF[quant], out, parts(model), Runner)
+        facts = litert_build.build(model, RECIPE_OF[quant], out, parts(model), Runner)
         path = "litert-torch"
     facts["io"][EMBEDDING] = {"shape": list(embedding.shape), "dtype": "float32"}
     facts["io"][POSITIONS] = {"shape": list(positions.shape), "dtype": "float32"}
@@ -180,13 +177,13 @@ def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> di
     return {**facts, "path": path, "runtime": "litert-cpu (MediaTek emulation)"}
 
 
-class Runner(litert.Runner):
+class Runner(litert_runtime.Runner):
     """The `tflite` Runner with the MediaTek decoder's host-side embedding lookups."""
 
     io_names = IO_NAMES
 
-    def __init__(self, artifact) -> None:
-        super().__init__(artifact)
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
+        super().__init__(artifact, threads)
         self.token_embedding = np.load(artifact.file(EMBEDDING))
         self.positional_embedding = np.load(artifact.file(POSITIONS))
 
@@ -195,3 +192,20 @@ class Runner(litert.Runner):
             "token_embedding": self.token_embedding[token][None, None],
             "position_embedding": self.positional_embedding[position][None, None],
         }
+
+
+TARGET = Target(
+    name="mtk",
+    description="MediaTek NPU form as .tflite (no gather, host embeddings, static KV cache); LiteRT CPU emulation",
+    # the SoC changes the produced files, so it is part of the recipe (and the store key);
+    # v2: graphs built from converters.blocks (same math; op order and names differ)
+    recipe="mtk-litert-static-kv-v2" + (f"+aot:{_SOC}" if _SOC else ""),
+    toolchain=(*litert_build.TOOLCHAIN, "mtk_converter", "ai-edge-litert-sdk-mediatek"),
+    # the tflite form's bars: the same graphs but for the host-side lookups (measured alike)
+    tolerances={"fp32": litert_target.FP32, "fp16": litert_target.FP16, "int8": litert_target.INT8_WEIGHT},
+    runtime="litert-cpu (MediaTek emulation)",
+    convert=convert,
+    runner=Runner,
+    unavailable=litert_runtime.runtime_unavailable,
+    resource="mediatek",
+)

@@ -14,20 +14,16 @@ import numpy as np
 import torch
 from whisper.model import Whisper
 
-from converters.protocol import Artifact
-from harness.weights import Checkpoint, load_model
-
-RECIPE = "openai-whisper-pytorch"
+from harness.core.checkpoint import Checkpoint, load_model
+from harness.core.target import DEFAULT_THREADS, REFERENCE, Artifact, Runner, Target, Tolerance, always_available
 
 
-def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path) -> dict[str, Any]:
+def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]) -> dict:
     return {"checkpoint": str(checkpoint.path), "parity": {"note": "the reference is the parity baseline"}}
 
 
-class Runner:
-    kv_cache = True
-
-    def __init__(self, artifact: Artifact) -> None:
+class ReferenceRunner(Runner):
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
         self.model = load_model(artifact.checkpoint())
         # whisper's own hooks, installed once: the same incremental computation as whisper.decode,
         # so the reference is bit-for-bit what openai-whisper produces
@@ -46,3 +42,16 @@ class Runner:
             new = tokens[-1:]
         logits = self.model.decoder(torch.tensor([list(new)]), audio_features, kv_cache=self._cache)
         return logits[0, -1].numpy(), len(tokens)
+
+
+TARGET = Target(
+    name=REFERENCE,
+    description="openai-whisper in PyTorch (the reference)",
+    recipe="openai-whisper-pytorch",
+    toolchain=(),
+    tolerances={"fp32": Tolerance(float("inf"), 0.0, 1.0, "the reference is the parity baseline: itself, exactly")},
+    runtime="torch",
+    convert=convert,
+    runner=ReferenceRunner,
+    unavailable=always_available,
+)

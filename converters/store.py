@@ -1,7 +1,7 @@
 """The content-addressed artifact store under `models/`.
 
 An artifact's key hashes everything that could change its bytes: the source weights' tensor
-sha256, target, quantization, the converter's recipe and the toolchain versions. A folder is
+sha256, target, quantization, the target's recipe and its toolchain versions. A folder is
 written under a temporary name and renamed into place, so the store never holds half an artifact;
 every load re-checks the file checksums recorded in the manifest.
 """
@@ -20,24 +20,26 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from converters import parity
-from converters.protocol import Artifact, Refused, Unavailable, runtime_unavailable
-from converters.registry import REFERENCE, get_target
-from harness.errors import HarnessError
-from harness.weights import Checkpoint, load_model
+from converters.registry import get_target
+from harness.core.checkpoint import Checkpoint, load_model
+from harness.core.decoding import Dims, build_prompt
+from harness.core.errors import HarnessError, one_line
+from harness.core.hashing import file_sha256
+from harness.core.status import Status
+from harness.core.target import REFERENCE, Artifact, CalibrationSource, Refused, Target, Unavailable
 
 MANIFEST = "manifest.json"
 BUILD_LOG = "build.log"  # what the toolchains printed; kept beside the files, not one of them
 SCHEMA = 1
 
 
-def toolchain(module: ModuleType) -> dict[str, str]:
-    """Versions of the packages that shape a target's files: the base ones plus its TOOLCHAIN."""
+def toolchain(target: Target) -> dict[str, str]:
+    """Versions of the packages that shape a target's files: the base ones plus its own."""
     versions = {}
-    for pkg in ("torch", "openai-whisper", "numpy", *getattr(module, "TOOLCHAIN", ())):
+    for pkg in ("torch", "openai-whisper", "numpy", *target.toolchain):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -45,22 +47,14 @@ def toolchain(module: ModuleType) -> dict[str, str]:
     return versions
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def artifact_key(checkpoint: Checkpoint, target: str, quant: str) -> tuple[str, dict[str, Any]]:
-    module = get_target(target).load()
+    t = get_target(target)
     recipe = {
         "source_sha256": checkpoint.sha256,
         "target": target,
         "quant": quant,
-        "settings": {"recipe": module.RECIPE},
-        "toolchain": toolchain(module),
+        "settings": {"recipe": t.recipe},
+        "toolchain": toolchain(t),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16], recipe
 
@@ -86,18 +80,27 @@ def load_artifact(path: Path) -> Artifact:
     return Artifact(manifest["size"], manifest["target"], manifest["quant"], path, manifest)
 
 
-def ensure(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Path) -> tuple[Artifact, str]:
+def ensure(
+    checkpoint: Checkpoint,
+    size: str,
+    target: str,
+    quant: str,
+    root: Path,
+    calibration: CalibrationSource | None = None,
+) -> tuple[Artifact, Status]:
     """The artifact for (checkpoint, target, quant): reused if present and intact, else built.
 
-    Returns the artifact and "reused" or "built". A built artifact that fails its parity gate is
-    kept (with status "failed" and the numbers) so the failure is reported, not rebuilt each time.
+    Returns the artifact and BUILT or REUSED. A built artifact that fails its parity gate is kept
+    (with status "failed" and the numbers) so the failure is reported, not rebuilt each time.
+    `calibration` is handed to the converter when the quantization needs it.
     """
+    get_target(target).check_quant(quant)  # an unknown quantization never builds something else
     key, recipe = artifact_key(checkpoint, target, quant)
     final = artifact_dir(root, size, target, quant, key)
     if (final / MANIFEST).is_file():
         artifact = load_artifact(final)
         verify(artifact)
-        return artifact, "reused"
+        return artifact, Status.REUSED
     refusal = refusal_path(final)
     if refusal.is_file():
         raise Refused(f"{json.loads(refusal.read_text())['reason']} (recorded in {refusal}; delete it to retry)")
@@ -106,7 +109,7 @@ def ensure(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Pat
     failed_log = failed_log_path(final)
     try:
         with _captured(tmp / BUILD_LOG):
-            artifact = _build(checkpoint, size, target, quant, key, recipe, tmp)
+            artifact = _build(checkpoint, size, get_target(target), quant, key, recipe, tmp, calibration)
         os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
     except BaseException as exc:
         if isinstance(exc, Refused):
@@ -119,7 +122,7 @@ def ensure(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     failed_log.unlink(missing_ok=True)
-    return load_artifact(final), "built"
+    return load_artifact(final), Status.BUILT
 
 
 def failed_log_path(final: Path) -> Path:
@@ -158,52 +161,64 @@ def _captured(log: Path) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What became of one (size, target, quant): the artifact if any, and a status for tables."""
+    """What became of one (size, target, quant): the artifact if any, and its status for tables."""
 
     artifact: Artifact | None
-    status: str  # built | reused | failed | unavailable
+    status: Status  # BUILT, REUSED, FAILED or UNAVAILABLE
     reason: str = ""  # why failed or unavailable
 
-    @property
-    def runnable(self) -> bool:
-        return self.status in ("built", "reused")
-
     def describe(self) -> str:
-        return f"{self.status}: {self.reason}" if self.reason else self.status
+        return f"{self.status}: {self.reason}" if self.reason else str(self.status)
 
 
-def prepare(checkpoint: Checkpoint, size: str, target: str, quant: str, root: Path) -> Prepared:
+Cell = tuple[str, str, str]  # (size, target, quant)
+
+
+def prepare(checkpoint: Checkpoint, cell: Cell, root: Path, calibration: CalibrationSource | None = None) -> Prepared:
     """`ensure`, with every outcome a user must see turned into a status instead of an exception."""
+    size, target, quant = cell
     try:
-        artifact, how = ensure(checkpoint, size, target, quant, root)
+        artifact, how = ensure(checkpoint, size, target, quant, root, calibration)
     except Unavailable as exc:
-        return Prepared(None, "unavailable", str(exc))
+        return Prepared(None, Status.UNAVAILABLE, str(exc))
     except HarnessError:
         raise  # a corrupt artifact in the store: the user must act, so the run stops with its line
     except Exception as exc:  # a toolchain crashed: report the cell and go on with the others
         key, _ = artifact_key(checkpoint, target, quant)
         log = failed_log_path(artifact_dir(root, size, target, quant, key))
-        first_line = (str(exc).strip().splitlines() or [""])[0]
         where = f" (log: {log})" if log.is_file() else ""
-        return Prepared(None, "failed", f"build error: {type(exc).__name__}: {first_line}{where}")
-    if reason := runtime_unavailable(get_target(target).load()):
+        return Prepared(None, Status.FAILED, f"build error: {one_line(exc)}{where}")
+    if reason := get_target(target).unavailable():
         # the files exist (a macOS node, or another machine, can run them): say so
-        return Prepared(artifact, "unavailable", f"{reason} (artifact {how})")
-    if artifact.manifest["status"] != "ok":
-        return Prepared(artifact, "failed", "parity gate: " + "; ".join(artifact.manifest["parity_failures"]))
+        return Prepared(artifact, Status.UNAVAILABLE, f"{reason} (artifact {how})")
+    if artifact.manifest["status"] != Status.OK:
+        return Prepared(artifact, Status.FAILED, "parity gate: " + "; ".join(artifact.manifest["parity_failures"]))
     return Prepared(artifact, how)
 
 
-def _build(checkpoint: Checkpoint, size: str, target: str, quant: str, key: str, recipe: dict, out: Path) -> Artifact:
-    module = get_target(target).load()
+def _build(
+    checkpoint: Checkpoint,
+    size: str,
+    target: Target,
+    quant: str,
+    key: str,
+    recipe: dict,
+    out: Path,
+    calibration: CalibrationSource | None,
+) -> Artifact:
     started = time.time()
     model = load_model(checkpoint)
-    facts = module.convert(checkpoint, model, quant, out)
+    audio = []
+    if quant in target.calibrated:
+        if calibration is None:
+            raise Unavailable(f"{target.name} {quant} needs calibration audio, and none was handed over")
+        audio = calibration.load()
+    facts = target.convert(checkpoint, model, quant, out, audio)
     manifest: dict[str, Any] = {
         "schema": SCHEMA,
         "key": key,
         "size": size,
-        "target": target,
+        "target": target.name,
         "quant": quant,
         "source": {
             "name": checkpoint.name,
@@ -218,23 +233,20 @@ def _build(checkpoint: Checkpoint, size: str, target: str, quant: str, key: str,
             for p in sorted(out.iterdir())
             if p.name != BUILD_LOG
         },
+        **({"calibration_source": calibration.label} if audio else {}),
         **facts,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }
-    artifact = Artifact(size, target, quant, out, manifest)
-    if target != REFERENCE:
+    artifact = Artifact(size, target.name, quant, out, manifest)
+    if target.name != REFERENCE:
         if "parity" not in manifest:  # measured in the target's own runtime
-            if reason := runtime_unavailable(module):
+            if reason := target.unavailable():
                 raise Unavailable(f"cannot check parity: {reason}")
-            from harness.decoding import Dims, build_prompt
-            from harness.spec import DecodingSpec
-
-            dims = Dims(model.dims.n_mels, model.dims.n_vocab, model.dims.n_text_ctx)
-            reference = get_target(REFERENCE).load().Runner(artifact)
-            runner = module.Runner(artifact)
-            manifest["parity"] = parity.measure(reference, runner, dims, build_prompt(dims, DecodingSpec()))
-        manifest["parity_failures"] = parity.gate(target, quant, manifest["parity"])
-    manifest["status"] = "failed" if manifest.get("parity_failures") else "ok"
+            dims = Dims.of(model.dims)
+            reference = get_target(REFERENCE).runner(artifact)
+            manifest["parity"] = parity.measure(reference, target.runner(artifact), dims, build_prompt(dims))
+        manifest["parity_failures"] = parity.gate(target.tolerance(quant), manifest["parity"])
+    manifest["status"] = str(Status.FAILED if manifest.get("parity_failures") else Status.OK)
     manifest["build_s"] = round(time.time() - started, 2)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return artifact

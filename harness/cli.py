@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.core.errors import HarnessError
 
 EXAMPLES = """examples:
   python -m harness run jobs/librispeech_base.yaml
@@ -89,8 +89,10 @@ def _convert(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from converters.matrix import build, expand
+    from harness.data import calibration_source
 
-    table = build(expand(args.sizes, args.targets, args.quant), args.models, progress=sys.stderr.isatty())
+    cells = expand(args.sizes, args.targets, args.quant)
+    table = build(cells, args.models, calibration_source(), progress=sys.stderr.isatty())
     print(tabulate(table.drop(columns="artifact"), headers="keys", tablefmt="github", showindex=False))
     counts = table["status"].value_counts()
     print("\n" + ", ".join(f"{n} {status}" for status, n in counts.items()) + f"; store: {args.models}")
@@ -98,8 +100,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from harness.execute import format_summary, run_job
+    from harness.execute import run_job
     from harness.spec import load_job
+    from harness.summary import format_summary
 
     spec = load_job(args.job).with_overrides(
         dataset=args.dataset, limit=args.limit, workers=args.workers, address=args.address

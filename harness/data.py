@@ -14,10 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from harness.errors import HarnessError
+from harness.core.audio import SAMPLE_RATE, decode_audio
+from harness.core.errors import HarnessError
+from harness.core.target import CalibrationSource
 from harness.spec import DatasetSpec
 
-SAMPLE_RATE = 16_000  # what Whisper's front end expects
+# train-clean-100 utterances shipped for int8 calibration: never an evaluation split
+CALIBRATION = Path(__file__).resolve().parents[1] / "data" / "librispeech-calibration"
 
 
 @dataclass(frozen=True)
@@ -136,15 +139,11 @@ def _utterance(spec: DatasetSpec, row: dict, position: int) -> Utterance:
         return Utterance(utt_id, text, None, f"cannot decode audio {where}: {exc}")
 
 
-def decode_audio(source: str | io.BytesIO) -> np.ndarray:
-    """Any file soundfile reads (FLAC, WAV, OGG, MP3) → 16 kHz mono float32."""
-    import soundfile
-    import soxr
+def calibration_source(folder: Path = CALIBRATION) -> CalibrationSource:
+    """The calibration audio converters are handed (they never read a dataset themselves)."""
 
-    audio, rate = soundfile.read(source, dtype="float32", always_2d=True)
-    audio = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="VHQ")
-    if audio.size == 0:
-        raise ValueError("no samples")
-    return np.ascontiguousarray(audio, dtype=np.float32)
+    def load() -> list[np.ndarray]:
+        spec = DatasetSpec(path=folder)
+        return [u.audio for u in read_shard(spec, Shard(0, 0, count_rows(spec))) if u.audio is not None]
+
+    return CalibrationSource(f"data/{folder.name}", load)

@@ -24,15 +24,17 @@ from typing import Any
 
 import pandas as pd
 
+from converters.matrix import prepare_cells
 from converters.registry import get_target
-from converters.store import Prepared, prepare
-from harness.data import Shard, count_rows, plan_shards, read_index
-from harness.decoding import Dims, build_prompt
-from harness.errors import HarnessError
-from harness.scoring import SCHEMA_VERSION, score_rows, summarize
+from converters.store import Prepared
+from harness.core.decoding import Dims, build_prompt
+from harness.core.errors import HarnessError, one_line
+from harness.core.status import Status
+from harness.data import Shard, calibration_source, count_rows, plan_shards, read_index
+from harness.scoring import SCHEMA_VERSION, score_rows
 from harness.spec import JobSpec, ModelCell
+from harness.summary import format_summary, summarize
 from harness.timing import cpu_description
-from harness.weights import resolve_checkpoint
 from harness.worker import ModelWorker, WorkerSetup
 
 
@@ -52,8 +54,7 @@ class PreparedModel:
     @property
     def dims(self) -> Dims:
         assert self.prepared.artifact is not None
-        d = self.prepared.artifact.manifest["dims"]
-        return Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
+        return Dims.of(self.prepared.artifact.manifest["dims"])
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,13 @@ class RunResult:
 
 def prepare_models(spec: JobSpec, models_root: Path, log=print) -> list[PreparedModel]:
     """Resolve weights and build or reuse every artifact the job needs, on the driver."""
+    cells = spec.models.cells()
     prepared = []
-    for size in spec.models.sizes:
-        checkpoint = resolve_checkpoint(size)
-        for cell in (c for c in spec.models.cells() if c.size == size):
-            p = prepare(checkpoint, size, cell.target, cell.quant, models_root)
-            log(f"{cell.label}: {p.describe()}" + (f" ({p.artifact.path})" if p.artifact else ""))
-            prepared.append(PreparedModel(cell, p))
+    for cell, (_, p) in zip(
+        cells, prepare_cells((c.as_tuple() for c in cells), models_root, calibration_source()), strict=True
+    ):
+        log(f"{cell.label}: {p.describe()}" + (f" ({p.artifact.path})" if p.artifact else ""))
+        prepared.append(PreparedModel(cell, p))
     return prepared
 
 
@@ -133,14 +134,16 @@ def _execute(
     _init_ray(spec.cluster.address)
     # a model that failed its parity gate is reported, not evaluated, unless the job asks for it
     runnable = [
-        p for p in prepared if p.prepared.runnable or (spec.models.evaluate_failed and p.prepared.status == "failed")
+        p
+        for p in prepared
+        if p.prepared.status.runnable or (spec.models.evaluate_failed and p.prepared.status == Status.FAILED)
     ]
 
     @functools.cache
     def index() -> tuple[list[str], list[str]]:  # ids and texts, read once and only if a model has no transcripts
         return read_index(spec.dataset)
 
-    frames = [_error_rows(p, index(), p.prepared.describe()) for p in prepared if p not in runnable]
+    frames = [_error_rows(p, index(), p.prepared.status, p.prepared.reason) for p in prepared if p not in runnable]
     remote_worker = ray.remote(num_cpus=1)(ModelWorker)
     actors: dict[Any, PreparedModel] = {}
     for p in runnable:
@@ -184,14 +187,16 @@ def _execute(
             except ray.exceptions.RayError as exc:
                 # the worker could not load its model or its process died (a native runtime's crash,
                 # memory): this model's utterances become rows with the reason, the other models go on
-                reason = f"worker failed: {_one_line(exc)}"
-                record(p, shard, _error_rows(p, index(), reason, shard.start, shard.stop))
+                reason = _worker_error(exc)
+                record(p, shard, _error_rows(p, index(), Status.WORKER_FAILED, reason, shard.start, shard.stop))
                 if isinstance(exc, ray.exceptions.RayActorError):
                     del actors[actor]
                     if not any(q is p for q in actors.values()):  # no worker left for this model
                         while queues[p.cell]:
                             left = queues[p.cell].pop(0)
-                            record(p, left, _error_rows(p, index(), reason, left.start, left.stop))
+                            record(
+                                p, left, _error_rows(p, index(), Status.WORKER_FAILED, reason, left.start, left.stop)
+                            )
                     continue
             else:
                 record(p, shard, rows)
@@ -212,12 +217,17 @@ def _placement(target: str) -> dict[str, float]:
     """Ray resources a worker of `target` asks for: its board's, when the cluster has such a node."""
     import ray
 
-    resource = get_target(target).board_resource
+    resource = get_target(target).resource
     return {resource: 1} if resource and ray.cluster_resources().get(resource, 0) > 0 else {}
 
 
 def _error_rows(
-    p: PreparedModel, index: tuple[list[str], list[str]], reason: str, start: int = 0, stop: int | None = None
+    p: PreparedModel,
+    index: tuple[list[str], list[str]],
+    status: Status,
+    reason: str,
+    start: int = 0,
+    stop: int | None = None,
 ) -> pd.DataFrame:
     """Utterances [start, stop) of a model that produced no transcript for them: rows with the reason."""
     ids, texts = index
@@ -228,28 +238,26 @@ def _error_rows(
             "audio_s": 0.0,
             "node": None,
             "cpu": None,
+            "status": status.value,
             "error": reason,
         }
     ).assign(size=p.cell.size, target=p.cell.target, quant=p.cell.quant)
 
 
-def _one_line(exc: BaseException) -> str:
+def _worker_error(exc: BaseException) -> str:
     """The worker's own exception as `Type: first line`; Ray wraps it in pages of traceback (for a
     failed `__init__` only as text), or says in its first line why a process died."""
     import ray
 
     if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
-        text = f"{type(exc.cause).__name__}: {exc.cause}"
-    else:
-        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
-        frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
-        after = [line for line in lines[frames[-1] + 1 :] if line[:1].strip()] if frames else []
-        if after:  # the traceback's last line names the exception: `module.Type: message`
-            name, _, message = after[0].partition(": ")
-            text = f"{name.rsplit('.', 1)[-1]}: {message}"
-        else:
-            text = lines[0] if lines else type(exc).__name__
-    return text.strip().splitlines()[0]
+        return one_line(exc.cause)
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    after = [line for line in lines[frames[-1] + 1 :] if line[:1].strip()] if frames else []
+    if after:  # the traceback's last line names the exception: `module.Type: message`
+        name, _, message = after[0].partition(": ")
+        return f"{name.rsplit('.', 1)[-1]}: {message}".strip()
+    return lines[0].strip() if lines else type(exc).__name__
 
 
 def _git_commit() -> str | None:
@@ -283,7 +291,8 @@ def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows:
             {
                 "model": p.cell.label,
                 "artifact": p.prepared.artifact.path if p.prepared.artifact else None,
-                "status": p.prepared.describe(),
+                "status": p.prepared.status.value,
+                "reason": p.prepared.reason,
             }
             for p in prepared
         ],
@@ -300,36 +309,3 @@ def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-STATUS_WORDS = ("unavailable", "failed", "worker failed")  # how a model's status line starts (store, _execute)
-
-
-def format_summary(summary: pd.DataFrame) -> str:
-    from tabulate import tabulate
-
-    shown = summary.copy()
-    shown.insert(
-        shown.columns.get_loc("wer") + 1,
-        "Δwer [95% CI]",
-        [
-            f"{100 * d:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]" if d == d else "-"
-            for d, lo, hi in zip(shown["wer_delta"], shown["wer_delta_lo"], shown["wer_delta_hi"], strict=True)
-        ],
-    )
-    shown = shown.drop(columns=["wer_delta", "wer_delta_lo", "wer_delta_hi"])
-    for col in ("wer", "cer", "exact_match", "token_edit_rate"):
-        shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%" if v == v else "-")
-    for col in ("mean_first_div", "p50_ms", "p90_ms", "p99_ms", "enc_p50_ms", "dec_ms_per_tok", "rtfx", "artifact_mb"):
-        shown[col] = shown[col].map(lambda v: f"{v:.1f}" if v == v else "-")
-    # the table keeps a word; the whole reason goes under it, once per model
-    shown["status"] = shown["status"].map(lambda s: s.split(":")[0] if s.split(":")[0] in STATUS_WORDS else s[:20])
-    notes = [
-        f"- {size}/{target}/{quant}: {status}"
-        for size, target, quant, status in zip(
-            summary["size"], summary["target"], summary["quant"], summary["status"], strict=True
-        )
-        if status != "ok"
-    ]
-    table = tabulate(shown, headers="keys", tablefmt="github", showindex=False)
-    return table + ("\n\n" + "\n".join(notes) if notes else "")

@@ -1,4 +1,4 @@
-"""Scoring, after inference and never on workers: normalise, WER/CER, token divergence, latency.
+"""Scoring, after inference and never on workers: normalise, WER/CER, token divergence, per utterance.
 
 Text is normalised with openai-whisper's `EnglishTextNormalizer`; corpus WER is
 Σ(S + D + I) / Σ reference words (never a mean of per-utterance rates), computed by jiwer, and
@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 from rapidfuzz.distance import Levenshtein
 
-from converters.registry import REFERENCE
-from harness.timing import rtfx
+from harness.core.status import Status
+from harness.core.target import REFERENCE
 
-SCHEMA_VERSION = 2  # 2: `cpu`
+SCHEMA_VERSION = 3  # 2: `cpu`; 3: `status` (a harness.core.status.Status value) beside `error`, the reason
 
 # The declared schema of utterances.parquet, in column order.
 UTTERANCE_COLUMNS = [
@@ -25,7 +25,7 @@ UTTERANCE_COLUMNS = [
     "hyp_tokens", "reference_tokens", "wer_errors", "substitutions", "deletions", "insertions",
     "ref_words", "cer_errors", "ref_chars", "exact_match", "first_divergence", "token_edit_rate",
     "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_tokens", "total_ms", "node", "cpu",
-    "error",
+    "status", "error",
 ]  # fmt: skip
 
 
@@ -66,7 +66,7 @@ def first_divergence(hyp: list[int], ref: list[int]) -> int | None:
 def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
     """Raw worker rows (all models) → the utterances table with every per-utterance metric."""
     df = raw.copy()
-    ok = df["error"].isna()
+    ok = df["status"] == Status.OK
     reference = df[(df["target"] == REFERENCE) & ok].set_index(["size", "utt_id"])["hyp_tokens"]
     df["reference_tokens"] = [reference.get((s, u)) for s, u in zip(df["size"], df["utt_id"], strict=True)]
     df["ref_norm"] = df["ref_text"].map(normalize)
@@ -98,92 +98,3 @@ def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
     )
     df["total_ms"] = df["frontend_ms"] + df["encode_ms"] + df["decode_ms"]
     return df[UTTERANCE_COLUMNS]
-
-
-BOOTSTRAP_SAMPLES = 1000
-
-
-def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tuple[float, float, float]:
-    """WER(model) - WER(reference) with a 95% paired bootstrap interval over shared utterances.
-
-    Resampling utterances (not words) keeps each utterance's errors together, and pairing the two
-    models on the same resampled set cancels the variance the utterances themselves bring.
-    """
-    cols = ["utt_id", "wer_errors", "ref_words"]
-    both = model.loc[model["error"].isna(), cols].merge(
-        reference.loc[reference["error"].isna(), cols[:2]], on="utt_id", suffixes=("", "_ref")
-    )
-    if both.empty or both["ref_words"].sum() == 0:
-        return float("nan"), float("nan"), float("nan")
-    e_m, e_r, w = (both[c].to_numpy(dtype=float) for c in ("wer_errors", "wer_errors_ref", "ref_words"))
-    idx = np.random.default_rng(seed).integers(0, len(both), size=(BOOTSTRAP_SAMPLES, len(both)))
-    words = np.maximum(w[idx].sum(axis=1), 1.0)
-    deltas = (e_m[idx].sum(axis=1) - e_r[idx].sum(axis=1)) / words
-    lo, hi = np.percentile(deltas, [2.5, 97.5])
-    return float((e_m.sum() - e_r.sum()) / w.sum()), float(lo), float(hi)
-
-
-def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | None = None) -> pd.DataFrame:
-    """One row per (size, target, quant) over the utterances table.
-
-    `models` adds facts from each artifact's manifest: `runtime` (what executed it, e.g. a CPU
-    emulation of an NPU) and `artifact_mb`; its order is the order of the rows (the job's).
-    `status` is "ok", or why utterances have no transcript (the model's own line when none has).
-    """
-    rows = []
-    for (size, target, quant), g in utts.groupby(["size", "target", "quant"], sort=False):
-        ok = g[g["error"].isna()]
-        reference = utts[(utts["size"] == size) & (utts["target"] == REFERENCE)]
-        delta, lo, hi = wer_delta(g, reference) if target != REFERENCE else (float("nan"),) * 3
-        words = int(ok["ref_words"].sum())
-        errors = int(ok["wer_errors"].sum())
-        chars = int(ok["ref_chars"].sum())
-        diverged = ok["first_divergence"].dropna()
-        total = ok["total_ms"].astype(float)
-        rows.append(
-            {
-                "size": size,
-                "target": target,
-                "quant": quant,
-                "n": len(g),
-                "errors": len(g) - len(ok),
-                "wer": errors / words if words else float("nan"),
-                "wer_delta": delta,
-                "wer_delta_lo": lo,
-                "wer_delta_hi": hi,
-                "sub": int(ok["substitutions"].sum()),
-                "del": int(ok["deletions"].sum()),
-                "ins": int(ok["insertions"].sum()),
-                "cer": int(ok["cer_errors"].sum()) / chars if chars else float("nan"),
-                "exact_match": float(ok["exact_match"].astype(float).mean()) if len(ok) else float("nan"),
-                "mean_first_div": float(diverged.astype(float).mean()) if len(diverged) else float("nan"),
-                "token_edit_rate": float(ok["token_edit_rate"].astype(float).mean()) if len(ok) else float("nan"),
-                "p50_ms": _pct(total, 50),
-                "p90_ms": _pct(total, 90),
-                "p99_ms": _pct(total, 99),
-                "enc_p50_ms": _pct(ok["encode_ms"].astype(float), 50),
-                "dec_ms_per_tok": float(ok["decode_ms"].sum() / ok["n_steps"].sum()) if len(ok) else float("nan"),
-                "rtfx": rtfx(float(ok["audio_s"].sum()), float(total.sum())),
-                "runtime": (models or {}).get((size, target, quant), {}).get("runtime", ""),
-                "artifact_mb": (models or {}).get((size, target, quant), {}).get("artifact_mb", float("nan")),
-                "status": _status(g["error"].dropna()),
-            }
-        )
-    summary = pd.DataFrame(rows)
-    if models:
-        order = {key: i for i, key in enumerate(models)}
-        keys = zip(summary["size"], summary["target"], summary["quant"], strict=True)
-        rank = [order.get(key, len(order)) for key in keys]
-        summary = summary.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
-    return summary
-
-
-def _status(errors: pd.Series) -> str:
-    if errors.empty:
-        return "ok"
-    most = errors.value_counts()
-    return most.index[0] if len(most) == 1 else f"{len(errors)} errors, e.g. {most.index[0]}"
-
-
-def _pct(values: pd.Series, q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else float("nan")

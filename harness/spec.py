@@ -12,11 +12,13 @@ from typing import Any
 
 import yaml
 
-from converters.registry import REFERENCE, TARGETS
-from harness.errors import HarnessError, did_you_mean
+from converters.registry import TARGETS
 
 # every official name; any other size must be a path to an openai-whisper .pt
-from harness.weights import OFFICIAL_NAMES
+from harness.core.checkpoint import OFFICIAL_NAMES
+from harness.core.decoding import DecodingOptions
+from harness.core.errors import HarnessError, did_you_mean
+from harness.core.target import REFERENCE
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -72,13 +74,6 @@ class ModelsSpec:
 
 
 @dataclass(frozen=True)
-class DecodingSpec:
-    language: str | None = "en"
-    task: str = "transcribe"
-    max_new_tokens: int | None = None  # None: openai-whisper's default, n_text_ctx // 2
-
-
-@dataclass(frozen=True)
 class ClusterSpec:
     address: str | None = None  # None: an embedded local Ray
     workers: int = 1  # Ray actors per model
@@ -90,7 +85,7 @@ class JobSpec:
     name: str
     dataset: DatasetSpec
     models: ModelsSpec = field(default_factory=ModelsSpec)
-    decoding: DecodingSpec = field(default_factory=DecodingSpec)
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     source_file: Path | None = None
 
@@ -165,7 +160,7 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
         errors.append(f"name: expected a name of letters, digits, '.', '_' or '-', got {name!r}")
     dataset = _dataset(raw.get("dataset"), base, errors)
     models = _models(raw.get("models", {}), errors)
-    decoding = _simple(DecodingSpec, raw.get("decoding", {}), "decoding", errors)
+    decoding = _simple(DecodingOptions, raw.get("decoding", {}), "decoding", errors)
     if decoding is not None:
         if decoding.task not in ("transcribe", "translate"):
             errors.append(f"decoding.task: expected 'transcribe' or 'translate', got {decoding.task!r}")

@@ -1,10 +1,11 @@
 """The timing protocol, in one place.
 
 - Each worker loads its model once, runs one untimed warm-up decode (first-call allocations and
-  TorchScript profiling passes would otherwise land on the first utterance), and uses one torch
-  thread, so workers sharing a machine do not fight over cores.
-- Per utterance `harness.decoding.greedy_decode` times the front end (log-mel), `encode` and the
-  decoder loop separately; total = their sum.
+  TorchScript profiling passes would otherwise land on the first utterance), and runs with
+  `DEFAULT_THREADS` threads (harness.core.target), so workers sharing a machine do not fight
+  over cores.
+- Per utterance `harness.core.decoding.greedy_decode` times the front end (log-mel), `encode`
+  and the decoder loop separately; total = their sum.
 - Aggregates: percentiles of per-utterance totals; RTFx = Σ audio seconds / Σ processing seconds;
   decoder ms/token = Σ decode ms / Σ decoder steps (the EOT step counts: it costs a step).
 """
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.decoding import Dims, Prompt, greedy_decode
+from harness.core.audio import SAMPLE_RATE
+from harness.core.decoding import Dims, Prompt, greedy_decode
+from harness.core.target import Runner
 
 WARM_UP_SECONDS = 5.0
 # CPU features that decide which kernels run: timings, and the results of int8 forms that quantize
@@ -41,16 +44,17 @@ def cpu_description() -> str:
     return f"{name} [{' '.join(f for f in KERNEL_FEATURES if f in features)}]"
 
 
-def prepare_worker_threads() -> None:
+def prepare_worker_threads(threads: int) -> None:
+    """torch's thread count is per process: the worker's process is its model's."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
 
 
-def warm_up(runner, dims: Dims, prompt: Prompt) -> None:
+def warm_up(runner: Runner, dims: Dims, prompt: Prompt) -> None:
     """One untimed decode of low-level noise (silence would end at once, after a single step)."""
     rng = np.random.default_rng(0)
-    audio = (rng.standard_normal(int(WARM_UP_SECONDS * 16_000)) * 0.01).astype(np.float32)
+    audio = (rng.standard_normal(int(WARM_UP_SECONDS * SAMPLE_RATE)) * 0.01).astype(np.float32)
     greedy_decode(runner, audio, dims, prompt)
 
 

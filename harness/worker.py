@@ -1,7 +1,7 @@
 """A Ray actor that holds one model and transcribes the shards it is handed.
 
 It reads its shard's audio itself (the driver ships only row ranges) and returns raw rows:
-tokens, text and timings. Scoring happens later, on the driver, never here.
+tokens, text, timings and a status. Scoring happens later, on the driver, never here.
 """
 
 from __future__ import annotations
@@ -11,9 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from converters.registry import get_target
+from converters.store import load_artifact, verify
+from harness.core.decoding import DecodingOptions, Dims, Prompt, greedy_decode, tokenizer_for
+from harness.core.errors import one_line
+from harness.core.status import Status
+from harness.core.target import DEFAULT_THREADS
 from harness.data import Shard, read_shard
-from harness.decoding import Dims, Prompt, greedy_decode, tokenizer_for
-from harness.spec import DatasetSpec, DecodingSpec
+from harness.spec import DatasetSpec
 from harness.timing import cpu_description, prepare_worker_threads, warm_up
 
 
@@ -22,8 +27,9 @@ class WorkerSetup:
     artifact_path: Path
     dims: Dims
     prompt: Prompt
-    decoding: DecodingSpec
+    decoding: DecodingOptions
     dataset: DatasetSpec
+    threads: int = DEFAULT_THREADS
 
 
 def _ray_node_id() -> str:
@@ -36,14 +42,11 @@ class ModelWorker:
     """Wrapped with ray.remote by the driver; plain class so it is testable without Ray."""
 
     def __init__(self, setup: WorkerSetup) -> None:
-        from converters.registry import get_target
-        from converters.store import load_artifact, verify
-
-        prepare_worker_threads()
+        prepare_worker_threads(setup.threads)
         artifact = load_artifact(setup.artifact_path)
         verify(artifact)  # the checksums, again, on the node that will run it
         self.setup = setup
-        self.runner = get_target(artifact.target).load().Runner(artifact)
+        self.runner = get_target(artifact.target).runner(artifact, setup.threads)
         self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
         self.node = f"{socket.gethostname()}/{_ray_node_id()[:8]}"
         self.cpu = cpu_description()
@@ -60,12 +63,12 @@ class ModelWorker:
                 "cpu": self.cpu,
             }
             if utt.audio is None:
-                rows.append({**row, "error": utt.error})
+                rows.append({**row, "status": Status.ERROR.value, "error": utt.error})
                 continue
             try:
                 out = greedy_decode(self.runner, utt.audio, self.setup.dims, self.setup.prompt)
             except Exception as exc:  # one broken utterance must not sink the run: it becomes a row
-                rows.append({**row, "error": f"decoding failed: {type(exc).__name__}: {exc}"})
+                rows.append({**row, "status": Status.ERROR.value, "error": f"decoding failed: {one_line(exc)}"})
                 continue
             rows.append(
                 {
@@ -76,6 +79,7 @@ class ModelWorker:
                     "encode_ms": out.encode_ms,
                     "decode_ms": out.decode_ms,
                     "n_steps": out.n_steps,
+                    "status": Status.OK.value,
                     "error": None,
                 }
             )

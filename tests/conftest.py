@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
-    from harness.weights import resolve_checkpoint
+    from harness.core.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint("tiny.en")
 
@@ -42,16 +42,15 @@ def tiny_artifacts(tiny_checkpoint, models_root):
 
 @pytest.fixture(scope="session")
 def tiny_dims(tiny_artifacts):
-    from harness.decoding import Dims
+    from harness.core.decoding import Dims
 
-    d = tiny_artifacts["reference"].manifest["dims"]
-    return Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
+    return Dims.of(tiny_artifacts["reference"].manifest["dims"])
 
 
 @pytest.fixture(scope="session")
 def reference(tiny_artifacts):
     """The tiny.en reference runner, loaded once."""
-    from converters.reference import Runner
+    from converters.reference import ReferenceRunner as Runner
 
     return Runner(tiny_artifacts["reference"])
 
@@ -59,10 +58,9 @@ def reference(tiny_artifacts):
 @pytest.fixture(scope="session")
 def reference_tokens(reference, tiny_dims):
     """The reference's tokens per utterance id, decoded once on first use."""
-    from harness.decoding import build_prompt, greedy_decode
-    from harness.spec import DecodingSpec
+    from harness.core.decoding import DecodingOptions, build_prompt, greedy_decode
 
-    prompt, cache = build_prompt(tiny_dims, DecodingSpec()), {}
+    prompt, cache = build_prompt(tiny_dims, DecodingOptions()), {}
 
     def tokens(utterance):
         if utterance.utt_id not in cache:
@@ -76,20 +74,18 @@ def reference_tokens(reference, tiny_dims):
 def parity_of(reference, tiny_dims):
     """The parity gate's numbers for a tiny.en runner, measured against the session's reference."""
     from converters import parity
-    from harness.decoding import build_prompt
-    from harness.spec import DecodingSpec
+    from harness.core.decoding import DecodingOptions, build_prompt
 
-    prompt = build_prompt(tiny_dims, DecodingSpec())
+    prompt = build_prompt(tiny_dims, DecodingOptions())
     return lambda runner: parity.measure(reference, runner, tiny_dims, prompt)
 
 
 @pytest.fixture(scope="session")
 def exact_match(reference_tokens, tiny_dims):
     """Decode utterances with a runner: the share token-identical to the reference, and encode+decode ms each."""
-    from harness.decoding import build_prompt, greedy_decode
-    from harness.spec import DecodingSpec
+    from harness.core.decoding import DecodingOptions, build_prompt, greedy_decode
 
-    prompt = build_prompt(tiny_dims, DecodingSpec())
+    prompt = build_prompt(tiny_dims, DecodingOptions())
 
     def rate(runner, utterances) -> tuple[float, float]:
         decoded = [greedy_decode(runner, u.audio, tiny_dims, prompt) for u in utterances]
@@ -116,13 +112,12 @@ def check_cached_steps(runner, checkpoint, dims, cache_length) -> None:
     must equal the tokens seen, and a None cache must start over."""
     import torch
 
-    from harness.decoding import build_prompt
-    from harness.spec import DecodingSpec
-    from harness.weights import load_model
+    from harness.core.checkpoint import load_model
+    from harness.core.decoding import DecodingOptions, build_prompt
 
     model = load_model(checkpoint)
     mel = np.random.default_rng(0).standard_normal((1, dims.n_mels, 3000)).astype(np.float32)
-    prompt = list(build_prompt(dims, DecodingSpec()).tokens)
+    prompt = list(build_prompt(dims, DecodingOptions()).tokens)
     tokens = [*prompt, 440, 3290, 286, 257, 1332, 13, 50, 262]
     features, cache = runner.encode(mel), None
     with torch.inference_mode():
@@ -138,14 +133,14 @@ def check_cached_steps(runner, checkpoint, dims, cache_length) -> None:
 def check_unavailable_without(package: str, module, message: str, checkpoint, tmp_path: Path, monkeypatch) -> None:
     """As if `package` were not installed: the runtime check and the converter both say `message`,
     and the converter writes nothing."""
-    from converters.protocol import Unavailable
-    from harness.weights import load_model
+    from harness.core.checkpoint import load_model
+    from harness.core.target import Unavailable
 
     model = load_model(checkpoint)
     monkeypatch.setitem(sys.modules, package, None)
-    assert message in module.runtime_unavailable()
+    assert message in module.TARGET.unavailable()
     with pytest.raises(Unavailable, match=message):
-        module.convert(checkpoint, model, "fp32", tmp_path)
+        module.TARGET.convert(checkpoint, model, "fp32", tmp_path, ())
     assert not list(tmp_path.iterdir())
 
 
@@ -165,8 +160,8 @@ def whisper_decoded(tiny_checkpoint, embedded_utterances, tiny_dims):
     import torch
     import whisper
 
-    from harness.decoding import log_mel
-    from harness.weights import load_model
+    from harness.core.audio import log_mel
+    from harness.core.checkpoint import load_model
 
     torch.set_num_threads(2)
     model = load_model(tiny_checkpoint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -10,18 +11,11 @@ import pytest
 
 from converters import parity
 from converters.registry import TARGETS, get_target
-from converters.store import BUILD_LOG, MANIFEST, artifact_key, ensure, file_sha256, load_artifact, prepare, verify
-from harness.decoding import build_prompt
-from harness.errors import HarnessError
-from harness.spec import DecodingSpec
+from converters.store import BUILD_LOG, MANIFEST, artifact_key, ensure, load_artifact, prepare, verify
+from harness.core.decoding import DecodingOptions, build_prompt
+from harness.core.errors import HarnessError
+from harness.core.hashing import file_sha256
 from tests.conftest import broken_copy, with_noise
-
-
-def test_every_registry_entry_builds():
-    for name, target in TARGETS.items():
-        module = target.load()
-        assert callable(module.convert) and hasattr(module, "Runner"), name
-        assert target.quants, name
 
 
 def test_unknown_target_suggests_the_closest():
@@ -80,12 +74,12 @@ def test_mtk_decoder_has_no_gather(tiny_artifacts):
 
 def test_mtk_decoder_handles_every_length(tiny_artifacts, tiny_dims):
     """Traced on 4 tokens, it must match the reference at other lengths too."""
-    from converters.reference import Runner as Reference
-    from converters.torchscript_mtk import Runner as Mtk
+    from converters.reference import ReferenceRunner as Reference
+    from converters.torchscript_mtk import MtkTorchScriptRunner as Mtk
 
     ref, mtk = Reference(tiny_artifacts["reference"]), Mtk(tiny_artifacts["torchscript-mtk"])
     mel = np.zeros((1, tiny_dims.n_mels, 3000), dtype=np.float32)
-    tokens = [*list(build_prompt(tiny_dims, DecodingSpec()).tokens), 440, 3290, 286, 257, 1332, 13, 50, 262]
+    tokens = [*list(build_prompt(tiny_dims, DecodingOptions()).tokens), 440, 3290, 286, 257, 1332, 13, 50, 262]
     r_feat, m_feat = ref.encode(mel), mtk.encode(mel)
     for n in (2, 5, len(tokens)):
         r, _ = ref.step(tokens[:n], r_feat, None)
@@ -94,14 +88,15 @@ def test_mtk_decoder_handles_every_length(tiny_artifacts, tiny_dims):
 
 
 def test_parity_gate_fails_on_a_broken_artifact(tiny_artifacts, parity_of, tmp_path):
-    from converters.torchscript_mtk import Runner as Mtk
+    from converters.torchscript_mtk import MtkTorchScriptRunner as Mtk
 
     broken = broken_copy(tiny_artifacts["torchscript-mtk"], tmp_path)
     np.save(broken / "token_embedding.npy", with_noise(np.load(broken / "token_embedding.npy")))
     manifest = json.loads((broken / MANIFEST).read_text())
-    failures = parity.gate(manifest["target"], manifest["quant"], parity_of(Mtk(load_artifact(broken))))
+    tolerance = get_target(manifest["target"]).tolerance(manifest["quant"])
+    failures = parity.gate(tolerance, parity_of(Mtk(load_artifact(broken))))
     assert any("logits max abs err" in f for f in failures)
-    assert parity.gate("torchscript-mtk", "fp32", manifest["parity"]) == []
+    assert parity.gate(tolerance, manifest["parity"]) == []
 
 
 def test_a_crashing_converter_is_a_failed_cell_with_its_log(monkeypatch, tiny_checkpoint, tmp_path, capfd):
@@ -109,15 +104,13 @@ def test_a_crashing_converter_is_a_failed_cell_with_its_log(monkeypatch, tiny_ch
     reads `failed` with the error's first line; the next cells still get their turn."""
     import os
 
-    from converters import torchscript_mtk
-
-    def crash(checkpoint, model, quant, out):
+    def crash(checkpoint, model, quant, out, calibration):
         (out / "encoder.pt").write_bytes(b"half")
         os.write(2, b"native toolchain: lowering failed at node 42\n")
         raise RuntimeError("lowering failed\nwith a long C++ trace")
 
-    monkeypatch.setattr(torchscript_mtk, "convert", crash)
-    result = prepare(tiny_checkpoint, "tiny.en", "torchscript-mtk", "fp32", tmp_path)
+    monkeypatch.setitem(TARGETS, "torchscript-mtk", dataclasses.replace(TARGETS["torchscript-mtk"], convert=crash))
+    result = prepare(tiny_checkpoint, ("tiny.en", "torchscript-mtk", "fp32"), tmp_path)
     assert result.status == "failed" and result.artifact is None
     assert result.reason.startswith("build error: RuntimeError: lowering failed (log: ")
     (log,) = (tmp_path / "tiny.en").glob("*.failed.log")
@@ -129,25 +122,24 @@ def test_a_crashing_converter_is_a_failed_cell_with_its_log(monkeypatch, tiny_ch
 def test_a_refused_build_is_recorded_and_not_retried(monkeypatch, tiny_checkpoint, tmp_path):
     """A toolchain whose files its runtime refuses gives the same answer until its versions (the key)
     change: the second call reads the record instead of converting again."""
-    from converters import torchscript_mtk
-    from converters.protocol import Refused
+    from harness.core.target import Refused
 
     calls = []
 
-    def refused(checkpoint, model, quant, out):
+    def refused(checkpoint, model, quant, out, calibration):
         calls.append(quant)
         raise Refused("quantizer wrote a NaN scale")
 
-    monkeypatch.setattr(torchscript_mtk, "convert", refused)
-    first = prepare(tiny_checkpoint, "tiny.en", "torchscript-mtk", "fp32", tmp_path)
-    second = prepare(tiny_checkpoint, "tiny.en", "torchscript-mtk", "fp32", tmp_path)
+    monkeypatch.setitem(TARGETS, "torchscript-mtk", dataclasses.replace(TARGETS["torchscript-mtk"], convert=refused))
+    first = prepare(tiny_checkpoint, ("tiny.en", "torchscript-mtk", "fp32"), tmp_path)
+    second = prepare(tiny_checkpoint, ("tiny.en", "torchscript-mtk", "fp32"), tmp_path)
     assert calls == ["fp32"] and first.status == second.status == "unavailable"
     assert first.reason == "quantizer wrote a NaN scale"
     (record,) = (tmp_path / "tiny.en").glob("*.refused.json")
     assert second.reason == f"quantizer wrote a NaN scale (recorded in {record}; delete it to retry)"
     assert json.loads(record.read_text())["toolchain"]["torch"]  # keyed like an artifact
     record.unlink()
-    prepare(tiny_checkpoint, "tiny.en", "torchscript-mtk", "fp32", tmp_path)
+    prepare(tiny_checkpoint, ("tiny.en", "torchscript-mtk", "fp32"), tmp_path)
     assert calls == ["fp32", "fp32"]
 
 
@@ -161,7 +153,7 @@ def large_v3_shaped(tmp_path_factory):
     import torch
     from whisper.model import ModelDimensions, Whisper
 
-    from harness.weights import resolve_checkpoint
+    from harness.core.checkpoint import resolve_checkpoint
 
     dims = ModelDimensions(
         n_mels=128, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
@@ -180,8 +172,8 @@ def large_v3_shaped(tmp_path_factory):
 @pytest.mark.parametrize("target", [t for t in TARGETS if t != "reference"])
 def test_every_target_converts_a_large_v3_shaped_model(large_v3_shaped, target, tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "large-v3-shaped-models"
-    result = prepare(large_v3_shaped, str(large_v3_shaped.path), target, "fp32", root)
-    assert result.runnable or (result.status == "unavailable" and result.artifact is not None), result.describe()
+    result = prepare(large_v3_shaped, (str(large_v3_shaped.path), target, "fp32"), root)
+    assert result.status.runnable or (result.status == "unavailable" and result.artifact is not None), result.describe()
     m = result.artifact.manifest
     assert m["status"] == "ok" and m["dims"]["n_mels"] == 128 and m["dims"]["n_vocab"] == 51866
     assert m["parity"]["top1_agreement"] == 1.0 and m["parity"]["logits_max_abs_err"] < 1e-3, m["parity"]
@@ -191,5 +183,5 @@ def test_nan_numbers_fail_every_check():
     """NaN compares false with everything: an artifact that computes NaN must not slip through."""
     nan = float("nan")
     numbers = {"encoder_snr_db": nan, "logits_max_abs_err": nan, "top1_agreement": nan}
-    assert len(parity.gate("torchscript", "int8", numbers)) == 3
+    assert len(parity.gate(get_target("torchscript").tolerance("int8"), numbers)) == 3
     assert np.isnan(parity.snr_db(np.ones(3), np.array([1.0, nan, 1.0])))  # not "inf", as for equal outputs

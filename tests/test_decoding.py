@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from harness.decoding import Dims, build_prompt, greedy_decode
-from harness.spec import DecodingSpec
+from harness.core.decoding import DecodingOptions, Dims, build_prompt, greedy_decode
 
 
 def test_reference_tokens_equal_whisper_decode_on_every_embedded_utterance(
     tiny_artifacts, tiny_dims, embedded_utterances, whisper_decoded
 ):
-    from converters.reference import Runner
+    from converters.reference import ReferenceRunner as Runner
 
     runner = Runner(tiny_artifacts["reference"])
-    prompt = build_prompt(tiny_dims, DecodingSpec())
+    prompt = build_prompt(tiny_dims, DecodingOptions())
     mismatched = [
         utt.utt_id
         for utt in embedded_utterances
@@ -27,10 +26,10 @@ def test_reference_tokens_equal_whisper_decode_on_every_embedded_utterance(
 def test_prompt_english_only_and_multilingual():
     from whisper.tokenizer import get_tokenizer
 
-    en = build_prompt(Dims(80, 51864, 448), DecodingSpec())
+    en = build_prompt(Dims(80, 51864, 448), DecodingOptions())
     tok_en = get_tokenizer(False)
     assert en.tokens == (tok_en.sot, tok_en.no_timestamps)
-    multi = build_prompt(Dims(80, 51865, 448), DecodingSpec(language="de", task="translate", max_new_tokens=20))
+    multi = build_prompt(Dims(80, 51865, 448), DecodingOptions(language="de", task="translate", max_new_tokens=20))
     tok = get_tokenizer(True, num_languages=99, language="de", task="translate")
     assert multi.tokens == (tok.sot, tok.to_language_token("de"), tok.translate, tok.no_timestamps)
     assert multi.max_new_tokens == 20 and en.max_new_tokens == 224
@@ -41,16 +40,16 @@ def test_large_v3_prompt_counts_its_extra_language():
     # large-v3 has 100 languages (n_vocab 51866): the task tokens move by one
     from whisper.tokenizer import get_tokenizer
 
-    prompt = build_prompt(Dims(128, 51866, 448), DecodingSpec())
+    prompt = build_prompt(Dims(128, 51866, 448), DecodingOptions())
     tok = get_tokenizer(True, num_languages=100, language="en", task="transcribe")
     assert prompt.tokens == tuple(tok.sot_sequence_including_notimestamps)
 
 
 @pytest.mark.parametrize("max_new", [1, 3])
 def test_max_new_tokens_bounds_the_loop(tiny_artifacts, tiny_dims, embedded_utterances, max_new):
-    from converters.reference import Runner
+    from converters.reference import ReferenceRunner as Runner
 
-    prompt = build_prompt(tiny_dims, DecodingSpec(max_new_tokens=max_new))
+    prompt = build_prompt(tiny_dims, DecodingOptions(max_new_tokens=max_new))
     out = greedy_decode(Runner(tiny_artifacts["reference"]), embedded_utterances[0].audio, tiny_dims, prompt)
     assert out.n_steps == max_new and len(out.tokens) == max_new
 
@@ -61,17 +60,17 @@ def test_base_reference_tokens_equal_whisper_decode(embedded_utterances, models_
     import torch
     import whisper
 
-    from converters.reference import Runner
+    from converters.reference import ReferenceRunner as Runner
     from converters.store import ensure
-    from harness.decoding import log_mel
-    from harness.weights import load_model, resolve_checkpoint
+    from harness.core.audio import log_mel
+    from harness.core.checkpoint import load_model, resolve_checkpoint
 
     checkpoint = resolve_checkpoint("base")
     artifact, _ = ensure(checkpoint, "base", "reference", "fp32", models_root)
     d = artifact.manifest["dims"]
     dims = Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
     runner, model = Runner(artifact), load_model(checkpoint)
-    prompt = build_prompt(dims, DecodingSpec())
+    prompt = build_prompt(dims, DecodingOptions())
     options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False)
     mismatched = []
     for utt in embedded_utterances:

@@ -15,6 +15,7 @@ import pytest
 from harness.execute import run_job
 from harness.scoring import SCHEMA_VERSION, UTTERANCE_COLUMNS, normalize
 from harness.spec import load_job
+from harness.summary import format_summary
 from harness.timing import cpu_description
 from tests.conftest import EMBEDDED, ROOT
 
@@ -30,7 +31,7 @@ def test_run_writes_complete_results(tiny_run):
     assert {"utterances.parquet", "summary.csv", "summary.md", "run.json", "raw"} <= files
     assert not [p for p in tiny_run.run_dir.parent.iterdir() if p.name.startswith(".")]
     utts = pd.read_parquet(tiny_run.run_dir / "utterances.parquet")
-    assert len(utts) == 140 and utts["error"].isna().all()
+    assert len(utts) == 140 and utts["error"].isna().all() and (utts["status"] == "ok").all()
     assert set(utts["target"]) == {"reference", "torchscript-mtk"}
     info = json.loads((tiny_run.run_dir / "run.json").read_text())
     assert info["utterances"] == 70 and info["packages"]["openai-whisper"] == "20250625"
@@ -110,6 +111,7 @@ def test_another_audiofolder_with_a_bad_file_runs_through_the_cli(tiny_artifacts
     utts = pd.read_parquet(run_dir / "utterances.parquet")
     broken = utts[utts["utt_id"] == "broken"]
     assert len(broken) == 2 and broken["error"].str.startswith("cannot decode audio").all()
+    assert (broken["status"] == "error").all()
     assert utts[utts["utt_id"] != "broken"]["error"].isna().all()
 
 
@@ -156,9 +158,10 @@ def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
 ):
     """The artifact breaks after the driver checked it (another node's copy, a disk): that model's
     utterances become rows naming the worker's own error, and the rest of the run completes."""
-    from converters.protocol import Artifact
     from converters.store import Prepared
     from harness import execute
+    from harness.core.status import Status
+    from harness.core.target import Artifact
     from harness.spec import ClusterSpec, DatasetSpec, JobSpec, ModelsSpec
     from tests.conftest import broken_copy
 
@@ -168,7 +171,7 @@ def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
         broken = broken_copy(good, tmp_path)
         (broken / "token_embedding.npy").write_bytes(b"changed after the driver's check")
         moved = Artifact(good.size, good.target, good.quant, broken, good.manifest)
-        return [prepared[0], execute.PreparedModel(prepared[1].cell, Prepared(moved, "reused"))]
+        return [prepared[0], execute.PreparedModel(prepared[1].cell, Prepared(moved, Status.REUSED))]
 
     real = execute.prepare_models
     monkeypatch.setattr(execute, "prepare_models", prepare_then_break)
@@ -181,12 +184,12 @@ def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
     result = run_job(spec, tmp_path / "results", models_root, progress=False, log=lambda *a: None)
     summary = result.summary.set_index("target")
     assert summary.loc["reference", "status"] == "ok" and summary.loc["reference", "errors"] == 0
-    status = summary.loc["torchscript-mtk", "status"]
-    assert summary.loc["torchscript-mtk", "errors"] == 3
-    assert status.startswith("worker failed: HarnessError: ") and "sha256 differs" in status, status
+    reason = summary.loc["torchscript-mtk", "reason"]
+    assert summary.loc["torchscript-mtk", "status"] == "worker failed" and summary.loc["torchscript-mtk", "errors"] == 3
+    assert reason.startswith("HarnessError: ") and "sha256 differs" in reason, reason
     assert len(list((result.run_dir / "raw").glob("tiny.en__torchscript-mtk__fp32-shard*.parquet"))) == 3
-    table = execute.format_summary(result.summary)
-    assert "| worker failed |" in table and f"- tiny.en/torchscript-mtk/fp32: {status}" in table
+    table = format_summary(result.summary)
+    assert "| worker failed |" in table and f"- tiny.en/torchscript-mtk/fp32: worker failed: {reason}" in table
 
 
 def test_worker_errors_read_as_one_line(ray_local):
@@ -194,8 +197,8 @@ def test_worker_errors_read_as_one_line(ray_local):
     traceback text), a failed task (the exception object), a dead process (Ray's own words)."""
     import os
 
-    from harness.errors import HarnessError
-    from harness.execute import _one_line
+    from harness.core.errors import HarnessError
+    from harness.execute import _worker_error
 
     class Worker:  # local, so Ray ships it by value
         def __init__(self, fail: bool) -> None:
@@ -216,7 +219,7 @@ def test_worker_errors_read_as_one_line(ray_local):
         return info.value
 
     init = failure(lambda: remote.remote(True).fail.remote())
-    assert _one_line(init) == "HarnessError: model.bin: sha256 differs from manifest.json"
-    assert _one_line(failure(lambda: remote.remote(False).fail.remote())) == "ValueError: bad shard"
-    died = _one_line(failure(lambda: remote.remote(False).crash.remote()))
+    assert _worker_error(init) == "HarnessError: model.bin: sha256 differs from manifest.json"
+    assert _worker_error(failure(lambda: remote.remote(False).fail.remote())) == "ValueError: bad shard"
+    died = _worker_error(failure(lambda: remote.remote(False).crash.remote()))
     assert "\n" not in died and "died" in died, died

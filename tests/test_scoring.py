@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.scoring import first_divergence, wer_delta
+from harness.scoring import first_divergence
+from harness.summary import wer_delta
 
 
 def test_first_divergence():
@@ -20,7 +21,7 @@ def _rows(errors: list[int], words: list[int], failed: tuple[int, ...] = ()) -> 
             "utt_id": [f"u{i}" for i in range(len(errors))],
             "wer_errors": errors,
             "ref_words": words,
-            "error": [("boom" if i in failed else None) for i in range(len(errors))],
+            "status": [("error" if i in failed else "ok") for i in range(len(errors))],
         }
     )
 

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from converters import parity
-from converters.ane_model import ANE_MAX_DIM, LayerNormANE, TorchAneRunner, WhisperANE, from_whisper, vocab_chunks
+from converters.ane_host import TorchAneRunner
+from converters.ane_model import ANE_MAX_DIM, LayerNormANE, WhisperANE, from_whisper, vocab_chunks
 from converters.coreml_target import DECODER, ENCODER, runtime_unavailable
+from converters.registry import get_target
 from converters.store import ensure
-from harness.decoding import Dims, build_prompt, greedy_decode
-from harness.spec import DatasetSpec, DecodingSpec, JobSpec, ModelsSpec
+from harness.core.decoding import DecodingOptions, Dims, build_prompt, greedy_decode
+from harness.spec import DatasetSpec, JobSpec, ModelsSpec
 from tests.conftest import EMBEDDED
 
 ON_MAC = platform.system() == "Darwin"
@@ -37,20 +39,19 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def whisper_model(tiny_checkpoint):
-    from harness.weights import load_model
+    from harness.core.checkpoint import load_model
 
     return load_model(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
 def dims(whisper_model) -> Dims:
-    d = whisper_model.dims
-    return Dims(d.n_mels, d.n_vocab, d.n_text_ctx)
+    return Dims.of(whisper_model.dims)
 
 
 @pytest.fixture(scope="module")
 def reference_runner(tiny_checkpoint, models_root):
-    from converters.reference import Runner
+    from converters.reference import ReferenceRunner as Runner
 
     return Runner(ensure(tiny_checkpoint, "tiny.en", "reference", "fp32", models_root)[0])
 
@@ -61,7 +62,7 @@ def coreml_fp32(tiny_checkpoint, models_root):
 
 
 def _decode_all(runner, utterances, dims):
-    prompt = build_prompt(dims, DecodingSpec())
+    prompt = build_prompt(dims, DecodingOptions())
     return {u.utt_id: greedy_decode(runner, u.audio, dims, prompt) for u in utterances}
 
 
@@ -130,7 +131,7 @@ def test_ane_form_matches_the_reference_at_every_prompt_position(whisper_model, 
     """The static-shape decoder fed token by token gives the reference's logits at each length."""
     runner = TorchAneRunner(from_whisper(whisper_model))
     mel = np.zeros((1, dims.n_mels, 3000), dtype=np.float32)
-    tokens = [*build_prompt(dims, DecodingSpec()).tokens, 440, 3290, 286, 257, 1332, 13]
+    tokens = [*build_prompt(dims, DecodingOptions()).tokens, 440, 3290, 286, 257, 1332, 13]
     ref_features, features = reference_runner.encode(mel), runner.encode(mel)
     assert parity.snr_db(np.asarray(ref_features), np.asarray(features)) > 60
     ref_cache = cache = None
@@ -142,8 +143,8 @@ def test_ane_form_matches_the_reference_at_every_prompt_position(whisper_model, 
 
 def test_broken_ane_model_fails_the_gate(whisper_model, reference_runner, dims):
     broken = _undo_layer_norm_correction(from_whisper(whisper_model), whisper_model)
-    numbers = parity.measure(reference_runner, TorchAneRunner(broken), dims, build_prompt(dims, DecodingSpec()))
-    failures = parity.gate("coreml", "fp32", numbers)
+    numbers = parity.measure(reference_runner, TorchAneRunner(broken), dims, build_prompt(dims, DecodingOptions()))
+    failures = parity.gate(get_target("coreml").tolerance("fp32"), numbers)
     assert any("encoder SNR" in f for f in failures) and any("logits max abs err" in f for f in failures)
 
 
@@ -187,7 +188,7 @@ def test_parity_was_measured_on_the_ane_form_in_pytorch(coreml_fp32):
     p = _pytorch_parity(coreml_fp32.manifest)
     assert "PyTorch" in p["runtime"] and "float32" in p["runtime"]
     assert p["encoder_snr_db"] > 60 and p["logits_max_abs_err"] < 1e-2 and p["top1_agreement"] == 1.0
-    assert parity.gate("coreml", "fp32", p) == []
+    assert parity.gate(get_target("coreml").tolerance("fp32"), p) == []
 
 
 @pytest.mark.skipif(ON_MAC, reason="Core ML runs on macOS")
@@ -208,7 +209,8 @@ def test_off_macos_the_job_reports_unavailable(coreml_fp32, models_root):
 
 @pytest.mark.skipif(ON_MAC, reason="Core ML runs on macOS")
 def test_off_macos_the_summary_says_why(coreml_fp32, models_root, ray_local, tmp_path):
-    from harness.execute import format_summary, run_job
+    from harness.execute import run_job
+    from harness.summary import format_summary
 
     spec = JobSpec(
         name="coreml-off-mac",
@@ -217,10 +219,11 @@ def test_off_macos_the_summary_says_why(coreml_fp32, models_root, ray_local, tmp
     )
     summary = run_job(spec, tmp_path, models_root, progress=False, log=lambda *a: None).summary
     assert list(summary["target"]) == ["reference", "coreml"]  # the job's order
-    reason = f"unavailable: {runtime_unavailable()} (artifact reused)"
-    assert list(summary["status"]) == ["ok", reason] and list(summary["errors"]) == [0, 2]
+    reason = f"{runtime_unavailable()} (artifact reused)"
+    assert list(summary["status"]) == ["ok", "unavailable"] and list(summary["reason"]) == ["", reason]
+    assert list(summary["errors"]) == [0, 2]
     table = format_summary(summary)
-    assert f"- tiny.en/coreml/fp32: {reason}" in table.splitlines()
+    assert f"- tiny.en/coreml/fp32: unavailable: {reason}" in table.splitlines()
     assert "| unavailable |" in table.splitlines()[3].replace("  ", "")
 
 
@@ -279,7 +282,7 @@ def test_ane_form_float16_decodes_like_the_reference(whisper_model, reference_de
 def test_core_ml_decodes_like_the_reference(
     quant, minimum, tiny_checkpoint, models_root, reference_decoded, embedded_utterances, dims
 ):
-    from converters.coreml_target import Runner
+    from converters.coreml_target import CoreMLRunner as Runner
 
     art = ensure(tiny_checkpoint, "tiny.en", "coreml", quant, models_root)[0]
     assert art.manifest["status"] == "ok"

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from converters import parity
+from converters.registry import get_target
 from converters.store import ensure, load_artifact
-from harness.decoding import build_prompt, greedy_decode
-from harness.errors import HarnessError
-from harness.spec import DecodingSpec
+from harness.core.decoding import DecodingOptions, build_prompt, greedy_decode
+from harness.core.errors import HarnessError
 from tests.conftest import broken_copy, check_unavailable_without, with_noise
 
 pytest.importorskip("ctranslate2")
@@ -26,7 +26,7 @@ def ct2_artifacts(tiny_checkpoint, models_root):
 
 @pytest.fixture(scope="module")
 def ct2_runners(ct2_artifacts):
-    from converters.ct2_target import Runner
+    from converters.ct2_target import CTranslate2Runner as Runner
 
     return {q: Runner(a) for q, a in ct2_artifacts.items()}
 
@@ -39,7 +39,7 @@ def test_build_records_files_io_toolchain_and_parity(ct2_artifacts, tiny_checkpo
     assert {"ctranslate2", "transformers"} <= set(m["toolchain"]) and m["source"]["sha256"] == tiny_checkpoint.sha256
     assert m["io"]["model.bin"]["weights"] == {"fp32": "float32", "int8": "int8"}[quant]
     p = m["parity"]
-    tol = parity.TOLERANCES[("ctranslate2", quant)]
+    tol = get_target("ctranslate2").tolerance(quant)
     assert p["steps"] == parity.TEACHER_FORCED_STEPS
     assert p["encoder_snr_db"] >= tol.min_encoder_snr_db and p["logits_max_abs_err"] <= tol.max_logit_abs_err
 
@@ -51,7 +51,7 @@ def test_int8_is_smaller(ct2_artifacts):
 
 def test_config_carries_the_decoding_rules(ct2_artifacts, tiny_dims):
     config = json.loads(ct2_artifacts["fp32"].file("config.json").read_text())
-    prompt = build_prompt(tiny_dims, DecodingSpec())
+    prompt = build_prompt(tiny_dims, DecodingOptions())
     assert config["suppress_ids_begin"] == list(prompt.suppress_at_begin)
     assert config["suppress_ids"] == list(prompt.suppress)
 
@@ -72,7 +72,7 @@ def test_vocabulary_matches_the_packaged_faster_whisper_model(ct2_artifacts):
 @pytest.mark.parametrize("max_new", [1, 3, None])
 def test_generate_follows_the_shared_loop(ct2_runners, reference, tiny_dims, embedded_utterances, max_new):
     """Same tokens and step counts as the reference under the shared loop, length limit included."""
-    prompt = build_prompt(tiny_dims, DecodingSpec(max_new_tokens=max_new))
+    prompt = build_prompt(tiny_dims, DecodingOptions(max_new_tokens=max_new))
     for utt in embedded_utterances[:2]:
         ours = greedy_decode(ct2_runners["fp32"], utt.audio, tiny_dims, prompt)
         theirs = greedy_decode(reference, utt.audio, tiny_dims, prompt)
@@ -80,13 +80,13 @@ def test_generate_follows_the_shared_loop(ct2_runners, reference, tiny_dims, emb
 
 
 def test_other_first_step_suppression_is_refused(ct2_artifacts, tiny_dims, embedded_utterances, tmp_path):
-    from converters.ct2_target import Runner
+    from converters.ct2_target import CTranslate2Runner as Runner
 
     copy = broken_copy(ct2_artifacts["int8"], tmp_path)
     config = json.loads((copy / "config.json").read_text())
     config["suppress_ids_begin"] = [config["suppress_ids_begin"][-1]]
     (copy / "config.json").write_text(json.dumps(config))
-    prompt = build_prompt(tiny_dims, DecodingSpec())
+    prompt = build_prompt(tiny_dims, DecodingOptions())
     with pytest.raises(HarnessError, match="at the first step"):
         greedy_decode(Runner(load_artifact(copy)), embedded_utterances[0].audio, tiny_dims, prompt)
 
@@ -96,24 +96,26 @@ def test_perturbed_weights_fail_the_gate(tiny_checkpoint, parity_of, tmp_path):
     import torch
 
     from converters import ct2_target
-    from converters.protocol import Artifact
-    from harness.weights import load_model
+    from harness.core.checkpoint import load_model
+    from harness.core.target import Artifact
 
     model = load_model(tiny_checkpoint)
     with torch.no_grad():
         emb = model.decoder.token_embedding.weight
         emb.copy_(torch.from_numpy(with_noise(emb.numpy())))
-    ct2_target.convert(tiny_checkpoint, model, "fp32", tmp_path)
-    numbers = parity_of(ct2_target.Runner(Artifact("tiny.en", "ctranslate2", "fp32", tmp_path, {})))
+    ct2_target.TARGET.convert(tiny_checkpoint, model, "fp32", tmp_path, ())
+    numbers = parity_of(ct2_target.CTranslate2Runner(Artifact("tiny.en", "ctranslate2", "fp32", tmp_path, {})))
     for quant in QUANTS:
-        assert any("logits max abs err" in f for f in parity.gate("ctranslate2", quant, numbers)), quant
+        assert any(
+            "logits max abs err" in f for f in parity.gate(get_target("ctranslate2").tolerance(quant), numbers)
+        ), quant
 
 
 def test_missing_ctranslate2_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
     from converters import ct2_target
 
     check_unavailable_without(
-        "ctranslate2", ct2_target, "ctranslate2 is not installed", tiny_checkpoint, tmp_path, monkeypatch
+        "ctranslate2", ct2_target, "not installed: ctranslate2", tiny_checkpoint, tmp_path, monkeypatch
     )
 
 
@@ -129,10 +131,10 @@ def test_embedded_tokens_match_the_reference(ct2_runners, exact_match, embedded_
 def test_base_builds_and_matches_the_reference(embedded_utterances, models_root):
     """The main job's size, multilingual: CTranslate2 forwards three task tokens as its prompt and
     starts from no-timestamps, so the length and blank rules shift; first ten utterances."""
-    from converters.ct2_target import Runner
-    from converters.reference import Runner as Reference
-    from harness.decoding import Dims
-    from harness.weights import resolve_checkpoint
+    from converters.ct2_target import CTranslate2Runner as Runner
+    from converters.reference import ReferenceRunner as Reference
+    from harness.core.checkpoint import resolve_checkpoint
+    from harness.core.decoding import Dims
 
     checkpoint = resolve_checkpoint("base")
     reference = Reference(ensure(checkpoint, "base", "reference", "fp32", models_root)[0])
@@ -141,7 +143,7 @@ def test_base_builds_and_matches_the_reference(embedded_utterances, models_root)
     d = artifact.manifest["dims"]
     dims = Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
     runner = Runner(artifact)
-    for spec in (DecodingSpec(), DecodingSpec(max_new_tokens=2)):
+    for spec in (DecodingOptions(), DecodingOptions(max_new_tokens=2)):
         prompt = build_prompt(dims, spec)
         assert len(prompt.tokens) == 4
         for u in embedded_utterances[: 10 if spec.max_new_tokens is None else 2]:

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import litert_target as litert
-from converters import mtk, parity
-from converters.protocol import Artifact, Unavailable
-from converters.registry import get_target
+from converters import litert_build, litert_graphs, mtk, parity
+from converters.registry import TARGETS, get_target
 from converters.store import ensure, load_artifact
+from harness.core.errors import HarnessError
+from harness.core.target import Artifact, Unavailable
 from tests.conftest import broken_copy, with_noise
 
-GRAPHS = (litert.ENCODER, litert.CROSS_KV, litert.DECODER)
+GRAPHS = (litert_graphs.ENCODER, litert_graphs.CROSS_KV, litert_graphs.DECODER)
 FILES = {*GRAPHS, mtk.EMBEDDING, mtk.POSITIONS}
 SUBSET = 5  # utterances the fast tier decodes against the reference
 NO_NPU_OPS = {"GATHER", "GATHER_ND", "EMBEDDING_LOOKUP", "SCATTER_ND", "DYNAMIC_UPDATE_SLICE"}
@@ -55,12 +55,12 @@ def test_fp32_records_path_runtime_files_and_parity(fp32, tiny_checkpoint):
     assert set(m["files"]) == FILES and m["source"]["sha256"] == tiny_checkpoint.sha256
     assert m["path"] == ("mtk_converter" if mtk.mtk_converter_available() else "litert-torch")
     assert m["runtime"] == "litert-cpu (MediaTek emulation)" and "aot" not in m
-    assert m["settings"]["recipe"] == mtk.RECIPE and "mtk_converter" in m["toolchain"]
-    step = m["io"][litert.DECODER]["inputs"]
-    assert set(step) == {"token_embedding", "position_embedding", *litert.CACHE_INPUTS}
+    assert m["settings"]["recipe"] == mtk.TARGET.recipe and "mtk_converter" in m["toolchain"]
+    step = m["io"][litert_graphs.DECODER]["inputs"]
+    assert set(step) == {"token_embedding", "position_embedding", *litert_graphs.CACHE_INPUTS}
     assert step["token_embedding"] == {"shape": [1, 1, 384], "dtype": "float32"}
     assert m["io"][mtk.EMBEDDING]["shape"] == [51864, 384] and m["io"][mtk.POSITIONS]["shape"] == [448, 384]
-    assert parity.gate("mtk", "fp32", m["parity"]) == [] and m["parity"]["top1_agreement"] == 1.0
+    assert parity.gate(get_target("mtk").tolerance("fp32"), m["parity"]) == [] and m["parity"]["top1_agreement"] == 1.0
 
 
 def test_graphs_have_fixed_shapes_and_no_gather(fp32):
@@ -72,7 +72,7 @@ def test_graphs_have_fixed_shapes_and_no_gather(fp32):
         interpreter = Interpreter(model_path=str(fp32.file(name)))
         for detail in interpreter.get_input_details() + interpreter.get_output_details():
             assert (detail["shape_signature"] > 0).all(), (name, detail["name"])
-    assert op_census(fp32.file(litert.DECODER))["FULLY_CONNECTED"] == 8 * 4 + 1  # 8 per layer, the LM head
+    assert op_census(fp32.file(litert_graphs.DECODER))["FULLY_CONNECTED"] == 8 * 4 + 1  # 8 per layer, the LM head
 
 
 def test_fp32_and_int8_decode_like_the_reference(fp32, parity_of, exact_match, embedded_utterances, tmp_path):
@@ -84,12 +84,12 @@ def test_fp32_and_int8_decode_like_the_reference(fp32, parity_of, exact_match, e
     folder = tmp_path / "int8"
     shutil.copytree(fp32.path, folder)
     for name in GRAPHS:
-        litert.quantize(folder / name, mtk.RECIPE_OF["int8"], None)
+        litert_build.quantize(folder / name, mtk.RECIPE_OF["int8"], None)
     runner = mtk.Runner(Artifact(fp32.size, "mtk", "int8", folder, {**fp32.manifest, "quant": "int8"}))
     numbers = parity_of(runner)
-    assert parity.gate("mtk", "int8", numbers) == [], numbers
+    assert parity.gate(get_target("mtk").tolerance("int8"), numbers) == [], numbers
     assert numbers["encoder_snr_db"] < 60  # really quantized
-    assert (folder / litert.DECODER).stat().st_size < fp32.file(litert.DECODER).stat().st_size / 3
+    assert (folder / litert_graphs.DECODER).stat().st_size < fp32.file(litert_graphs.DECODER).stat().st_size / 3
     rate, ms = exact_match(runner, utterances)
     print(f"mtk int8 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
     assert rate >= 0.5
@@ -100,9 +100,9 @@ def test_perturbed_host_embedding_fails_the_gate(fp32, parity_of, tmp_path):
     np.save(broken / mtk.EMBEDDING, with_noise(np.load(broken / mtk.EMBEDDING)))
     numbers = parity_of(mtk.Runner(load_artifact(broken)))
     print(f"mtk fp32 with a perturbed host embedding: {numbers}")
-    assert any("logits max abs err" in f for f in parity.gate("mtk", "fp32", numbers))
+    assert any("logits max abs err" in f for f in parity.gate(get_target("mtk").tolerance("fp32"), numbers))
     for quant in get_target("mtk").quants:  # every row catches it, not only the strictest
-        assert parity.gate("mtk", quant, numbers), quant
+        assert parity.gate(get_target("mtk").tolerance(quant), numbers), quant
 
 
 def test_aot_for_a_soc_without_the_neuropilot_sdk_is_unavailable(tiny_checkpoint, models_root, monkeypatch):
@@ -113,19 +113,23 @@ def test_aot_for_a_soc_without_the_neuropilot_sdk_is_unavailable(tiny_checkpoint
     monkeypatch.setenv(mtk.SOC_ENV, "MT6989")
     try:
         importlib.reload(mtk)
-        assert mtk.RECIPE.endswith("+aot:MT6989")
+        monkeypatch.setitem(TARGETS, "mtk", mtk.TARGET)  # the registry's entry, as built at import
+        assert mtk.TARGET.recipe.endswith("+aot:MT6989")
         with pytest.raises(Unavailable, match="ai-edge-litert-sdk-mediatek"):
             ensure(tiny_checkpoint, "tiny.en", "mtk", "fp32", models_root)
         assert set(models_root.glob("*/*")) == before  # nothing half-built is kept
     finally:
         monkeypatch.delenv(mtk.SOC_ENV)
         importlib.reload(mtk)
-    assert "+aot" not in mtk.RECIPE
+    assert "+aot" not in mtk.TARGET.recipe
 
 
-def test_unknown_quantization_is_unavailable(tmp_path):
-    with pytest.raises(Unavailable, match="is not one of fp32, fp16, int8"):
-        mtk.convert(None, None, "int8-static", tmp_path)
+def test_unknown_quantization_is_refused_before_anything_is_built(tiny_checkpoint, tmp_path):
+    with pytest.raises(
+        HarnessError, match=r"target .mtk. offers no quantization .int8-static.*offered: fp32, fp16, int8"
+    ):
+        ensure(tiny_checkpoint, "tiny.en", "mtk", "int8-static", tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -134,7 +138,7 @@ def test_quantized_builds_pass_their_gate(tiny_checkpoint, models_root, fp32, qu
     m = ensure(tiny_checkpoint, "tiny.en", "mtk", quant, models_root)[0].manifest
     print(f"mtk {quant}: parity {m['parity']}, convert_s {m['convert_s']}")
     assert m["status"] == "ok" and m["quantization"]["recipe"] == mtk.RECIPE_OF[quant]
-    assert m["files"][litert.DECODER]["bytes"] < fp32.manifest["files"][litert.DECODER]["bytes"] / 1.9
+    assert m["files"][litert_graphs.DECODER]["bytes"] < fp32.manifest["files"][litert_graphs.DECODER]["bytes"] / 1.9
 
 
 @pytest.mark.slow

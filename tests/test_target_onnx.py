@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from converters import onnx_export, parity
+from converters.registry import get_target
 from converters.store import ensure
 from tests.conftest import broken_copy, check_cached_steps, check_unavailable_without, with_noise
 
@@ -52,7 +53,7 @@ def test_fp32_build_records_files_io_and_parity(fp32_artifact, tiny_checkpoint):
     assert step["inputs"]["cross_v"] == [N_LAYER, 1, 1500, N_STATE] and step["outputs"]["logits"] == [1, N_VOCAB]
     assert step["outputs"]["new_self_k"] == [N_LAYER, 1, "n + T", N_STATE]
     assert m["io"]["encoder.onnx"]["inputs"]["mel"] == [1, 80, 3000]
-    p, tol = m["parity"], parity.TOLERANCES[("onnx", "fp32")]
+    p, tol = m["parity"], get_target("onnx").tolerance("fp32")
     assert p["top1_agreement"] == 1.0 and p["encoder_snr_db"] >= tol.min_encoder_snr_db
     assert p["logits_max_abs_err"] <= tol.max_logit_abs_err
 
@@ -68,7 +69,7 @@ def test_vocab_projection_is_one_initializer_shared_with_the_lookup(fp32_artifac
 
 def test_cached_steps_match_whole_sequence_recomputation(fp32_artifact, tiny_dims, tiny_checkpoint):
     # the cache's self-attention keys [n_layer, 1, positions, d]
-    check_cached_steps(onnx_export.Runner(fp32_artifact), tiny_checkpoint, tiny_dims, lambda c: c[2].shape[2])
+    check_cached_steps(onnx_export.OnnxRunner(fp32_artifact), tiny_checkpoint, tiny_dims, lambda c: c[2].shape[2])
 
 
 def test_int8_quantizes_every_weight_matmul_including_the_vocab_projection(int8_from_fp32):
@@ -81,10 +82,10 @@ def test_int8_quantizes_every_weight_matmul_including_the_vocab_projection(int8_
 
 
 def test_int8_graphs_run_and_stay_close(int8_from_fp32, parity_of):
-    from converters.protocol import Artifact
+    from harness.core.target import Artifact
 
-    numbers = parity_of(onnx_export.Runner(Artifact("tiny.en", "onnx", "int8", int8_from_fp32, {})))
-    assert parity.gate("onnx", "int8", numbers) == []
+    numbers = parity_of(onnx_export.OnnxRunner(Artifact("tiny.en", "onnx", "int8", int8_from_fp32, {})))
+    assert parity.gate(get_target("onnx").tolerance("int8"), numbers) == []
     assert numbers["encoder_snr_db"] < 60  # really quantized, not float32 under another name
 
 
@@ -92,7 +93,7 @@ def test_int8_graphs_run_and_stay_close(int8_from_fp32, parity_of):
 def test_perturbed_vocabulary_fails_the_gate(fp32_artifact, int8_from_fp32, parity_of, tmp_path, quant):
     from onnx import numpy_helper
 
-    from converters.protocol import Artifact
+    from harness.core.target import Artifact
 
     broken = broken_copy(
         fp32_artifact if quant == "fp32" else Artifact("tiny.en", "onnx", quant, int8_from_fp32, {}), tmp_path
@@ -101,7 +102,10 @@ def test_perturbed_vocabulary_fails_the_gate(fp32_artifact, int8_from_fp32, pari
     (init,) = (i for i in model.graph.initializer if i.name == "vocab.weight_t")  # the lookup's table
     init.CopyFrom(numpy_helper.from_array(with_noise(numpy_helper.to_array(init)), init.name))
     onnx.save(model, str(broken / "decoder_step.onnx"))
-    failures = parity.gate("onnx", quant, parity_of(onnx_export.Runner(Artifact("tiny.en", "onnx", quant, broken, {}))))
+    failures = parity.gate(
+        get_target("onnx").tolerance(quant),
+        parity_of(onnx_export.OnnxRunner(Artifact("tiny.en", "onnx", quant, broken, {}))),
+    )
     assert any("logits max abs err" in f for f in failures) and any("top-1" in f for f in failures)
 
 
@@ -119,7 +123,7 @@ def test_embedded_tokens_match_the_reference(
     assert artifacts["int8"].manifest["status"] == "ok", artifacts["int8"].manifest["parity_failures"]
     rates, ms = {}, {}
     for quant, artifact in artifacts.items():
-        rates[quant], ms[quant] = exact_match(onnx_export.Runner(artifact), embedded_utterances)
+        rates[quant], ms[quant] = exact_match(onnx_export.OnnxRunner(artifact), embedded_utterances)
     print(f"onnx utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95
     # 0.56 measured: dynamic int8 drifts, and one changed token makes a transcript differ

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import litert_target as litert
-from converters import parity
-from converters.protocol import Artifact, Unavailable
+from converters import litert_build, litert_graphs, litert_runtime, litert_target, parity
 from converters.registry import get_target
 from converters.store import ensure, load_artifact, prepare
+from harness.core.target import Artifact, Unavailable
+from harness.data import calibration_source
 from tests.conftest import broken_copy, check_cached_steps, with_noise
 
-FILES = {litert.ENCODER, litert.CROSS_KV, litert.DECODER}
+FILES = {litert_graphs.ENCODER, litert_graphs.CROSS_KV, litert_graphs.DECODER}
 SUBSET = 5  # utterances the fast tier decodes against the reference
 
 
@@ -33,7 +33,7 @@ def quantized_copy(artifact: Artifact, quant: str, folder) -> Artifact:
     """`artifact`'s float graphs quantized in a copy, with the shared recipe (no re-conversion)."""
     shutil.copytree(artifact.path, folder)
     for name in FILES:
-        litert.quantize(folder / name, quant, None)
+        litert_build.quantize(folder / name, quant, None)
     return Artifact(artifact.size, artifact.target, quant, folder, {**artifact.manifest, "quant": quant})
 
 
@@ -41,36 +41,36 @@ def test_fp32_records_files_io_and_parity(fp32, tiny_checkpoint):
     m = fp32.manifest
     assert m["status"] == "ok" and m["parity_failures"] == []
     assert set(m["files"]) == FILES and m["source"]["sha256"] == tiny_checkpoint.sha256
-    assert m["settings"]["recipe"] == litert.RECIPE and m["path"] == "litert-torch"
+    assert m["settings"]["recipe"] == litert_target.TARGET.recipe and m["path"] == "litert-torch"
     assert {"litert-torch", "ai-edge-litert", "ai-edge-quantizer"} <= set(m["toolchain"])
-    assert m["io"][litert.ENCODER]["inputs"]["mel"] == {"shape": [1, 80, 3000], "dtype": "float32"}
-    step = m["io"][litert.DECODER]
+    assert m["io"][litert_graphs.ENCODER]["inputs"]["mel"] == {"shape": [1, 80, 3000], "dtype": "float32"}
+    step = m["io"][litert_graphs.DECODER]
     assert step["inputs"]["token"] == {"shape": [1, 1], "dtype": "int32"}
     assert step["inputs"]["k_cache"]["shape"] == [4, 1, 448, 384] and step["inputs"]["mask"]["shape"] == [1, 1, 448]
     assert step["inputs"]["cross_k"]["shape"] == [4, 1, 1500, 384]
     assert step["outputs"]["logits"]["shape"] == [1, 51864] and step["outputs"]["k_new"]["shape"] == [4, 1, 1, 384]
     assert set(m["convert_s"]) == FILES and m["quantization"] is None
     p = m["parity"]
-    assert parity.gate("tflite", "fp32", p) == [] and p["top1_agreement"] == 1.0
+    assert parity.gate(get_target("tflite").tolerance("fp32"), p) == [] and p["top1_agreement"] == 1.0
 
 
 def test_cached_steps_match_whole_sequence_recomputation(fp32, tiny_dims):
     # the host owns the cache; the runner's cache value is the number of filled slots
-    check_cached_steps(litert.Runner(fp32), fp32.checkpoint(), tiny_dims, lambda filled: filled)
+    check_cached_steps(litert_runtime.Runner(fp32), fp32.checkpoint(), tiny_dims, lambda cache: cache.length)
 
 
 def test_fp32_and_int8_dynamic_decode_like_the_reference(fp32, parity_of, exact_match, embedded_utterances, tmp_path):
     utterances = embedded_utterances[:SUBSET]
-    rate, ms = exact_match(litert.Runner(fp32), utterances)
+    rate, ms = exact_match(litert_runtime.Runner(fp32), utterances)
     print(f"tflite fp32 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
     assert rate >= 0.95
 
     int8 = quantized_copy(fp32, "int8-dynamic", tmp_path / "int8")
-    runner = litert.Runner(int8)
+    runner = litert_runtime.Runner(int8)
     numbers = parity_of(runner)
-    assert parity.gate("tflite", "int8-dynamic", numbers) == [], numbers
+    assert parity.gate(get_target("tflite").tolerance("int8-dynamic"), numbers) == [], numbers
     assert numbers["encoder_snr_db"] < 60  # really quantized
-    size = {q: (a.path / litert.DECODER).stat().st_size for q, a in (("fp32", fp32), ("int8", int8))}
+    size = {q: (a.path / litert_graphs.DECODER).stat().st_size for q, a in (("fp32", fp32), ("int8", int8))}
     assert size["int8"] < size["fp32"] / 3  # every weight int8, the embedding/LM head included
     rate, ms = exact_match(runner, utterances)
     print(f"tflite int8-dynamic on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
@@ -87,45 +87,45 @@ def _perturb_float_embedding(decoder: Path, embedding: np.ndarray) -> None:
 
 
 def test_perturbed_embedding_fails_the_gate(fp32, parity_of, tmp_path):
-    from harness.weights import load_model
+    from harness.core.checkpoint import load_model
 
     broken = broken_copy(fp32, tmp_path)
     embedding = load_model(fp32.checkpoint()).decoder.token_embedding.weight.detach().numpy()
-    _perturb_float_embedding(broken / litert.DECODER, embedding)
-    numbers = parity_of(litert.Runner(load_artifact(broken)))
+    _perturb_float_embedding(broken / litert_graphs.DECODER, embedding)
+    numbers = parity_of(litert_runtime.Runner(load_artifact(broken)))
     print(f"tflite fp32 with a perturbed embedding: {numbers}")
-    failures = parity.gate("tflite", "fp32", numbers)
+    failures = parity.gate(get_target("tflite").tolerance("fp32"), numbers)
     assert any("logits max abs err" in f for f in failures) and any("top-1" in f for f in failures)
     for quant in get_target("tflite").quants:  # every row catches it, not only the strictest
-        assert parity.gate("tflite", quant, numbers), quant
+        assert parity.gate(get_target("tflite").tolerance(quant), numbers), quant
 
 
 def test_tflite_runtime_is_refused_for_dynamic_int8_from_the_new_quantizer():
     toolchain = {"ai-edge-quantizer": "0.10.0"}
-    assert "silently wrong" in litert.interpreter_refusal("tflite-runtime", "int8-dynamic", toolchain)
+    assert "silently wrong" in litert_runtime.interpreter_refusal("tflite-runtime", "int8-dynamic", toolchain)
     for quant in ("fp32", "fp16", "int8-weight", "int8-static"):
-        assert litert.interpreter_refusal("tflite-runtime", quant, toolchain) is None
-    assert litert.interpreter_refusal("ai-edge-litert", "int8-dynamic", toolchain) is None
-    assert litert.interpreter_refusal("tflite-runtime", "int8-dynamic", {"ai-edge-quantizer": "absent"}) is None
+        assert litert_runtime.interpreter_refusal("tflite-runtime", quant, toolchain) is None
+    assert litert_runtime.interpreter_refusal("ai-edge-litert", "int8-dynamic", toolchain) is None
+    assert litert_runtime.interpreter_refusal("tflite-runtime", "int8-dynamic", {"ai-edge-quantizer": "absent"}) is None
 
 
 def test_interpreter_choice_is_checked(fp32, monkeypatch):
-    monkeypatch.setenv(litert.INTERPRETER_ENV, "tflite")
-    assert "is not one of" in litert.runtime_unavailable()
-    monkeypatch.setenv(litert.INTERPRETER_ENV, "tflite-runtime")
-    reason = litert.runtime_unavailable()
+    monkeypatch.setenv(litert_runtime.INTERPRETER_ENV, "tflite")
+    assert "is not one of" in litert_runtime.runtime_unavailable()
+    monkeypatch.setenv(litert_runtime.INTERPRETER_ENV, "tflite-runtime")
+    reason = litert_runtime.runtime_unavailable()
     if reason is not None:  # tflite-runtime 2.14 needs numpy < 2, which this environment may not have
         assert reason == "tflite-runtime is not installed" or "numpy < 2" in reason
         with pytest.raises(Unavailable, match=r"not installed|numpy < 2"):
-            litert.Runner(fp32)
+            litert_runtime.Runner(fp32)
     dynamic = Artifact(fp32.size, "tflite", "int8-dynamic", fp32.path, fp32.manifest)
     with pytest.raises(Unavailable, match=r"not installed|numpy < 2|silently wrong"):
-        litert.Runner(dynamic)
+        litert_runtime.Runner(dynamic)
 
 
 def test_unknown_quantization_is_unavailable():
     with pytest.raises(Unavailable, match="no LiteRT recipe"):
-        litert.quant_recipe("int4")
+        litert_build.quant_recipe("int4")
 
 
 @pytest.mark.slow
@@ -134,7 +134,7 @@ def test_quantized_builds_pass_their_gate(tiny_checkpoint, models_root, fp32, qu
     m = ensure(tiny_checkpoint, "tiny.en", "tflite", quant, models_root)[0].manifest
     print(f"tflite {quant}: parity {m['parity']}, convert_s {m['convert_s']}")
     assert m["status"] == "ok" and m["quantization"] == {"tool": "ai-edge-quantizer", "recipe": quant}
-    assert m["files"][litert.DECODER]["bytes"] < fp32.manifest["files"][litert.DECODER]["bytes"] / 1.9
+    assert m["files"][litert_graphs.DECODER]["bytes"] < fp32.manifest["files"][litert_graphs.DECODER]["bytes"] / 1.9
 
 
 @pytest.mark.slow
@@ -142,16 +142,18 @@ def test_full_int8_is_refused_with_the_measured_reason(tiny_checkpoint, models_r
     """Full int8, calibrated on the shipped train-clean-100 utterances: ai-edge-quantizer 0.10
     writes graphs LiteRT's kernels refuse to prepare (a gate failure, had they loaded: per-tensor
     int8 cannot hold whisper's outliers). Either way the store reports it, never a crash."""
-    prepared = prepare(tiny_checkpoint, "tiny.en", "tflite", "int8-static", models_root)
+    prepared = prepare(tiny_checkpoint, ("tiny.en", "tflite", "int8-static"), models_root, calibration_source())
     print(f"tflite int8-static: {prepared.status}: {prepared.reason}")
     assert prepared.status in ("unavailable", "failed")
     if prepared.status == "unavailable":
         assert "cannot run" in prepared.reason
         assert not [p for p in models_root.glob("*/tflite-int8-static-*") if p.is_dir()]  # no artifact
-        again = prepare(tiny_checkpoint, "tiny.en", "tflite", "int8-static", models_root)  # recorded, not rebuilt
+        # recorded, not rebuilt
+        again = prepare(tiny_checkpoint, ("tiny.en", "tflite", "int8-static"), models_root, calibration_source())
         assert again.status == "unavailable" and again.reason.startswith(prepared.reason + " (recorded in ")
     else:
         assert prepared.artifact.manifest["calibration"]["utterances"] == 10
+        assert prepared.artifact.manifest["calibration_source"] == "data/librispeech-calibration"
         assert any("encoder SNR" in f for f in prepared.artifact.manifest["parity_failures"])
 
 
@@ -160,7 +162,7 @@ def test_embedded_tokens_match_the_reference(tiny_checkpoint, models_root, exact
     rates, ms = {}, {}
     for quant in ("fp32", "fp16", "int8-dynamic", "int8-weight"):
         artifact = ensure(tiny_checkpoint, "tiny.en", "tflite", quant, models_root)[0]
-        rates[quant], ms[quant] = exact_match(litert.Runner(artifact), embedded_utterances)
+        rates[quant], ms[quant] = exact_match(litert_runtime.Runner(artifact), embedded_utterances)
     print(f"tflite utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95 and rates["fp16"] >= 0.9
     assert rates["int8-dynamic"] >= 0.5 and rates["int8-weight"] >= 0.5

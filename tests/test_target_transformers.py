@@ -9,8 +9,7 @@ import pytest
 
 from converters import parity
 from converters.store import MANIFEST, ensure, load_artifact
-from harness.decoding import build_prompt, greedy_decode
-from harness.spec import DecodingSpec
+from harness.core.decoding import DecodingOptions, build_prompt, greedy_decode
 from tests.conftest import broken_copy, check_unavailable_without, with_noise
 
 pytest.importorskip("transformers")
@@ -23,7 +22,7 @@ def hf_artifact(tiny_checkpoint, models_root):
 
 @pytest.fixture(scope="module")
 def hf_runner(hf_artifact):
-    from converters.hf_transformers import Runner
+    from converters.hf_transformers import TransformersRunner as Runner
 
     return Runner(hf_artifact)
 
@@ -48,7 +47,7 @@ def test_config_follows_the_checkpoint_and_the_decoding_rules(hf_artifact, tiny_
         d["n_text_head"],
     )
     assert config["max_source_positions"] == d["n_audio_ctx"] and config["max_target_positions"] == d["n_text_ctx"]
-    prompt = build_prompt(tiny_dims, DecodingSpec())
+    prompt = build_prompt(tiny_dims, DecodingOptions())
     assert generation["decoder_start_token_id"] == prompt.tokens[0] and generation["eos_token_id"] == prompt.eot
     assert generation["suppress_tokens"] == list(prompt.suppress)
     assert generation["begin_suppress_tokens"] == list(prompt.suppress_at_begin)
@@ -59,19 +58,18 @@ def test_hf_generate_reproduces_the_reference(hf_runner, reference, tiny_dims):
     """HF's own generate() under the saved configs (not the shared loop) = the reference's tokens."""
     import torch
 
-    from harness.data import decode_audio
-    from harness.decoding import log_mel
+    from harness.core.audio import decode_audio, log_mel
 
     audio = decode_audio(str(parity.PARITY_AUDIO))
     mel = torch.from_numpy(log_mel(audio, tiny_dims.n_mels))
     with torch.inference_mode():
         ours = hf_runner.model.generate(input_features=mel, num_beams=1, do_sample=False)[0].tolist()
-    prompt = build_prompt(tiny_dims, DecodingSpec())
+    prompt = build_prompt(tiny_dims, DecodingOptions())
     assert ours == list(greedy_decode(reference, audio, tiny_dims, prompt).tokens)
 
 
 def test_cached_steps_match_uncached_ones(hf_runner, tiny_dims):
-    prompt = build_prompt(tiny_dims, DecodingSpec())
+    prompt = build_prompt(tiny_dims, DecodingOptions())
     mel = np.zeros((1, tiny_dims.n_mels, 3000), dtype=np.float32)
     features = hf_runner.encode(mel)
     tokens = [*prompt.tokens, 440, 3290, 286, 257]
@@ -83,7 +81,7 @@ def test_cached_steps_match_uncached_ones(hf_runner, tiny_dims):
 
 
 def test_first_utterances_match_the_reference(hf_runner, reference, tiny_dims, embedded_utterances):
-    prompt = build_prompt(tiny_dims, DecodingSpec())
+    prompt = build_prompt(tiny_dims, DecodingOptions())
     for utt in embedded_utterances[:2]:
         ours = greedy_decode(hf_runner, utt.audio, tiny_dims, prompt)
         theirs = greedy_decode(reference, utt.audio, tiny_dims, prompt)
@@ -94,7 +92,7 @@ def test_perturbed_weights_fail_the_gate(hf_artifact, parity_of, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from converters.hf_transformers import Runner
+    from converters.hf_transformers import TransformersRunner as Runner
 
     broken = broken_copy(hf_artifact, tmp_path)
     weights = load_file(broken / "model.safetensors")
@@ -110,7 +108,7 @@ def test_missing_transformers_is_unavailable(monkeypatch, tiny_checkpoint, tmp_p
     from converters import hf_transformers
 
     check_unavailable_without(
-        "transformers", hf_transformers, "transformers is not installed", tiny_checkpoint, tmp_path, monkeypatch
+        "transformers", hf_transformers, "not installed: transformers", tiny_checkpoint, tmp_path, monkeypatch
     )
 
 
@@ -124,10 +122,10 @@ def test_embedded_tokens_match_the_reference(hf_runner, exact_match, embedded_ut
 @pytest.mark.slow
 def test_base_builds_and_matches_the_reference(embedded_utterances, models_root):
     """The main job's size, multilingual (a four-token prompt), on the first ten utterances."""
-    from converters.hf_transformers import Runner
-    from converters.reference import Runner as Reference
-    from harness.decoding import Dims
-    from harness.weights import resolve_checkpoint
+    from converters.hf_transformers import TransformersRunner as Runner
+    from converters.reference import ReferenceRunner as Reference
+    from harness.core.checkpoint import resolve_checkpoint
+    from harness.core.decoding import Dims
 
     checkpoint = resolve_checkpoint("base")
     reference = ensure(checkpoint, "base", "reference", "fp32", models_root)[0]
@@ -135,7 +133,7 @@ def test_base_builds_and_matches_the_reference(embedded_utterances, models_root)
     assert artifact.manifest["status"] == "ok"
     d = artifact.manifest["dims"]
     dims = Dims(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
-    prompt = build_prompt(dims, DecodingSpec())
+    prompt = build_prompt(dims, DecodingOptions())
     assert len(prompt.tokens) == 4
     ours, theirs = Runner(artifact), Reference(reference)
     for u in embedded_utterances[:10]:

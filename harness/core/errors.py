@@ -1,4 +1,4 @@
-"""The one exception type the CLI turns into a clean error line and a non-zero exit."""
+"""The one exception type the CLI turns into a clean error line, and how errors read in one line."""
 
 from __future__ import annotations
 
@@ -17,3 +17,10 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` on one line (a toolchain's message can run to pages): its first line, with
+    runs of white space folded."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return " ".join(f"{type(exc).__name__}: {first}".split())

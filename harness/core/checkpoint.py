@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import http.client
 import importlib.metadata
 import importlib.resources
 import importlib.util
 import json
-import math
 import os
 import pickle
 import socket
-import struct
 import tempfile
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +28,9 @@ import torch
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
-from harness.errors import HarnessError, did_you_mean
+from harness.core import ct2_model_bin
+from harness.core.errors import HarnessError, did_you_mean, one_line
+from harness.core.hashing import file_sha256, tensor_sha256
 
 OFFICIAL_NAMES: tuple[str, ...] = tuple(whisper._MODELS)
 
@@ -49,22 +47,6 @@ _PROBE_TIMEOUT_S = 3.0
 # Set to 1 to never attempt a download (CI, tests, air-gapped runs).
 _OFFLINE_ENV = "HARNESS_WEIGHTS_OFFLINE"
 _CACHE_ENV = "HARNESS_WEIGHTS_CACHE"
-
-# Layout of CTranslate2 model.bin, from python/ctranslate2/specs/model_spec.py
-# (_serialize) and src/models/model.cc (Model::load). Type ids follow the DataType
-# enum in include/ctranslate2/types.h. Versions below 4 stored item sizes instead of
-# type ids, 6 is the newest writer.
-_CT2_MIN_VERSION = 4
-_CT2_MAX_VERSION = 6
-_CT2_DTYPES: dict[int, torch.dtype] = {
-    0: torch.float32,
-    1: torch.int8,
-    2: torch.int16,
-    3: torch.int32,
-    4: torch.float16,
-    5: torch.bfloat16,
-}
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class WeightsError(HarnessError):
@@ -111,18 +93,6 @@ _PACKAGES: dict[str, _Package] = {
 }
 
 
-def tensor_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Digest of the tensor contents, independent of how the file was pickled."""
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(key.encode() + b"\0")
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode() + b"\0")
-        # Viewing as bytes works for every dtype, bfloat16 included (numpy has none).
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def resolve_checkpoint(name_or_path: str, cache_dir: Path | None = None) -> Checkpoint:
     """Find or build an openai-whisper checkpoint for a model name or a .pt path."""
     path = Path(name_or_path).expanduser()
@@ -152,7 +122,7 @@ def resolve_checkpoint(name_or_path: str, cache_dir: Path | None = None) -> Chec
 
     official = _whisper_cache_file(name)
     if official.is_file():
-        if _file_sha256(official) == _official_sha256(name):
+        if file_sha256(official) == _official_sha256(name):
             return _official_checkpoint(name, official, "openai-whisper cache")
         tried.append(f"{official} fails openai-whisper's sha256 check")
     else:
@@ -218,7 +188,7 @@ def _read_checkpoint(path: Path, what: str) -> dict:
     # UnpicklingError, a truncated one as EOFError.
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise WeightsError(
-            f"cannot read Whisper weights {what} from {path}: {_one_line(exc)}; "
+            f"cannot read Whisper weights {what} from {path}: {one_line(exc)}; "
             "give an openai-whisper .pt file (delete it if it is a corrupt cache)"
         ) from exc
     if not isinstance(state, dict) or not {"dims", "model_state_dict"} <= state.keys():
@@ -238,15 +208,6 @@ def _whisper_cache_file(name: str) -> Path:
 def _official_sha256(name: str) -> str:
     # openai-whisper's convention: the file's sha256 is the URL's parent directory.
     return whisper._MODELS[name].split("/")[-2]
-
-
-def _file_sha256(path: Path) -> str:
-    # Streamed: whisper._download reads the whole file into memory (3 GB for large).
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _official_checkpoint(name: str, path: Path, source: str) -> Checkpoint:
@@ -287,10 +248,10 @@ def _convert_packaged(name: str, package: _Package, cache: Path) -> Checkpoint:
     model_bin = b"".join(_read_resource(module, res) for module, res in package.model_parts)
     config = json.loads(_read_resource(*package.config))
     try:
-        dims, state_dict = _ct2_to_whisper(_parse_ct2(model_bin))
+        dims, state_dict = ct2_model_bin.to_whisper(ct2_model_bin.parse_model_bin(model_bin))
     except ValueError as exc:
         raise WeightsError(
-            f"cannot convert Whisper weights '{name}' from {source}: {_one_line(exc)}; "
+            f"cannot convert Whisper weights '{name}' from {source}: {one_line(exc)}; "
             "reinstall the package or give an openai-whisper .pt file"
         ) from exc
     sha = tensor_sha256(state_dict)
@@ -341,183 +302,6 @@ def _alignment_heads_dump(pairs: list[list[int]], dims: ModelDimensions) -> byte
     return base64.b85encode(gzip.compress(mask.tobytes()))
 
 
-def _parse_ct2(data: bytes) -> dict[str, torch.Tensor]:
-    """Variables of a CTranslate2 model.bin by name, aliases resolved to their targets."""
-    offset = 0
-
-    def take(fmt: str) -> tuple:
-        nonlocal offset
-        values = struct.unpack_from("<" + fmt, data, offset)
-        offset += struct.calcsize("<" + fmt)
-        return values
-
-    def take_string() -> str:
-        nonlocal offset
-        (length,) = take("H")  # includes the trailing NUL
-        raw = data[offset : offset + length - 1]
-        offset += length
-        if offset > len(data):
-            raise struct.error("string cut short")
-        return raw.decode("utf-8")
-
-    try:
-        (version,) = take("I")
-        if not _CT2_MIN_VERSION <= version <= _CT2_MAX_VERSION:
-            raise ValueError(f"unsupported CTranslate2 binary version {version}")
-        spec = take_string()
-        if spec != "WhisperSpec":
-            raise ValueError(f"CTranslate2 spec is {spec!r}, not 'WhisperSpec'")
-        take("I")  # spec revision: the strict key mapping below catches layout changes
-        (count,) = take("I")
-        variables: dict[str, torch.Tensor] = {}
-        for _ in range(count):
-            var_name = take_string()
-            (rank,) = take("B")
-            shape = take("I" * rank)
-            (type_id,) = take("B")
-            (num_bytes,) = take("I")
-            if type_id not in _CT2_DTYPES:
-                raise ValueError(f"unknown CTranslate2 dtype id {type_id} for {var_name}")
-            dtype = _CT2_DTYPES[type_id]
-            if num_bytes != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"{var_name} has {num_bytes} bytes for shape {shape} of {dtype}")
-            raw = bytearray(data[offset : offset + num_bytes])  # writable for torch
-            offset += num_bytes
-            if len(raw) != num_bytes:
-                raise struct.error("variable data cut short")
-            # frombuffer rejects an empty buffer, so empty variables are built directly.
-            variables[var_name] = (
-                torch.frombuffer(raw, dtype=dtype).reshape(shape) if num_bytes else torch.empty(shape, dtype=dtype)
-            )
-        (aliases,) = take("I")
-        for _ in range(aliases):
-            alias = take_string()
-            variables[alias] = variables[take_string()]
-    except struct.error as exc:
-        raise ValueError(f"CTranslate2 model.bin is truncated ({len(data)} bytes)") from exc
-    if offset != len(data):
-        raise ValueError(f"{len(data) - offset} trailing bytes after CTranslate2 model.bin")
-    return variables
-
-
-def _ct2_to_whisper(
-    variables: dict[str, torch.Tensor],
-) -> tuple[ModelDimensions, dict[str, torch.Tensor]]:
-    """Map CTranslate2 WhisperSpec variables onto openai-whisper's state dict keys."""
-    # Rank-0 variables are spec options (activation, num_heads, ...), not weights.
-    weights = {k: v for k, v in variables.items() if v.dim() > 0}
-    for key, tensor in weights.items():
-        if tensor.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"quantized CTranslate2 weights are not supported ({key} is {tensor.dtype})")
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in weights:
-            raise ValueError(f"CTranslate2 model.bin lacks {key}")
-        used.add(key)
-        return weights[key]
-
-    def layer_count(prefix: str) -> int:
-        count = 0
-        while f"{prefix}/layer_{count}/ffn/linear_0/weight" in weights:
-            count += 1
-        return count
-
-    conv1 = take("encoder/conv1/weight")
-    embeddings = take("decoder/embeddings/weight")
-    n_audio_state, n_text_state = conv1.shape[0], embeddings.shape[1]
-    dims = ModelDimensions(
-        n_mels=conv1.shape[1],
-        n_audio_ctx=take("encoder/position_encodings/encodings").shape[0],
-        n_audio_state=n_audio_state,
-        n_audio_head=_num_heads(variables, "encoder", n_audio_state),
-        n_audio_layer=layer_count("encoder"),
-        n_vocab=embeddings.shape[0],
-        n_text_ctx=take("decoder/position_encodings/encodings").shape[0],
-        n_text_state=n_text_state,
-        n_text_head=_num_heads(variables, "decoder", n_text_state),
-        n_text_layer=layer_count("decoder"),
-    )
-
-    sd: dict[str, torch.Tensor] = {
-        "encoder.conv1.weight": conv1,
-        "encoder.conv1.bias": take("encoder/conv1/bias"),
-        "encoder.conv2.weight": take("encoder/conv2/weight"),
-        "encoder.conv2.bias": take("encoder/conv2/bias"),
-        # openai-whisper keeps the encoder sinusoids as a persistent buffer.
-        "encoder.positional_embedding": weights["encoder/position_encodings/encodings"],
-        "encoder.ln_post.weight": take("encoder/layer_norm/gamma"),
-        "encoder.ln_post.bias": take("encoder/layer_norm/beta"),
-        "decoder.token_embedding.weight": embeddings,
-        "decoder.positional_embedding": weights["decoder/position_encodings/encodings"],
-        "decoder.ln.weight": take("decoder/layer_norm/gamma"),
-        "decoder.ln.bias": take("decoder/layer_norm/beta"),
-    }
-
-    def linear(dst: str, src: str) -> None:
-        sd[f"{dst}.weight"] = take(f"{src}/weight")
-        sd[f"{dst}.bias"] = take(f"{src}/bias")
-
-    def layer_norm(dst: str, src: str) -> None:
-        sd[f"{dst}.weight"] = take(f"{src}/gamma")
-        sd[f"{dst}.bias"] = take(f"{src}/beta")
-
-    def fused(dsts: list[str], src: str) -> None:
-        # CTranslate2 fuses q/k/v (or k/v) row-wise and, since Whisper's key projection
-        # has no bias, fills the key's slice of the fused bias with zeros.
-        weight_parts = take(f"{src}/weight").chunk(len(dsts))
-        bias_parts = take(f"{src}/bias").chunk(len(dsts))
-        for dst, weight, bias in zip(dsts, weight_parts, bias_parts, strict=True):
-            sd[f"{dst}.weight"] = weight.clone()
-            if dst.endswith(".key"):
-                if torch.count_nonzero(bias):
-                    raise ValueError(f"{src}/bias has a non-zero key bias, not a Whisper model")
-            else:
-                sd[f"{dst}.bias"] = bias.clone()
-
-    def self_attention(dst: str, src: str) -> None:
-        layer_norm(f"{dst}.attn_ln", f"{src}/self_attention/layer_norm")
-        fused([f"{dst}.attn.query", f"{dst}.attn.key", f"{dst}.attn.value"], f"{src}/self_attention/linear_0")
-        linear(f"{dst}.attn.out", f"{src}/self_attention/linear_1")
-
-    def mlp(dst: str, src: str) -> None:
-        layer_norm(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
-        linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
-        linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
-
-    for i in range(dims.n_audio_layer):
-        self_attention(f"encoder.blocks.{i}", f"encoder/layer_{i}")
-        mlp(f"encoder.blocks.{i}", f"encoder/layer_{i}")
-
-    for i in range(dims.n_text_layer):
-        dst, src = f"decoder.blocks.{i}", f"decoder/layer_{i}"
-        self_attention(dst, src)
-        layer_norm(f"{dst}.cross_attn_ln", f"{src}/attention/layer_norm")
-        linear(f"{dst}.cross_attn.query", f"{src}/attention/linear_0")
-        fused([f"{dst}.cross_attn.key", f"{dst}.cross_attn.value"], f"{src}/attention/linear_1")
-        linear(f"{dst}.cross_attn.out", f"{src}/attention/linear_2")
-        mlp(dst, src)
-
-    # openai-whisper computes logits with the token embedding; CTranslate2 normally
-    # stores its projection as an alias of it. Anything else is a different model.
-    projection = take("decoder/projection/weight")
-    if not torch.equal(projection, embeddings):
-        raise ValueError("decoder projection is not tied to the token embedding")
-    if "decoder/projection/bias" in weights and torch.count_nonzero(take("decoder/projection/bias")):
-        raise ValueError("decoder projection has a bias, which openai-whisper lacks")
-
-    unused = sorted(set(weights) - used)
-    if unused:
-        raise ValueError(f"unexpected CTranslate2 variables {unused[:3]} (unsupported Whisper variant)")
-    return dims, sd
-
-
-def _num_heads(variables: dict[str, torch.Tensor], stack: str, n_state: int) -> int:
-    # WhisperSpec stores the head count; all Whisper sizes use 64-dim heads otherwise.
-    stored = variables.get(f"{stack}/num_heads")
-    return int(stored.item()) if stored is not None else n_state // 64
-
-
 def _try_download(name: str) -> tuple[Path | None, str]:
     if os.getenv(_OFFLINE_ENV) == "1":
         return None, f"skipped, {_OFFLINE_ENV}=1"
@@ -532,9 +316,5 @@ def _try_download(name: str) -> tuple[Path | None, str]:
         whisper._download(whisper._MODELS[name], str(target.parent), False)
     # URLError is an OSError; whisper raises RuntimeError on a sha256 mismatch.
     except (OSError, RuntimeError, http.client.HTTPException) as exc:
-        return None, _one_line(exc)
+        return None, one_line(exc)
     return target, ""
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())

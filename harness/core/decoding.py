@@ -1,22 +1,34 @@
-"""The one decoding loop every backend shares: front end, prompt, suppression, greedy search.
+"""The one decoding rule set every model shares: prompt, suppression, limits, the greedy loop.
 
-Backends implement only numeric steps (`converters.protocol.Runner`), so a difference between
-two models measures the conversion, never the decoding code. The rules mirror
-`whisper.decode(model, mel, DecodingOptions(language=..., without_timestamps=True, fp16=False))`
-at temperature 0, and a test holds the reference to that token for token.
+Step runners implement only numeric steps (`harness.core.target.Runner`), so a difference between
+two models measures the conversion, never the decoding code. An engine that decodes only by
+itself (`SelfDecodingRunner`) is handed the same `Prompt` and applies it; it never re-derives a
+rule. The rules mirror `whisper.decode(model, mel, DecodingOptions(language=...,
+without_timestamps=True, fp16=False))` at temperature 0, and a test holds the reference to that
+token for token.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, is_dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
-from harness.spec import DecodingSpec
+from harness.core.audio import log_mel
+from harness.core.target import Runner, SelfDecodingRunner
 
-N_FRAMES = 3000  # 30 s of 10 ms mel frames: Whisper always sees one padded/trimmed window
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """What a job may set about decoding (validated with the job file, `harness.spec`)."""
+
+    language: str | None = "en"
+    task: str = "transcribe"
+    max_new_tokens: int | None = None  # None: openai-whisper's default, n_text_ctx // 2
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,12 @@ class Dims:
     n_mels: int
     n_vocab: int
     n_text_ctx: int
+
+    @classmethod
+    def of(cls, dims: Any) -> Dims:
+        """From whisper's ModelDimensions or a manifest's `dims` mapping."""
+        d: Mapping[str, Any] = asdict(dims) if is_dataclass(dims) else dims
+        return cls(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
 
     @property
     def multilingual(self) -> bool:
@@ -45,8 +63,13 @@ class Prompt:
     max_new_tokens: int
     n_ctx: int
 
+    @property
+    def step_limit(self) -> int:
+        """Decoder steps at most: `max_new_tokens`, and never more than `n_ctx` tokens fed."""
+        return min(self.max_new_tokens, self.n_ctx + 1 - len(self.tokens))
 
-def tokenizer_for(dims: Dims, options: DecodingSpec):  # -> whisper.tokenizer.Tokenizer
+
+def tokenizer_for(dims: Dims, options: DecodingOptions):  # -> whisper.tokenizer.Tokenizer
     from whisper.tokenizer import get_tokenizer
 
     if not dims.multilingual:
@@ -55,7 +78,9 @@ def tokenizer_for(dims: Dims, options: DecodingSpec):  # -> whisper.tokenizer.To
 
 
 @lru_cache(maxsize=8)
-def build_prompt(dims: Dims, options: DecodingSpec) -> Prompt:
+def build_prompt(dims: Dims, options: DecodingOptions | None = None) -> Prompt:
+    """The prompt and rules of `options` (the defaults: English transcription) for `dims`."""
+    options = options or DecodingOptions()
     tok = tokenizer_for(dims, options)
     # whisper's suppress_tokens="-1": non-speech symbols plus the special tokens a transcript
     # never contains; no-speech is scored separately, never sampled
@@ -72,15 +97,6 @@ def build_prompt(dims: Dims, options: DecodingSpec) -> Prompt:
     )
 
 
-def log_mel(audio: np.ndarray, n_mels: int) -> np.ndarray:
-    """openai-whisper's front end on one 30 s window: float32 [1, n_mels, 3000]."""
-    import torch
-    import whisper
-
-    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), n_mels)
-    return mel.numpy()[None]
-
-
 @dataclass(frozen=True)
 class Decoded:
     tokens: tuple[int, ...]  # sampled text tokens: prompt and EOT stripped
@@ -90,14 +106,14 @@ class Decoded:
     n_steps: int  # decoder calls, the EOT step included
 
 
-def greedy_decode(runner, audio: np.ndarray, dims: Dims, prompt: Prompt) -> Decoded:
-    """Transcribe one ≤30 s utterance; `runner` follows converters.protocol.Runner."""
+def greedy_decode(runner: Runner, audio: np.ndarray, dims: Dims, prompt: Prompt) -> Decoded:
+    """Transcribe one ≤30 s utterance: front end, `encode`, then the greedy loop (or the engine's own)."""
     t0 = time.perf_counter()
     mel = log_mel(audio, dims.n_mels)
     t1 = time.perf_counter()
     features = runner.encode(mel)
     t2 = time.perf_counter()
-    if hasattr(runner, "generate"):  # an engine that decodes only by itself, under these same rules
+    if isinstance(runner, SelfDecodingRunner):
         text_tokens, steps = runner.generate(features, prompt)
         return Decoded(tuple(text_tokens), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3, steps)
     tokens = list(prompt.tokens)
@@ -105,7 +121,7 @@ def greedy_decode(runner, audio: np.ndarray, dims: Dims, prompt: Prompt) -> Deco
     suppress_at_begin = np.array(prompt.suppress_at_begin)
     cache = None
     steps = 0
-    for _ in range(prompt.max_new_tokens):
+    for _ in range(prompt.step_limit):
         logits, cache = runner.step(tokens, features, cache)
         steps += 1
         logits = np.array(logits, dtype=np.float32, copy=True)
@@ -114,7 +130,7 @@ def greedy_decode(runner, audio: np.ndarray, dims: Dims, prompt: Prompt) -> Deco
             logits[suppress_at_begin] = -np.inf
         token = int(logits.argmax())
         tokens.append(token)
-        if token == prompt.eot or len(tokens) > prompt.n_ctx:
+        if token == prompt.eot:
             break
     t3 = time.perf_counter()
     text_tokens = tokens[len(prompt.tokens) :]

@@ -1,0 +1,217 @@
+"""The contracts every target keeps: `Target` (one per module), `Runner`, `Artifact`.
+
+A target module declares one `Target` — name, quantizations with their parity tolerances (and
+why), runtime label, the Ray resource its hardware advertises, how its availability is decided,
+its recipe and toolchain (both part of the store key), `convert` and its `Runner` — and
+`converters.registry` lists it in one line. The `Target` checks itself when it is made, so a
+module that leaves something out fails at import, naming what is missing.
+
+- `convert(checkpoint, model, quant, out, calibration) -> dict`: writes artifact files into `out`
+  and returns manifest facts (I/O names and shapes; `parity` only when the target checks itself,
+  e.g. in PyTorch where its runtime cannot run here). `calibration` is real audio handed over by
+  the caller for the quantizations in `Target.calibrated` (empty otherwise): a converter never
+  reads a dataset. Raises `Unavailable` when its toolchain is missing, `Refused` when the
+  toolchain writes files its runtime will not run.
+- `Runner(artifact, threads)`: executes an artifact, `encode` then repeated `step`. It knows
+  nothing of decoding: `harness.core.decoding` owns the prompt, suppression and the greedy loop.
+  An engine that decodes only by itself is a `SelfDecodingRunner`: it gets the `Prompt` and
+  applies its rules (its `step` serves the parity check only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from harness.core.checkpoint import Checkpoint
+from harness.core.errors import HarnessError, did_you_mean
+
+if TYPE_CHECKING:
+    from whisper.model import Whisper
+
+    from harness.core.decoding import Prompt
+
+REFERENCE = "reference"  # the target every other is compared with
+# Threads per runner: the harness parallelises across workers (one per core), not inside a model,
+# so workers sharing a machine do not fight over cores. Runtimes with per-session thread settings
+# take it from the Runner's `threads`; torch's is per process, set by the worker (harness.timing).
+DEFAULT_THREADS = 1
+
+
+class Unavailable(Exception):
+    """This target cannot be built or run here; the message says why (e.g. a missing SDK)."""
+
+
+class Refused(Unavailable):
+    """The toolchain ran but wrote files its own runtime refuses: a property of the toolchain
+    versions (part of the store key), so the store records it and does not try again."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A built (or, for the reference, referenced) model in the store, with its manifest."""
+
+    size: str
+    target: str
+    quant: str
+    path: Path  # the artifact's folder
+    manifest: dict[str, Any]
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def mb(self) -> float:
+        """Size on disk in MiB: its files, or for the reference (no files of its own) its checkpoint."""
+        sizes = [f["bytes"] for f in self.manifest["files"].values()] or [self.checkpoint().path.stat().st_size]
+        return sum(sizes) / 2**20
+
+    def checkpoint(self) -> Checkpoint:
+        src = self.manifest["source"]
+        return Checkpoint(name=src["name"], path=Path(src["path"]), sha256=src["sha256"], source=src["origin"])
+
+
+class Runner(ABC):
+    """Executes one artifact, made as `Runner(artifact, threads=DEFAULT_THREADS)`.
+
+    One sequence at a time: a `None` cache starts a new one."""
+
+    @abstractmethod
+    def encode(self, mel: np.ndarray) -> Any:
+        """mel float32 [1, n_mels, N_FRAMES] → audio features, in whatever form `step` takes."""
+
+    @abstractmethod
+    def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
+        """All tokens so far (cache is None on the first call) → next-token logits [n_vocab], new cache."""
+
+
+class SelfDecodingRunner(Runner):
+    """An engine that decodes only by itself (e.g. CTranslate2): `generate` under the `Prompt`'s
+    rules; its `step` (teacher-forced logits) serves the parity check only."""
+
+    @abstractmethod
+    def generate(self, audio_features: Any, prompt: Prompt) -> tuple[list[int], int]:
+        """Greedy decoding under `prompt`: prompt tokens, `suppress` always, `suppress_at_begin` at
+        the first sampled step, at most `prompt.step_limit` steps; returns the sampled text tokens
+        (prompt and EOT stripped) and the decoder steps taken, counted as the shared loop counts."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an artifact may sit from PyTorch on the parity input, and why (what was measured)."""
+
+    min_encoder_snr_db: float
+    max_logit_abs_err: float
+    min_top1_agreement: float
+    why: str
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """Audio a caller hands to a converter whose quantization needs calibration (never evaluation
+    audio): loaded only when such a quantization is built."""
+
+    label: str  # where it comes from, recorded in the manifest
+    load: Callable[[], list[np.ndarray]]  # 16 kHz mono float32 utterances
+
+
+Converter = Callable[["Checkpoint", "Whisper", str, Path, Sequence[np.ndarray]], dict[str, Any]]
+
+
+def encoder_io(dims: Any, mel: str = "mel", features: str = "audio_features") -> dict[str, Any]:
+    """The manifest's description of an encoder: mel [1, n_mels, N_FRAMES] → [1, n_audio_ctx, d]."""
+    from harness.core.audio import N_FRAMES
+
+    return {
+        "inputs": {mel: [1, dims.n_mels, N_FRAMES]},
+        "outputs": {features: [1, dims.n_audio_ctx, dims.n_audio_state]},
+    }
+
+
+def always_available() -> str | None:
+    """The availability check of a target whose runtime is always installed (torch)."""
+    return None
+
+
+def missing(*modules: str) -> str | None:
+    """Why a toolchain or runtime cannot be used here: the modules of `modules` not installed."""
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(absent)} (pip install {' '.join(absent)})" if absent else None
+
+
+def require(*modules: str) -> None:
+    """Raise `Unavailable` unless every one of `modules` is installed."""
+    if reason := missing(*modules):
+        raise Unavailable(reason)
+
+
+def needs(*modules: str) -> Callable[[], str | None]:
+    """A `Target.unavailable` check: the runtime is `modules`."""
+    return lambda: missing(*modules)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target's whole contract; made once, in its module, and checked here."""
+
+    name: str
+    description: str
+    recipe: str  # names the conversion recipe; bump it when the produced files change (store key)
+    toolchain: tuple[str, ...]  # packages whose versions shape the files (store key)
+    tolerances: Mapping[str, Tolerance]  # every quantization offered, with its parity tolerance
+    runtime: str  # what executes it, for tables (a manifest's own `runtime` overrides it)
+    convert: Converter
+    runner: type[Runner]
+    unavailable: Callable[[], str | None]  # why its runner cannot run on this machine, or None
+    # a Ray resource that nodes with this target's hardware advertise (e.g. MediaTek boards):
+    # when the cluster has one, the target's workers are placed there; otherwise it runs in emulation
+    resource: str | None = None
+    calibrated: frozenset[str] = field(default_factory=frozenset)  # quantizations given calibration audio
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} is empty" for name in ("name", "description", "recipe", "runtime") if not getattr(self, name)
+        ]
+        if not self.tolerances:
+            problems.append("tolerances is empty: no quantization offered")
+        problems += [
+            f"tolerances[{q!r}] is not a Tolerance with its reason"
+            for q, t in self.tolerances.items()
+            if not isinstance(t, Tolerance) or not t.why.strip()
+        ]
+        if unknown := sorted(set(self.calibrated) - set(self.tolerances)):
+            problems.append(f"calibrated names quantizations it does not offer: {unknown}")
+        problems += [
+            f"{name} is not callable" for name in ("convert", "unavailable") if not callable(getattr(self, name))
+        ]
+        if not (isinstance(self.runner, type) and issubclass(self.runner, Runner)):
+            problems.append(f"runner {self.runner!r} is not a subclass of harness.core.target.Runner")
+        if problems:
+            raise TypeError(f"target {self.name or '?'}: " + "; ".join(problems))
+
+    @property
+    def quants(self) -> tuple[str, ...]:
+        return tuple(self.tolerances)
+
+    @property
+    def decodes_itself(self) -> bool:
+        """Whether it decodes by itself (`SelfDecodingRunner.generate`) rather than step by step."""
+        return issubclass(self.runner, SelfDecodingRunner)
+
+    def check_quant(self, quant: str) -> None:
+        """Refuse a quantization this target does not offer, with the closest one it does."""
+        if quant not in self.tolerances:
+            raise HarnessError(
+                f"target '{self.name}' offers no quantization '{quant}'{did_you_mean(quant, self.quants)}; "
+                f"offered: {', '.join(self.quants)}"
+            )
+
+    def tolerance(self, quant: str) -> Tolerance:
+        self.check_quant(quant)
+        return self.tolerances[quant]

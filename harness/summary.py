@@ -1,0 +1,134 @@
+"""Aggregates over the utterances table, one row per model, and the table `run` prints.
+
+Corpus WER = Σ errors / Σ reference words over the utterances that decoded; ΔWER against the
+reference with a paired bootstrap interval; latency percentiles and RTFx (harness.timing).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from harness.core.status import Status
+from harness.core.target import REFERENCE
+from harness.timing import rtfx
+
+BOOTSTRAP_SAMPLES = 1000
+
+
+def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tuple[float, float, float]:
+    """WER(model) - WER(reference) with a 95% paired bootstrap interval over shared utterances.
+
+    Resampling utterances (not words) keeps each utterance's errors together, and pairing the two
+    models on the same resampled set cancels the variance the utterances themselves bring.
+    """
+    cols = ["utt_id", "wer_errors", "ref_words"]
+    both = model.loc[model["status"] == Status.OK, cols].merge(
+        reference.loc[reference["status"] == Status.OK, cols[:2]], on="utt_id", suffixes=("", "_ref")
+    )
+    if both.empty or both["ref_words"].sum() == 0:
+        return float("nan"), float("nan"), float("nan")
+    e_m, e_r, w = (both[c].to_numpy(dtype=float) for c in ("wer_errors", "wer_errors_ref", "ref_words"))
+    idx = np.random.default_rng(seed).integers(0, len(both), size=(BOOTSTRAP_SAMPLES, len(both)))
+    words = np.maximum(w[idx].sum(axis=1), 1.0)
+    deltas = (e_m[idx].sum(axis=1) - e_r[idx].sum(axis=1)) / words
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    return float((e_m.sum() - e_r.sum()) / w.sum()), float(lo), float(hi)
+
+
+def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | None = None) -> pd.DataFrame:
+    """One row per (size, target, quant) over the utterances table.
+
+    `models` adds facts from each artifact's manifest: `runtime` (what executed it, e.g. a CPU
+    emulation of an NPU) and `artifact_mb`; its order is the order of the rows (the job's).
+    `status` is "ok", or the status of the utterances without a transcript, and `reason` why.
+    """
+    rows = []
+    for (size, target, quant), g in utts.groupby(["size", "target", "quant"], sort=False):
+        ok = g[g["status"] == Status.OK]
+        reference = utts[(utts["size"] == size) & (utts["target"] == REFERENCE)]
+        delta, lo, hi = wer_delta(g, reference) if target != REFERENCE else (float("nan"),) * 3
+        words = int(ok["ref_words"].sum())
+        errors = int(ok["wer_errors"].sum())
+        chars = int(ok["ref_chars"].sum())
+        diverged = ok["first_divergence"].dropna()
+        total = ok["total_ms"].astype(float)
+        rows.append(
+            {
+                "size": size,
+                "target": target,
+                "quant": quant,
+                "n": len(g),
+                "errors": len(g) - len(ok),
+                "wer": errors / words if words else float("nan"),
+                "wer_delta": delta,
+                "wer_delta_lo": lo,
+                "wer_delta_hi": hi,
+                "sub": int(ok["substitutions"].sum()),
+                "del": int(ok["deletions"].sum()),
+                "ins": int(ok["insertions"].sum()),
+                "cer": int(ok["cer_errors"].sum()) / chars if chars else float("nan"),
+                "exact_match": float(ok["exact_match"].astype(float).mean()) if len(ok) else float("nan"),
+                "mean_first_div": float(diverged.astype(float).mean()) if len(diverged) else float("nan"),
+                "token_edit_rate": float(ok["token_edit_rate"].astype(float).mean()) if len(ok) else float("nan"),
+                "p50_ms": _pct(total, 50),
+                "p90_ms": _pct(total, 90),
+                "p99_ms": _pct(total, 99),
+                "enc_p50_ms": _pct(ok["encode_ms"].astype(float), 50),
+                "dec_ms_per_tok": float(ok["decode_ms"].sum() / ok["n_steps"].sum()) if len(ok) else float("nan"),
+                "rtfx": rtfx(float(ok["audio_s"].sum()), float(total.sum())),
+                "runtime": (models or {}).get((size, target, quant), {}).get("runtime", ""),
+                "artifact_mb": (models or {}).get((size, target, quant), {}).get("artifact_mb", float("nan")),
+                **_status(g[g["status"] != Status.OK]),
+            }
+        )
+    summary = pd.DataFrame(rows)
+    if models:
+        order = {key: i for i, key in enumerate(models)}
+        keys = zip(summary["size"], summary["target"], summary["quant"], strict=True)
+        rank = [order.get(key, len(order)) for key in keys]
+        summary = summary.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
+    return summary
+
+
+def _status(failed: pd.DataFrame) -> dict[str, str]:
+    """A model's status and reason from its rows without a transcript: the most common of each."""
+    if failed.empty:
+        return {"status": Status.OK.value, "reason": ""}
+    reasons = failed["error"].value_counts()
+    reason = reasons.index[0] if len(reasons) == 1 else f"{len(failed)} errors, e.g. {reasons.index[0]}"
+    return {"status": failed["status"].value_counts().index[0], "reason": reason}
+
+
+def _pct(values: pd.Series, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    from tabulate import tabulate
+
+    shown = summary.copy()
+    shown.insert(
+        shown.columns.get_loc("wer") + 1,
+        "Δwer [95% CI]",
+        [
+            f"{100 * d:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]" if d == d else "-"
+            for d, lo, hi in zip(shown["wer_delta"], shown["wer_delta_lo"], shown["wer_delta_hi"], strict=True)
+        ],
+    )
+    shown = shown.drop(columns=["wer_delta", "wer_delta_lo", "wer_delta_hi"])
+    for col in ("wer", "cer", "exact_match", "token_edit_rate"):
+        shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%" if v == v else "-")
+    for col in ("mean_first_div", "p50_ms", "p90_ms", "p99_ms", "enc_p50_ms", "dec_ms_per_tok", "rtfx", "artifact_mb"):
+        shown[col] = shown[col].map(lambda v: f"{v:.1f}" if v == v else "-")
+    # the table keeps the status; the whole reason goes under it, once per model
+    shown = shown.drop(columns="reason")
+    notes = [
+        f"- {size}/{target}/{quant}: {status}: {reason}"
+        for size, target, quant, status, reason in zip(
+            summary["size"], summary["target"], summary["quant"], summary["status"], summary["reason"], strict=True
+        )
+        if status != Status.OK
+    ]
+    table = tabulate(shown, headers="keys", tablefmt="github", showindex=False)
+    return table + ("\n\n" + "\n".join(notes) if notes else "")
