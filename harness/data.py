@@ -145,19 +145,18 @@ def audio_file(folder: Path, file_name: object) -> Path:
     The metadata comes with the dataset, so it may not point anywhere else on the machine: an
     absolute path, `..` or a symlink that leads out of the folder is refused, never opened.
     """
+    what = f"file_name {quote(file_name, 200)}"  # long enough for a real path, short for a hostile one
     if not isinstance(file_name, str) or not file_name:
-        raise HarnessError(f"file_name {quote(file_name)}: expected a path relative to the dataset folder")
+        raise HarnessError(f"{what}: expected a path relative to the dataset folder")
     if Path(file_name).is_absolute():
-        raise HarnessError(
-            f"file_name {quote(file_name)}: an absolute path; expected one relative to the dataset folder (not opened)"
-        )
+        raise HarnessError(f"{what}: an absolute path; expected one relative to the dataset folder (not opened)")
     root = folder.resolve()
     try:
         path = (root / file_name).resolve()
     except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte (ValueError), a symlink loop (RuntimeError)
-        raise HarnessError(f"file_name {quote(file_name)}: not a usable path ({exc}; not opened)") from None
+        raise HarnessError(f"{what}: not a usable path ({exc}; not opened)") from None
     if not path.is_relative_to(root):
-        raise HarnessError(f"file_name {quote(file_name)}: resolves outside the dataset folder {root} (not opened)")
+        raise HarnessError(f"{what}: resolves outside the dataset folder {root} (not opened)")
     return path
 
 
