@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("HARNESS_MODELS", "models")),
         help="artifact store (default: $HARNESS_MODELS or models)",
     )
-    validate = sub.add_parser("validate", help="check job files and report every problem")
+    validate = sub.add_parser("validate", help="check job files (and local datasets' metadata), report every problem")
     validate.add_argument("jobs", type=Path, nargs="+")
     return parser
 
@@ -93,7 +93,8 @@ def _validate(paths: list[Path]) -> int:
 def _check_local_dataset(dataset: DatasetSpec, job: Path) -> str:
     """The dataset check `run` makes before building anything, for a local folder; a hub dataset
     is checked when run (reading it here would download it). Audio a run would report as error
-    rows is an error here: validating is for finding it before a night's run."""
+    rows is an error here: validating is for finding it before a night's run. Returns what the
+    `ok:` line says of the dataset."""
     from harness.data import check_dataset
 
     if dataset.path is None:
