@@ -7,7 +7,7 @@ vocabulary comes from openai-whisper's tiktoken encoding in the byte-level spell
 no hub tokenizer is needed and the ids are the harness's ids.
 
 CTranslate2 decodes only by itself, so the runner offers `generate` under the shared rules
-(harness.decoding.Prompt). Its `step`, used only by the parity check, teacher-forces the tokens
+(harness.core.decoding.Prompt). Its `step`, used only by the parity check, teacher-forces the tokens
 as a prefix and reads the next position's raw logits (`return_logits_vocab`).
 """
 

@@ -74,7 +74,7 @@ def _configs(model: Whisper) -> tuple[Any, Any]:
     ffn = model.encoder.blocks[0].mlp[0].out_features
     # the special tokens and the harness's suppression rules, in both configs: HF's own generate()
     # and CTranslate2 (which copies these into its config.json) then suppress what
-    # harness.decoding suppresses
+    # harness.core.decoding suppresses
     shared = {
         "decoder_start_token_id": tok.sot,
         "bos_token_id": tok.eot,

@@ -6,8 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.core.errors import HarnessError
+
+if TYPE_CHECKING:  # the module pulls in whisper and torch; the CLI imports them only when needed
+    from harness.spec import DatasetSpec
 
 EXAMPLES = """examples:
   python -m harness run jobs/librispeech_base.yaml
@@ -51,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("HARNESS_MODELS", "models")),
         help="artifact store (default: $HARNESS_MODELS or models)",
     )
-    validate = sub.add_parser("validate", help="check job files and report every problem")
+    validate = sub.add_parser("validate", help="check job files (and local datasets' metadata), report every problem")
     validate.add_argument("jobs", type=Path, nargs="+")
     return parser
 
@@ -76,13 +80,32 @@ def _validate(paths: list[Path]) -> int:
     for path in paths:
         try:
             spec = load_job(path)
+            rows = _check_local_dataset(spec.dataset, path)
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
             continue
         cells = ", ".join(c.label for c in spec.models.cells())
-        print(f"ok: {path}: job '{spec.name}', dataset {spec.dataset.label}, models {cells}")
+        print(f"ok: {path}: job '{spec.name}', dataset {spec.dataset.label} ({rows}), models {cells}")
     return 1 if failed else 0
+
+
+def _check_local_dataset(dataset: DatasetSpec, job: Path) -> str:
+    """The dataset check `run` makes before building anything, for a local folder; a hub dataset
+    is checked when run (reading it here would download it). Audio a run would report as error
+    rows is an error here: validating is for finding it before a night's run. Returns what the
+    `ok:` line says of the dataset."""
+    from harness.data import check_dataset
+
+    if dataset.path is None:
+        return "a hub dataset, checked when run"
+    try:
+        check = check_dataset(dataset)
+    except HarnessError as exc:
+        raise HarnessError(f"{job}: {exc}") from None
+    if check.unreadable:
+        raise HarnessError(f"{job}: dataset {dataset.label}: {check.note}")
+    return f"{check.n_rows} utterances"
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -2,12 +2,14 @@
 
 Audio is never decoded by `datasets` (its default decoder needs torchcodec and FFmpeg): rows keep
 the encoded bytes or the file path, and soundfile + soxr turn them into 16 kHz mono float32.
-The driver only counts rows and plans shards; each worker reads its own shard.
+The driver only checks the metadata (columns, unique ids, audio files inside the dataset folder),
+counts rows and plans shards; each worker reads its own shard.
 """
 
 from __future__ import annotations
 
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from harness.core.audio import SAMPLE_RATE, decode_audio
-from harness.core.errors import HarnessError
+from harness.core.errors import HarnessError, quote, some
 from harness.core.target import CalibrationSource
 from harness.spec import DatasetSpec
 
 # train-clean-100 utterances shipped for int8 calibration: never an evaluation split
 CALIBRATION = Path(__file__).resolve().parents[1] / "data" / "librispeech-calibration"
+LISTED = 5  # problems quoted in one message; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,10 @@ def _open(spec: DatasetSpec) -> Any:
 
 
 def count_rows(spec: DatasetSpec) -> int:
-    ds = _open(spec)
+    return _count(spec, _open(spec))
+
+
+def _count(spec: DatasetSpec, ds: Any) -> int:
     if spec.streaming:
         if spec.limit is not None:
             return spec.limit
@@ -89,6 +95,72 @@ def count_rows(spec: DatasetSpec) -> int:
             raise HarnessError(f"dataset hub:{spec.hub}: streaming with an unknown length; set dataset.limit")
         return split.num_examples
     return len(ds)
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    """What the driver knows of a dataset before it builds anything."""
+
+    n_rows: int
+    unreadable: tuple[str, ...] = ()  # one line per utterance whose audio will not be opened (an error row)
+
+    @property
+    def note(self) -> str:
+        return (
+            f"{len(self.unreadable)} of {self.n_rows} utterances have a file_name that is refused "
+            f"(a run reports each as an error row): {some(self.unreadable, LISTED)}"
+        )
+
+
+def check_dataset(spec: DatasetSpec) -> DatasetCheck:
+    """Refuse a dataset no run can use, before any model is built: missing columns (`_open`), no
+    rows, utterance ids that repeat (every model's rows are joined on them, so a repeat would make
+    each comparison with the reference meaningless); and list the utterances whose audio file is
+    refused, which a run reports as error rows."""
+    ds = _open(spec)
+    n_rows = _count(spec, ds)
+    if n_rows == 0:
+        raise HarnessError(f"dataset {spec.label}: no utterances (check dataset.split and dataset.limit)")
+    if spec.streaming:  # a stream's ids arrive as it is read; reading it all here would fetch it twice
+        return DatasetCheck(n_rows)
+    ids, unreadable = [], []
+    for position, row in enumerate(ds):
+        ids.append(_utt_id(spec, row, position))
+        if spec.path is not None:
+            try:
+                audio_file(spec.path, row.get("file_name"))
+            except HarnessError as exc:
+                unreadable.append(f"utterance {quote(ids[-1])}: {exc}")
+    repeated = [f"{quote(utt_id)} ({n} rows)" for utt_id, n in Counter(ids).items() if n > 1]
+    if repeated:
+        raise HarnessError(
+            f"dataset {spec.label}: utterance ids occur more than once: "
+            f"{some(repeated, LISTED, ', ')}; an utterance's id is its '{spec.id_column}' column, else its audio "
+            f"file's name without extension, so give every row a unique '{spec.id_column}'"
+        )
+    return DatasetCheck(n_rows, tuple(unreadable))
+
+
+def audio_file(folder: Path, file_name: object) -> Path:
+    """The audio file a metadata row's `file_name` names, resolved inside `folder`; else a
+    HarnessError saying why it is not opened.
+
+    The metadata comes with the dataset, so it may not point anywhere else on the machine: an
+    absolute path, `..` or a symlink that leads out of the folder is refused, never opened.
+    """
+    what = f"file_name {quote(file_name, 200)}"  # long enough for a real path, short for a hostile one
+    if not isinstance(file_name, str) or not file_name:
+        raise HarnessError(f"{what}: expected a path relative to the dataset folder")
+    if Path(file_name).is_absolute():
+        raise HarnessError(f"{what}: an absolute path; expected one relative to the dataset folder (not opened)")
+    root = folder.resolve()
+    try:
+        path = (root / file_name).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte (ValueError), a symlink loop (RuntimeError)
+        raise HarnessError(f"{what}: not a usable path ({exc}; not opened)") from None
+    if not path.is_relative_to(root):
+        raise HarnessError(f"{what}: resolves outside the dataset folder {root} (not opened)")
+    return path
 
 
 def read_index(spec: DatasetSpec) -> tuple[list[str], list[str]]:
@@ -120,19 +192,22 @@ def _utt_id(spec: DatasetSpec, row: dict, position: int) -> str:
     if row.get(spec.id_column):
         return str(row[spec.id_column])
     name = row.get("file_name") if spec.path is not None else (row.get(spec.audio_column) or {}).get("path")
-    return Path(name).stem if name else str(position)
+    return Path(name).stem if isinstance(name, str) and name else str(position)
 
 
 def _utterance(spec: DatasetSpec, row: dict, position: int) -> Utterance:
     utt_id = _utt_id(spec, row, position)
+    text = str(row.get(spec.text_column) or "")
     if spec.path is not None:
-        source: str | io.BytesIO = str(spec.path / row["file_name"])
+        try:
+            source: str | io.BytesIO = str(audio_file(spec.path, row.get("file_name")))
+        except HarnessError as exc:
+            return Utterance(utt_id, text, None, str(exc))
         where = source
     else:
         audio = row[spec.audio_column]
         source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"]
         where = audio.get("path") or f"row {position}"
-    text = str(row.get(spec.text_column) or "")
     try:
         return Utterance(utt_id, text, decode_audio(source))
     except Exception as exc:  # soundfile raises LibsndfileError, OSError, RuntimeError

@@ -28,9 +28,9 @@ from converters.matrix import prepare_cells
 from converters.registry import get_target
 from converters.store import Prepared
 from harness.core.decoding import Dims, build_prompt
-from harness.core.errors import HarnessError, one_line
+from harness.core.errors import one_line
 from harness.core.status import Status
-from harness.data import Shard, calibration_source, count_rows, plan_shards, read_index
+from harness.data import Shard, calibration_source, check_dataset, plan_shards, read_index
 from harness.scoring import SCHEMA_VERSION, score_rows
 from harness.spec import JobSpec, ModelCell
 from harness.summary import format_summary, summarize
@@ -99,10 +99,12 @@ def _init_ray(address: str | None) -> None:
 
 def run_job(spec: JobSpec, out_root: Path, models_root: Path, progress: bool = True, log=print) -> RunResult:
     started = time.time()
+    # the dataset first: one that no run can use is refused before any conversion or Ray start
+    dataset = check_dataset(spec.dataset)
+    if dataset.unreadable:
+        log(f"dataset {spec.dataset.label}: {dataset.note}")
     prepared = prepare_models(spec, models_root, log=log)
-    n_rows = count_rows(spec.dataset)
-    if n_rows == 0:
-        raise HarnessError(f"dataset {spec.dataset.label}: no utterances (check dataset.split and dataset.limit)")
+    n_rows = dataset.n_rows
     shards = plan_shards(n_rows, spec.cluster.shard_size)
     run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
     final_dir = out_root / spec.name / run_id

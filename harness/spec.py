@@ -17,10 +17,11 @@ from converters.registry import TARGETS
 # every official name; any other size must be a path to an openai-whisper .pt
 from harness.core.checkpoint import OFFICIAL_NAMES
 from harness.core.decoding import DecodingOptions
-from harness.core.errors import HarnessError, did_you_mean
+from harness.core.errors import HarnessError, clip, did_you_mean, quote, some
 from harness.core.target import REFERENCE
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# a job name becomes a folder under results/: matched whole, so a trailing newline or "/" cannot slip in
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -124,17 +125,58 @@ class JobSpec:
 # Loading and validation
 
 
+# Job files are a few hundred bytes. PyYAML's pure-Python loader needs seconds and hundreds of MB
+# for a few MB (2 MB: 16 s, 437 MB; 1 MiB: 13 to 40 s here), so a larger file is refused unread.
+MAX_JOB_BYTES = 64 * 1024
+MAX_PROBLEMS = 20  # listed in one error message; the rest are counted
+
+
+class _AnchorRefused(yaml.MarkedYAMLError):
+    pass
+
+
+class _JobLoader(yaml.SafeLoader):
+    """`yaml.safe_load` without anchors and aliases (`&name`, `*name`). A job file never needs to
+    share a node, and refusing them outright ends "billion laughs" files (a few lines whose
+    nested aliases expand to millions of items once anything walks them), where a cap on their
+    number would still let a handful of nested aliases multiply."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            problem = "anchors and aliases (&name, *name) are not allowed in job files; write the value out"
+            raise _AnchorRefused(problem=problem, problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_job(path: str | Path) -> JobSpec:
     """Parse and validate a job file; raise one HarnessError listing every problem found."""
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{path}: no such job file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        with path.open("rb") as f:
+            data = f.read(MAX_JOB_BYTES + 1)
+    except OSError as exc:
+        raise HarnessError(f"{path}: cannot be read ({exc.strerror})") from None
+    if len(data) > MAX_JOB_BYTES:
+        raise HarnessError(f"{path}: larger than {MAX_JOB_BYTES // 1024} KiB, the limit for a job file; not parsed")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_JobLoader)  # a SafeLoader, stricter still
+    except _AnchorRefused as exc:
+        raise HarnessError(f"{path}: line {exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise HarnessError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise HarnessError(f"{path}:{where} is not valid YAML ({clip(str(getattr(exc, 'problem', exc)))})") from None
+    except RecursionError:
+        raise HarnessError(f"{path}: nested too deeply for a job file") from None
+    except ValueError as exc:  # a value YAML reads but Python cannot hold: month 13, an int of 5000 digits
+        raise HarnessError(f"{path}: is not valid YAML ({clip(str(exc))})") from None
     errors: list[str] = []
     spec = _job_from_dict(raw, path.parent.resolve(), errors)
     _raise(errors, str(path))
@@ -144,7 +186,7 @@ def load_job(path: str | Path) -> JobSpec:
 
 def _raise(errors: list[str], where: str) -> None:
     if errors:
-        raise HarnessError(f"{where}: " + "; ".join(errors))
+        raise HarnessError(f"{where}: " + some(errors, MAX_PROBLEMS))
 
 
 _SECTIONS = {"name", "dataset", "models", "decoding", "cluster"}
@@ -156,28 +198,28 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
         return None
     _unknown_keys(raw, _SECTIONS, "", errors)
     name = raw.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        errors.append(f"name: expected a name of letters, digits, '.', '_' or '-', got {name!r}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        errors.append(f"name: expected a name of at most 100 letters, digits, '.', '_' or '-', got {quote(name)}")
     dataset = _dataset(raw.get("dataset"), base, errors)
     models = _models(raw.get("models", {}), errors)
     decoding = _simple(DecodingOptions, raw.get("decoding", {}), "decoding", errors)
     if decoding is not None:
         if decoding.task not in ("transcribe", "translate"):
-            errors.append(f"decoding.task: expected 'transcribe' or 'translate', got {decoding.task!r}")
+            errors.append(f"decoding.task: expected 'transcribe' or 'translate', got {quote(decoding.task)}")
         if decoding.max_new_tokens is not None and not 0 < decoding.max_new_tokens <= 448:
-            errors.append(f"decoding.max_new_tokens: expected 1..448, got {decoding.max_new_tokens}")
+            errors.append(f"decoding.max_new_tokens: expected 1..448, got {quote(decoding.max_new_tokens)}")
         if decoding.language is not None:
             from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
             if decoding.language not in LANGUAGES and decoding.language.lower() not in TO_LANGUAGE_CODE:
                 hint = did_you_mean(decoding.language, LANGUAGES)
-                errors.append(f"decoding.language: unknown language {decoding.language!r}{hint}")
+                errors.append(f"decoding.language: unknown language {quote(decoding.language)}{hint}")
     cluster = _simple(ClusterSpec, raw.get("cluster", {}), "cluster", errors)
     if cluster is not None:
         if cluster.workers < 1:
-            errors.append(f"cluster.workers: expected a positive integer, got {cluster.workers}")
+            errors.append(f"cluster.workers: expected a positive integer, got {quote(cluster.workers)}")
         if cluster.shard_size < 1:
-            errors.append(f"cluster.shard_size: expected a positive integer, got {cluster.shard_size}")
+            errors.append(f"cluster.shard_size: expected a positive integer, got {quote(cluster.shard_size)}")
     if errors or dataset is None or models is None or decoding is None or cluster is None:
         return None
     return JobSpec(name=name, dataset=dataset, models=models, decoding=decoding, cluster=cluster)
@@ -186,7 +228,8 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
 def _unknown_keys(raw: dict, known: set[str], where: str, errors: list[str]) -> None:
     for key in raw:
         if key not in known:
-            errors.append(f"{where}{key}: unknown key{did_you_mean(str(key), known)}; expected one of {sorted(known)}")
+            hint = did_you_mean(str(key), known)
+            errors.append(f"{where}{clip(str(key), 60)}: unknown key{hint}; expected one of {sorted(known)}")
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -216,7 +259,7 @@ def _simple(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
             continue
         annotation = str(f.type)
         if not _type_ok(value, annotation):
-            errors.append(f"{where}.{key}: expected {annotation.replace(' | ', ' or ')}, got {value!r}")
+            errors.append(f"{where}.{key}: expected {annotation.replace(' | ', ' or ')}, got {quote(value)}")
             continue
         kwargs[key] = value
     return cls(**kwargs)
@@ -228,10 +271,14 @@ def _dataset(raw: Any, base: Path, errors: list[str]) -> DatasetSpec | None:
         return None
     if isinstance(raw, dict) and "path" in raw:
         if not isinstance(raw["path"], str):
-            errors.append(f"dataset.path: expected a folder path, got {raw['path']!r}")
+            errors.append(f"dataset.path: expected a folder path, got {quote(raw['path'])}")
             return None
         # relative paths are relative to the job file, so a job means the same from any cwd
-        raw = {**raw, "path": str((base / Path(raw["path"]).expanduser()).resolve())}
+        try:
+            raw = {**raw, "path": str((base / Path(raw["path"]).expanduser()).resolve())}
+        except (RuntimeError, ValueError, OSError) as exc:  # an unknown ~user, a NUL byte, a symlink loop
+            errors.append(f"dataset.path: not a usable folder path {quote(raw['path'])} ({exc})")
+            return None
     spec = _simple(DatasetSpec, raw, "dataset", errors)
     if spec is None:
         return None
@@ -246,11 +293,12 @@ def _check_dataset(spec: DatasetSpec, where: str, errors: list[str]) -> None:
         errors.append(f"{where}: expected exactly one of 'path' (a local audiofolder) or 'hub' (a dataset id)")
     elif spec.path is not None:
         if not spec.path.is_dir():
-            errors.append(f"{where}.path: no such folder {spec.path}")
+            errors.append(f"{where}.path: no such folder {clip(str(spec.path))}")
         elif not any((spec.path / m).is_file() for m in ("metadata.jsonl", "metadata.csv")):
-            errors.append(f"{where}.path: {spec.path} has no metadata.jsonl or metadata.csv (audiofolder layout)")
+            folder = clip(str(spec.path))
+            errors.append(f"{where}.path: {folder} has no metadata.jsonl or metadata.csv (audiofolder layout)")
     if spec.limit is not None and spec.limit < 1:
-        errors.append(f"{where}.limit: expected a positive integer, got {spec.limit}")
+        errors.append(f"{where}.limit: expected a positive integer, got {quote(spec.limit)}")
 
 
 def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
@@ -260,33 +308,33 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
     _unknown_keys(raw, {"sizes", "targets", "evaluate_failed"}, "models.", errors)
     evaluate_failed = raw.get("evaluate_failed", False)
     if not isinstance(evaluate_failed, bool):
-        errors.append(f"models.evaluate_failed: expected true or false, got {evaluate_failed!r}")
+        errors.append(f"models.evaluate_failed: expected true or false, got {quote(evaluate_failed)}")
     sizes = raw.get("sizes", ["base"])
     if isinstance(sizes, str):
         sizes = [sizes]
     ok = True
     if not isinstance(sizes, list) or not sizes:
-        errors.append(f"models.sizes: expected a non-empty list of model names, got {sizes!r}")
+        errors.append(f"models.sizes: expected a non-empty list of model names, got {quote(sizes)}")
         return None
     for i, size in enumerate(sizes):
         if not isinstance(size, str):
-            errors.append(f"models.sizes[{i}]: expected a model name, got {size!r}")
+            errors.append(f"models.sizes[{i}]: expected a model name, got {quote(size)}")
             ok = False
         elif size not in OFFICIAL_NAMES and not size.endswith(".pt"):
-            errors.append(f"models.sizes[{i}]: unknown size '{size}'{did_you_mean(size, OFFICIAL_NAMES)}")
+            errors.append(f"models.sizes[{i}]: unknown size {quote(size)}{did_you_mean(size, OFFICIAL_NAMES)}")
             ok = False
-        elif size.endswith(".pt") and not Path(size).expanduser().is_file():
-            errors.append(f"models.sizes[{i}]: no such checkpoint file {size}")
+        elif size.endswith(".pt") and not _is_file(size):
+            errors.append(f"models.sizes[{i}]: no such checkpoint file {clip(size)}")
             ok = False
     targets_raw = raw.get("targets", {})
-    if isinstance(targets_raw, list):  # a plain list means fp32 for each
+    if isinstance(targets_raw, list) and all(isinstance(key, str) for key in targets_raw):  # fp32 for each
         targets_raw = {key: ["fp32"] for key in targets_raw}
     if not isinstance(targets_raw, dict):
-        errors.append(f"models.targets: expected a mapping target -> [quantizations], got {targets_raw!r}")
+        errors.append(f"models.targets: expected a mapping target -> [quantizations], got {quote(targets_raw)}")
         return None
     targets = []
     for name, quants in targets_raw.items():
-        where = f"models.targets.{name}"
+        where = f"models.targets.{clip(str(name), 60)}"
         if name not in TARGETS:
             errors.append(f"{where}: unknown target{did_you_mean(str(name), TARGETS)}; known: {', '.join(TARGETS)}")
             ok = False
@@ -296,18 +344,26 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
         if isinstance(quants, str):
             quants = [quants]
         if not isinstance(quants, list) or not quants:
-            errors.append(f"{where}: expected a list of quantizations, got {quants!r}")
+            errors.append(f"{where}: expected a list of quantizations, got {quote(quants)}")
             ok = False
             continue
         allowed = TARGETS[name].quants
         for q in quants:
             if q not in allowed:
                 hint = did_you_mean(str(q), allowed)
-                errors.append(f"{where}: quantization {q!r} is not offered{hint}; offered: {', '.join(allowed)}")
+                errors.append(f"{where}: quantization {quote(q)} is not offered{hint}; offered: {', '.join(allowed)}")
                 ok = False
-        targets.append((name, tuple(dict.fromkeys(quants))))
+        if ok:  # a refused quantization may not even be hashable (a list)
+            targets.append((name, tuple(dict.fromkeys(quants))))
     if not ok:
         return None
     return ModelsSpec(
         sizes=tuple(dict.fromkeys(sizes)), targets=tuple(targets), evaluate_failed=evaluate_failed is True
     )
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_file()
+    except RuntimeError:  # `~user` of an unknown user
+        return False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class HarnessError(Exception):
@@ -24,3 +24,20 @@ def one_line(exc: BaseException) -> str:
     runs of white space folded."""
     first = (str(exc).strip().splitlines() or [""])[0]
     return " ".join(f"{type(exc).__name__}: {first}".split())
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` cut to at most `limit` characters: a message shows what it refuses without repeating
+    a hostile value (a megabyte string, a huge list) whole."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def quote(value: object, limit: int = 60) -> str:
+    """repr(value), clipped: how a message quotes a value it refuses."""
+    return clip(repr(value), limit)
+
+
+def some(items: Sequence[str], limit: int, sep: str = "; ") -> str:
+    """The first `limit` items joined, then how many more: one bounded line for any number of problems."""
+    more = f"{sep}and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
