@@ -1,2 +1,3 @@
-"""Converters turn a Whisper checkpoint into artifacts per target and quantization; each
-target module also holds the runner that executes its artifact (see `protocol`)."""
+"""Converters turn a Whisper checkpoint into artifacts per target and quantization; each target
+module declares one `TARGET` (`harness.core.target.Target`), its runner included, and
+`converters.registry` lists them."""

@@ -44,7 +44,7 @@ class SequenceState:
 
 
 class AneHost(StaticCacheRunner):
-    """The Runner protocol over an ANE-form encoder/decoder pair."""
+    """The Runner contract over an ANE-form encoder/decoder pair."""
 
     cache_shape: tuple[int, int, int, int]  # [n_text_layer, n_text_state, 1, n_text_ctx]
 
