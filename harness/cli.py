@@ -1,10 +1,13 @@
-"""`python -m harness run|validate`: the command line, and the one place errors become exit codes."""
+"""`python -m harness run|runs|validate|convert`: the command line, and the one place errors become
+exit codes (`ExitCode`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,9 +16,21 @@ from harness.core.errors import HarnessError
 if TYPE_CHECKING:  # the module pulls in whisper and torch; the CLI imports them only when needed
     from harness.spec import DatasetSpec
 
+
+class ExitCode(IntEnum):
+    OK = 0  # every model evaluated, every utterance transcribed (convert: every cell usable)
+    FAILED = 1  # convert: a cell failed; validate: a job file is wrong
+    BAD_INPUT = 2  # a job file, dataset, flag or address the harness cannot use: one line says which
+    REGRESSION = 3  # the gate found a model worse than its baseline
+    INCOMPLETE = 4  # the run finished, but some models or utterances failed or were unavailable
+    INTERRUPTED = 5  # the run stopped early (Ctrl-C, SIGTERM, an error): resume it with --resume
+
+
 EXAMPLES = """examples:
   python -m harness run jobs/librispeech_base.yaml
-  python -m harness run jobs/librispeech_base.yaml --limit 10 --workers 2
+  python -m harness run jobs/librispeech_base.yaml --limit 10 --slots 2
+  python -m harness run jobs/librispeech_base.yaml --resume latest
+  python -m harness runs --job librispeech_base
   python -m harness run jobs/librispeech_base.yaml --dataset path/to/audiofolder
   python -m harness run jobs/librispeech_base.yaml --address ray://head:10001
   python -m harness validate jobs/*.yaml
@@ -35,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", type=Path, help="a job file, e.g. jobs/librispeech_base.yaml")
     run.add_argument("--dataset", help="replace the job's dataset: a local audiofolder path or a Hugging Face hub id")
     run.add_argument("--limit", type=int, help="evaluate only the first N utterances")
-    run.add_argument("--workers", type=int, help="Ray workers per model (default: the job's cluster.workers)")
+    run.add_argument(
+        "--slots", type=int, help="workers at once over the cluster (default: cluster.slots, or one per CPU)"
+    )
+    run.add_argument("--resume", metavar="RUN_ID", help="finish an interrupted run: its id, or 'latest'")
     run.add_argument("--address", help="join this Ray cluster instead of starting an embedded one")
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default: results)")
     run.add_argument(
@@ -55,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("HARNESS_MODELS", "models")),
         help="artifact store (default: $HARNESS_MODELS or models)",
     )
+    runs = sub.add_parser("runs", help="list runs and their state; --clean removes abandoned incomplete ones")
+    runs.add_argument("--job", help="only this job's runs")
+    runs.add_argument("--out", type=Path, default=Path("results"), help="results root (default: results)")
+    runs.add_argument(
+        "--clean", action="store_true", help="remove incomplete runs: interrupted, failed, or whose process is gone"
+    )
     validate = sub.add_parser("validate", help="check job files (and local datasets' metadata), report every problem")
     validate.add_argument("jobs", type=Path, nargs="+")
     return parser
@@ -67,10 +91,17 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args.jobs)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "runs":
+            return _runs(args)
         return _run(args)
     except HarnessError as exc:
+        from harness.execute import Interrupted
+
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if isinstance(exc, Interrupted):
+            print(f"resume with: python -m harness run {args.job} --resume {exc.run.run_id}", file=sys.stderr)
+            return ExitCode.INTERRUPTED
+        return ExitCode.BAD_INPUT
 
 
 def _validate(paths: list[Path]) -> int:
@@ -87,7 +118,7 @@ def _validate(paths: list[Path]) -> int:
             continue
         cells = ", ".join(c.label for c in spec.models.cells())
         print(f"ok: {path}: job '{spec.name}', dataset {spec.dataset.label} ({rows}), models {cells}")
-    return 1 if failed else 0
+    return ExitCode.FAILED if failed else ExitCode.OK
 
 
 def _check_local_dataset(dataset: DatasetSpec, job: Path) -> str:
@@ -119,7 +150,7 @@ def _convert(args: argparse.Namespace) -> int:
     print(tabulate(table.drop(columns="artifact"), headers="keys", tablefmt="github", showindex=False))
     counts = table["status"].value_counts()
     print("\n" + ", ".join(f"{n} {status}" for status, n in counts.items()) + f"; store: {args.models}")
-    return 1 if "failed" in counts else 0
+    return ExitCode.FAILED if "failed" in counts else ExitCode.OK
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -128,10 +159,24 @@ def _run(args: argparse.Namespace) -> int:
     from harness.summary import format_summary
 
     spec = load_job(args.job).with_overrides(
-        dataset=args.dataset, limit=args.limit, workers=args.workers, address=args.address
+        dataset=args.dataset, limit=args.limit, slots=args.slots, address=args.address
     )
-    result = run_job(spec, args.out, args.models, progress=not args.no_progress and sys.stderr.isatty())
+    # SIGTERM (a scheduler's kill, a CI timeout) stops the run as Ctrl-C does: its work is kept
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    result = run_job(spec, args.out, args.models, progress=not args.no_progress, resume=args.resume)
     print()
     print(format_summary(result.summary))
     print(f"\nresults: {result.run_dir}")
-    return 0
+    return ExitCode.OK if (result.utterances["status"] == "ok").all() else ExitCode.INCOMPLETE
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from harness.results import list_runs
+
+    for run in list_runs(args.out, args.job):
+        if args.clean and run.abandoned():
+            run.remove()
+            print(f"removed {run.path}")
+        else:
+            print(run.summary_line())
+    return ExitCode.OK

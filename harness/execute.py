@@ -1,22 +1,21 @@
-"""Running a job: artifacts → Ray workers per model → raw rows per shard → scoring → results.
+"""Running a job: check the data, join Ray, prepare artifacts, schedule shards, score, write results.
 
-Data flows one way. The driver prepares artifacts (converting what is missing), plans shards as
-row ranges, and hands them to idle workers; workers read their own audio. Each finished shard's
-raw rows are written at once (atomically) under the run's partial folder, and only a run that
-finished is renamed into `results/<job>/<run id>/`.
+Data flows one way. The driver checks the dataset and connects to Ray before building anything
+(an unusable dataset or an unreachable cluster costs seconds, not a matrix of conversions),
+prepares artifacts, plans shards as row ranges, and hands them to the scheduler
+(`harness.scheduler`); workers read their own audio and stream rows back. Every finished shard
+is persisted at once in the run directory (`harness.results`), so an interrupted or failed run
+keeps its work and `--resume` re-plans only what is missing.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
-import re
-import shutil
+import socket
 import subprocess
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -28,14 +27,18 @@ from converters.matrix import prepare_cells
 from converters.registry import get_target
 from converters.store import Prepared
 from harness.core.decoding import Dims, build_prompt
-from harness.core.errors import one_line
+from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
 from harness.data import Shard, calibration_source, check_dataset, plan_shards, read_index
+from harness.results import RunDir, RunState, fingerprint, raw_frame, row, write_json_atomic, write_parquet_atomic
+from harness.scheduler import Scheduler, SchedulerOptions, Work
 from harness.scoring import SCHEMA_VERSION, score_rows
-from harness.spec import JobSpec, ModelCell
+from harness.spec import ClusterSpec, JobSpec, ModelCell
 from harness.summary import format_summary, summarize
 from harness.timing import cpu_description
-from harness.worker import ModelWorker, WorkerSetup
+from harness.worker import WorkerSetup
+
+CONNECT_TIMEOUT_S = 10.0  # an address that does not answer by then is unreachable
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,14 @@ class RunResult:
     summary: pd.DataFrame
 
 
+class Interrupted(HarnessError):
+    """The run stopped before it finished; its directory keeps the finished shards."""
+
+    def __init__(self, run: RunDir, why: str) -> None:
+        super().__init__(f"{why}; finished shards are kept in {run.path}")
+        self.run = run
+
+
 def prepare_models(spec: JobSpec, models_root: Path, log=print) -> list[PreparedModel]:
     """Resolve weights and build or reuse every artifact the job needs, on the driver."""
     cells = spec.models.cells()
@@ -76,190 +87,116 @@ def prepare_models(spec: JobSpec, models_root: Path, log=print) -> list[Prepared
     return prepared
 
 
-def _slug(cell: ModelCell) -> str:
-    return cell.label.replace("/", "__")
-
-
-def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _init_ray(address: str | None) -> None:
+def connect(cluster: ClusterSpec) -> None:
+    """Join the job's Ray cluster, or start an embedded one bound to loopback; an address that does
+    not answer is one line within seconds (ray.init would retry for minutes)."""
     import ray
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if cluster.address is None:
+        # "local": a cluster of its own, never one another process started on this machine
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        return
+    host, _, port = cluster.address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        raise HarnessError(
+            f"cluster.address {cluster.address!r}: cannot reach a Ray cluster there ({one_line(exc)}); "
+            "start one with `ray start --head` or fix the address"
+        ) from None
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
 
 
-def run_job(spec: JobSpec, out_root: Path, models_root: Path, progress: bool = True, log=print) -> RunResult:
+def run_job(
+    spec: JobSpec, out_root: Path, models_root: Path, progress: bool = True, log=print, resume: str | None = None
+) -> RunResult:
     started = time.time()
     # the dataset first: one that no run can use is refused before any conversion or Ray start
     dataset = check_dataset(spec.dataset)
     if dataset.unreadable:
         log(f"dataset {spec.dataset.label}: {dataset.note}")
+    connect(spec.cluster)
     prepared = prepare_models(spec, models_root, log=log)
-    n_rows = dataset.n_rows
-    shards = plan_shards(n_rows, spec.cluster.shard_size)
-    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started)) + "-" + uuid.uuid4().hex[:6]
-    final_dir = out_root / spec.name / run_id
-    partial = out_root / spec.name / f".partial-{run_id}"
-    (partial / "raw").mkdir(parents=True)
+    keys = {p.cell.label: p.prepared.artifact.manifest.get("key") if p.prepared.artifact else None for p in prepared}
+    marks = fingerprint(spec, dataset.n_rows, keys)
+    if resume is None:
+        run = RunDir.create(out_root, spec.name, marks)
+    else:
+        run = RunDir.find(out_root, spec.name, resume)
+        run.resume(marks)
+        log(f"resuming {run.path}")
+    shards = plan_shards(dataset.n_rows, spec.cluster.shard_size)
     try:
-        raw = _execute(spec, prepared, shards, partial / "raw", progress)
-        utts = score_rows(raw.assign(run_id=run_id))
+        report = _execute(spec, prepared, shards, run, progress, log)
+        raw = run.read_raw()
+        _check_one_row_each(raw, prepared, dataset.n_rows)
+        utts = score_rows(raw.assign(run_id=run.run_id))
         summary = summarize(utts, {p.cell.as_tuple(): p.facts for p in prepared})
-        _write_parquet_atomic(utts, partial / "utterances.parquet")
-        summary.to_csv(partial / "summary.csv", index=False)
-        (partial / "summary.md").write_text(format_summary(summary) + "\n")
-        (partial / "run.json").write_text(
-            json.dumps(_run_info(spec, run_id, prepared, n_rows, started), indent=2, default=str)
-        )
-        os.replace(partial, final_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        write_parquet_atomic(utts, run.path / "utterances.parquet")
+        summary.to_csv(run.path / "summary.csv", index=False)
+        (run.path / "summary.md").write_text(format_summary(summary) + "\n")
+        info = _run_info(spec, run, prepared, dataset.n_rows, started, report)
+        write_json_atomic(info, run.path / "run.json")
+        run.complete()
+    except KeyboardInterrupt:
+        run.stop(RunState.INTERRUPTED, "interrupted")
+        raise Interrupted(run, "interrupted") from None
+    except BaseException as exc:
+        run.stop(RunState.FAILED, one_line(exc))
         raise
-    return RunResult(final_dir, utts, summary)
+    return RunResult(run.path, utts, summary)
 
 
 def _execute(
-    spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], raw_dir: Path, progress: bool
-) -> pd.DataFrame:
-    import ray
-    from tqdm import tqdm
-
-    _init_ray(spec.cluster.address)
-    # a model that failed its parity gate is reported, not evaluated, unless the job asks for it
-    runnable = [
-        p
-        for p in prepared
-        if p.prepared.status.runnable or (spec.models.evaluate_failed and p.prepared.status == Status.FAILED)
-    ]
-
+    spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], run: RunDir, progress: bool, log
+) -> dict[str, Any]:
     @functools.cache
     def index() -> tuple[list[str], list[str]]:  # ids and texts, read once and only if a model has no transcripts
         return read_index(spec.dataset)
 
-    frames = [_error_rows(p, index(), p.prepared.status, p.prepared.reason) for p in prepared if p not in runnable]
-    remote_worker = ray.remote(num_cpus=1)(ModelWorker)
-    actors: dict[Any, PreparedModel] = {}
-    for p in runnable:
+    def persist(cell: ModelCell, shard: Shard, rows: list[dict[str, Any]]) -> None:
+        run.write_shard(cell, shard.index, raw_frame(rows))
+
+    work = []
+    for p in prepared:
+        todo = tuple(s for s in shards if not run.done(p.cell, s.index))
+        if not todo:
+            continue
+        # a model that failed its parity gate is reported, not evaluated, unless the job asks for it
+        runnable = p.prepared.status.runnable or (spec.models.evaluate_failed and p.prepared.status == Status.FAILED)
+        if not runnable:
+            ids, texts = index()
+            for s in todo:
+                rows = [
+                    row(p.cell, ids[i], texts[i], p.prepared.status, p.prepared.reason) for i in range(s.start, s.stop)
+                ]
+                persist(p.cell, s, rows)
+            continue
         assert p.prepared.artifact is not None
         setup = WorkerSetup(
-            p.prepared.artifact.path, p.dims, build_prompt(p.dims, spec.decoding), spec.decoding, spec.dataset
+            p.cell,
+            p.prepared.artifact.path,
+            p.dims,
+            build_prompt(p.dims, spec.decoding),
+            spec.decoding,
+            spec.dataset,
+            spec.cluster.threads,
         )
-        for _ in range(spec.cluster.workers):
-            actors[remote_worker.options(resources=_placement(p.cell.target)).remote(setup)] = p
-    queues = {p.cell: list(shards) for p in runnable}
-    bars = {
-        p.cell: tqdm(total=shards[-1].stop, desc=p.cell.label, unit="utt", disable=not progress, position=i)
-        for i, p in enumerate(runnable)
-    }
-    in_flight: dict[Any, tuple[Any, Shard]] = {}
-
-    def feed(actor) -> None:
-        """Give `actor` its model's next shard; with none left, end it, so the CPU (or board) it
-        holds goes to a model still waiting: a job may have more models than the cluster has CPUs."""
-        queue = queues[actors[actor].cell]
-        if queue:
-            shard = queue.pop(0)
-            in_flight[actor.run_shard.remote(shard)] = (actor, shard)
-        else:
-            ray.kill(actor)
-
-    def record(p: PreparedModel, shard: Shard, rows: pd.DataFrame) -> None:
-        _write_parquet_atomic(rows, raw_dir / f"{_slug(p.cell)}-shard{shard.index:05d}.parquet")
-        frames.append(rows)
-        bars[p.cell].update(shard.stop - shard.start)
-
-    for actor in actors:
-        feed(actor)
-    try:
-        while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            actor, shard = in_flight.pop(done[0])
-            p = actors[actor]
-            try:
-                rows = pd.DataFrame(ray.get(done[0])).assign(size=p.cell.size, target=p.cell.target, quant=p.cell.quant)
-            except ray.exceptions.RayError as exc:
-                # the worker could not load its model or its process died (a native runtime's crash,
-                # memory): this model's utterances become rows with the reason, the other models go on
-                reason = _worker_error(exc)
-                record(p, shard, _error_rows(p, index(), Status.WORKER_FAILED, reason, shard.start, shard.stop))
-                if isinstance(exc, ray.exceptions.RayActorError):
-                    del actors[actor]
-                    if not any(q is p for q in actors.values()):  # no worker left for this model
-                        while queues[p.cell]:
-                            left = queues[p.cell].pop(0)
-                            record(
-                                p, left, _error_rows(p, index(), Status.WORKER_FAILED, reason, left.start, left.stop)
-                            )
-                    continue
-            else:
-                record(p, shard, rows)
-            feed(actor)
-    finally:
-        for bar in bars.values():
-            bar.close()
-        for actor in actors:
-            ray.kill(actor)
-    raw = pd.concat(frames, ignore_index=True)
-    for col in ("hyp_text", "hyp_tokens", "frontend_ms", "encode_ms", "decode_ms", "n_steps"):
-        if col not in raw:
-            raw[col] = None
-    return raw
+        work.append(Work(setup, todo, get_target(p.cell.target).resource))
+    c = spec.cluster
+    options = SchedulerOptions(c.slots, c.threads, c.max_attempts, float(c.stall_timeout_s), c.emulate)
+    return Scheduler(work, options, persist, index, progress, log).run()
 
 
-def _placement(target: str) -> dict[str, float]:
-    """Ray resources a worker of `target` asks for: its board's, when the cluster has such a node."""
-    import ray
-
-    resource = get_target(target).resource
-    return {resource: 1} if resource and ray.cluster_resources().get(resource, 0) > 0 else {}
-
-
-def _error_rows(
-    p: PreparedModel,
-    index: tuple[list[str], list[str]],
-    status: Status,
-    reason: str,
-    start: int = 0,
-    stop: int | None = None,
-) -> pd.DataFrame:
-    """Utterances [start, stop) of a model that produced no transcript for them: rows with the reason."""
-    ids, texts = index
-    return pd.DataFrame(
-        {
-            "utt_id": ids[start:stop],
-            "ref_text": texts[start:stop],
-            "audio_s": 0.0,
-            "node": None,
-            "cpu": None,
-            "status": status.value,
-            "error": reason,
-        }
-    ).assign(size=p.cell.size, target=p.cell.target, quant=p.cell.quant)
-
-
-def _worker_error(exc: BaseException) -> str:
-    """The worker's own exception as `Type: first line`; Ray wraps it in pages of traceback (for a
-    failed `__init__` only as text), or says in its first line why a process died."""
-    import ray
-
-    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
-        return one_line(exc.cause)
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
-    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
-    after = [line for line in lines[frames[-1] + 1 :] if line[:1].strip()] if frames else []
-    if after:  # the traceback's last line names the exception: `module.Type: message`
-        name, _, message = after[0].partition(": ")
-        return f"{name.rsplit('.', 1)[-1]}: {message}".strip()
-    return lines[0].strip() if lines else type(exc).__name__
+def _check_one_row_each(raw: pd.DataFrame, prepared: list[PreparedModel], n_rows: int) -> None:
+    """Exactly one row per (model, utterance): a scheduling bug must never pass as a result."""
+    counts = raw.groupby(["size", "target", "quant"]).size()
+    wrong = {"/".join(k): int(v) for k, v in counts.items() if v != n_rows}
+    missing = [p.cell.label for p in prepared if p.cell.as_tuple() not in counts.index]
+    if wrong or missing or raw.duplicated(["size", "target", "quant", "utt_id"]).any():
+        raise RuntimeError(f"rows per model differ from {n_rows} utterances: {wrong}, missing {missing}")
 
 
 def _git_commit() -> str | None:
@@ -272,7 +209,9 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows: int, started: float) -> dict[str, Any]:
+def _run_info(
+    spec: JobSpec, run: RunDir, prepared: list[PreparedModel], n_rows: int, started: float, report: dict[str, Any]
+) -> dict[str, Any]:
     packages = (
         "torch",
         "openai-whisper",
@@ -286,13 +225,14 @@ def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows:
         "soxr",
     )
     return {
-        "run_id": run_id,
+        "run_id": run.run_id,
         "schema_version": SCHEMA_VERSION,
         "job": asdict(spec),
         "models": [
             {
                 "model": p.cell.label,
                 "artifact": p.prepared.artifact.path if p.prepared.artifact else None,
+                "key": p.prepared.artifact.manifest.get("key") if p.prepared.artifact else None,
                 "status": p.prepared.status.value,
                 "reason": p.prepared.reason,
             }
@@ -308,6 +248,8 @@ def _run_info(spec: JobSpec, run_id: str, prepared: list[PreparedModel], n_rows:
             "cpus": os.cpu_count(),
             "cpu": cpu_description(),
         },
+        **report,
+        "resumed": run.state().get("resumed", []),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -76,9 +76,15 @@ class ModelsSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    """Where and how a job runs; none of it changes the results (a resumed run may change it)."""
+
     address: str | None = None  # None: an embedded local Ray
-    workers: int = 1  # Ray actors per model
-    shard_size: int = 8  # utterances per shard
+    slots: int | None = None  # workers at once, over the whole cluster; None: one per CPU / threads
+    threads: int = 1  # threads each worker's model uses
+    shard_size: int = 4  # utterances per shard: the unit of scheduling, persisting and resuming
+    max_attempts: int = 3  # a shard whose worker dies is tried at most this often
+    stall_timeout_s: int = 600  # a worker that loads, or decodes one utterance, longer than this is ended
+    emulate: bool = False  # run board targets (mtk) on CPUs when no node advertises the board
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ class JobSpec:
         self,
         dataset: str | None = None,
         limit: int | None = None,
-        workers: int | None = None,
+        slots: int | None = None,
         address: str | None = None,
     ) -> JobSpec:
         """The command line's flags, applied to a validated spec and validated the same way."""
@@ -113,9 +119,9 @@ class JobSpec:
         if limit is not None:
             _raise([] if limit > 0 else ["--limit: expected a positive integer"], "command line")
             spec = replace(spec, dataset=replace(spec.dataset, limit=limit))
-        if workers is not None:
-            _raise([] if workers > 0 else ["--workers: expected a positive integer"], "command line")
-            spec = replace(spec, cluster=replace(spec.cluster, workers=workers))
+        if slots is not None:
+            _raise([] if slots > 0 else ["--slots: expected a positive integer"], "command line")
+            spec = replace(spec, cluster=replace(spec.cluster, slots=slots))
         if address is not None:
             spec = replace(spec, cluster=replace(spec.cluster, address=address))
         return spec
@@ -216,10 +222,10 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
                 errors.append(f"decoding.language: unknown language {quote(decoding.language)}{hint}")
     cluster = _simple(ClusterSpec, raw.get("cluster", {}), "cluster", errors)
     if cluster is not None:
-        if cluster.workers < 1:
-            errors.append(f"cluster.workers: expected a positive integer, got {quote(cluster.workers)}")
-        if cluster.shard_size < 1:
-            errors.append(f"cluster.shard_size: expected a positive integer, got {quote(cluster.shard_size)}")
+        for key in ("slots", "threads", "shard_size", "max_attempts", "stall_timeout_s"):
+            value = getattr(cluster, key)
+            if value is not None and value < 1:
+                errors.append(f"cluster.{key}: expected a positive integer, got {quote(value)}")
     if errors or dataset is None or models is None or decoding is None or cluster is None:
         return None
     return JobSpec(name=name, dataset=dataset, models=models, decoding=decoding, cluster=cluster)

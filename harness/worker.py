@@ -1,12 +1,17 @@
-"""A Ray actor that holds one model and transcribes the shards it is handed.
+"""A Ray actor that holds one model and transcribes the shards it is handed, one row at a time.
 
-It reads its shard's audio itself (the driver ships only row ranges) and returns raw rows:
-tokens, text, timings and a status. Scoring happens later, on the driver, never here.
+It reads its shard's audio itself (the driver ships only row ranges) and streams raw rows back as
+each utterance finishes (a Ray generator), so a worker that dies loses at most the utterance in
+progress. Scoring happens later, on the driver, never here.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +23,14 @@ from harness.core.errors import one_line
 from harness.core.status import Status
 from harness.core.target import DEFAULT_THREADS
 from harness.data import Shard, read_shard
-from harness.spec import DatasetSpec
+from harness.results import row
+from harness.spec import DatasetSpec, ModelCell
 from harness.timing import cpu_description, prepare_worker_threads, warm_up
 
 
 @dataclass(frozen=True)
 class WorkerSetup:
+    cell: ModelCell
     artifact_path: Path
     dims: Dims
     prompt: Prompt
@@ -38,10 +45,17 @@ def _ray_node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if os.uname().sysname == "Darwin" else 2**10)
+
+
 class ModelWorker:
     """Wrapped with ray.remote by the driver; plain class so it is testable without Ray."""
 
     def __init__(self, setup: WorkerSetup) -> None:
+        started = time.perf_counter()
         prepare_worker_threads(setup.threads)
         artifact = load_artifact(setup.artifact_path)
         verify(artifact)  # the checksums, again, on the node that will run it
@@ -51,36 +65,38 @@ class ModelWorker:
         self.node = f"{socket.gethostname()}/{_ray_node_id()[:8]}"
         self.cpu = cpu_description()
         warm_up(self.runner, setup.dims, setup.prompt)
+        self.load_s = time.perf_counter() - started
 
-    def run_shard(self, shard: Shard) -> list[dict[str, Any]]:
-        rows = []
-        for utt in read_shard(self.setup.dataset, shard):
-            row: dict[str, Any] = {
-                "utt_id": utt.utt_id,
-                "ref_text": utt.text,
-                "audio_s": utt.audio_s,
-                "node": self.node,
-                "cpu": self.cpu,
-            }
+    def ready(self) -> dict[str, Any]:
+        """What the driver records of a loaded worker (model load cost, memory, where it runs)."""
+        return {"node": self.node, "pid": os.getpid(), "load_s": round(self.load_s, 2), "rss_mb": round(peak_rss_mb())}
+
+    def peak_rss_mb(self) -> float:
+        return round(peak_rss_mb())
+
+    def run_shard(self, shard: Shard, skip: int = 0, attempt: int = 0) -> Iterator[dict[str, Any]]:
+        """One row per utterance of `shard`, after the first `skip` (a retry's rows already in)."""
+        cell, where = self.setup.cell, {"node": self.node, "cpu": self.cpu, "attempt": attempt}
+        for utt in read_shard(self.setup.dataset, Shard(shard.index, shard.start + skip, shard.stop)):
             if utt.audio is None:
-                rows.append({**row, "status": Status.ERROR.value, "error": utt.error})
+                yield row(cell, utt.utt_id, utt.text, Status.ERROR, utt.error, **where)
                 continue
             try:
                 out = greedy_decode(self.runner, utt.audio, self.setup.dims, self.setup.prompt)
             except Exception as exc:  # one broken utterance must not sink the run: it becomes a row
-                rows.append({**row, "status": Status.ERROR.value, "error": f"decoding failed: {one_line(exc)}"})
+                yield row(cell, utt.utt_id, utt.text, Status.ERROR, f"decoding failed: {one_line(exc)}", **where)
                 continue
-            rows.append(
-                {
-                    **row,
-                    "hyp_tokens": list(out.tokens),
-                    "hyp_text": self.tokenizer.decode(list(out.tokens)).strip(),
-                    "frontend_ms": out.frontend_ms,
-                    "encode_ms": out.encode_ms,
-                    "decode_ms": out.decode_ms,
-                    "n_steps": out.n_steps,
-                    "status": Status.OK.value,
-                    "error": None,
-                }
+            yield row(
+                cell,
+                utt.utt_id,
+                utt.text,
+                Status.OK,
+                audio_s=utt.audio_s,
+                hyp_tokens=list(out.tokens),
+                hyp_text=self.tokenizer.decode(list(out.tokens)).strip(),
+                frontend_ms=out.frontend_ms,
+                encode_ms=out.encode_ms,
+                decode_ms=out.decode_ms,
+                n_steps=out.n_steps,
+                **where,
             )
-        return rows

@@ -151,7 +151,7 @@ def test_alias_bomb_is_refused_in_one_short_line(tmp_path):
     msg = _refused(tmp_path, f"name: bomb\n{GOOD}l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n{levels}")
     assert msg.endswith("line 4: anchors and aliases (&name, *name) are not allowed in job files; write the value out")
     # an alias alone (no bomb) is refused the same way: job files never need them
-    assert "anchors and aliases" in _refused(tmp_path, f"name: a\n{GOOD}cluster: &c {{workers: 1}}\n")
+    assert "anchors and aliases" in _refused(tmp_path, f"name: a\n{GOOD}cluster: &c {{slots: 1}}\n")
 
 
 def test_name_is_matched_whole(tmp_path):
@@ -163,7 +163,7 @@ def test_name_is_matched_whole(tmp_path):
     ("content", "expected"),
     [
         (f"name: deep\n{GOOD}x: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply for a job file"),
-        (f"name: n\n{GOOD}cluster: {{workers: {'9' * 5000}}}\n", "is not valid YAML (Exceeds the limit"),
+        (f"name: n\n{GOOD}cluster: {{slots: {'9' * 5000}}}\n", "is not valid YAML (Exceeds the limit"),
         ('name: n\ndataset: {path: "a\\0b"}\n', "dataset.path: not a usable folder path 'a\\x00b'"),
     ],
     ids=["deep", "huge-int", "nul-path"],

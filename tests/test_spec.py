@@ -35,7 +35,7 @@ models:
     torchscript-mtk: [int3]
 decodng: {}
 cluster:
-  workers: two
+  slots: two
 """
 
 
@@ -54,7 +54,7 @@ def test_bad_job_reports_every_problem_with_its_path(tmp_path):
         "models.targets.torchscript-mk: unknown target (did you mean 'torchscript-mtk'?)",
         "models.targets.torchscript-mtk: quantization 'int3' is not offered",
         "decodng: unknown key (did you mean 'decoding'?)",
-        "cluster.workers: expected int, got 'two'",
+        "cluster.slots: expected int or None, got 'two'",
     ):
         assert expected in msg
 
@@ -70,7 +70,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 def test_overrides_are_validated(tmp_path):
     spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml")
-    assert spec.with_overrides(limit=3, workers=2).dataset.limit == 3
+    assert spec.with_overrides(limit=3, slots=2).dataset.limit == 3
     with pytest.raises(HarnessError, match=r"--dataset\.path: no such folder"):
         spec.with_overrides(dataset=str(tmp_path / "nothing"))
     with pytest.raises(HarnessError, match="--limit"):

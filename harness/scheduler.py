@@ -1,0 +1,480 @@
+"""Elastic scheduling of (model, shard) work over a Ray cluster's slots, surviving dead workers.
+
+- Slots: every alive node offers `CPU // threads` slots (at most `slots` in all, when the job caps
+  them). A worker holds one slot, loads its model once, and pulls its model's shards one at a
+  time. When its model has no shard left, the slot goes to the model with the most work left, so
+  no core idles while another model still has utterances; faster nodes simply pull more.
+- Placement: the scheduler picks each worker's node itself (Ray's node affinity, hard). A target
+  that needs a board's resource (e.g. `mediatek`) goes only to nodes advertising it, one worker
+  per board unit; without such a node it runs in emulation only when the job allows it, else its
+  rows say unavailable at once. A node whose workers died twice is set aside for the run.
+- Faults: rows stream back one utterance at a time (a Ray generator). A worker process or node
+  that dies mid-shard costs the utterance in progress: the rest of the shard is retried on
+  another worker, up to `max_attempts` in all, with back-off; each row records its `attempt`. A
+  worker that sends nothing for `stall_timeout_s` is ended and treated as dead. A model that
+  cannot be loaded (its constructor raised: a refused artifact, an unsupported op) is not retried:
+  its utterances become `worker failed` rows with the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.core.status import Status
+from harness.data import Shard
+from harness.results import row
+from harness.spec import ModelCell
+from harness.worker import ModelWorker, WorkerSetup
+
+NODE_FAILURES_TO_SET_ASIDE = 2
+PROGRESS_EVERY_S = 30.0  # one line of progress this often when stderr is not a terminal
+NODES_EVERY_S = 10.0  # how often the cluster's nodes are looked at again (joins, departures)
+
+
+@dataclass(frozen=True)
+class Work:
+    """One model to evaluate and the shards it still has to do."""
+
+    setup: WorkerSetup
+    shards: tuple[Shard, ...]
+    resource: str | None  # a board resource its workers need (None: any CPU)
+
+    @property
+    def cell(self) -> ModelCell:
+        return self.setup.cell
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    slots: int | None = None  # None: every CPU of the cluster
+    threads: int = 1
+    max_attempts: int = 3  # a shard is tried at most this often (2 retries)
+    stall_timeout_s: float = 600.0  # a worker silent this long (loading, or on one utterance) is ended
+    emulate: bool = False  # run board targets on CPUs when no board has joined
+
+
+@dataclass
+class Task:
+    shard: Shard
+    attempt: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)  # streamed so far, earlier attempts included
+    not_before: float = 0.0  # back-off after a failure
+
+
+@dataclass
+class Worker:
+    work: Work
+    node_id: str
+    started: float
+    ready: Any = None  # the `ready` call's ref while loading
+    info: dict[str, Any] = field(default_factory=dict)
+    task: Task | None = None
+    stream: Any = None  # the ObjectRefGenerator of the running shard
+    last_seen: float = 0.0
+    busy_s: float = 0.0
+    shards: int = 0
+
+
+@dataclass
+class NodeInfo:
+    node_id: str
+    host: str
+    resources: dict[str, float]
+    slots: int
+    used: int = 0
+    boards_used: dict[str, int] = field(default_factory=dict)
+    failures: int = 0
+    set_aside: bool = False
+    shards: int = 0
+    busy_s: float = 0.0
+
+
+ShardDone = Callable[[ModelCell, Shard, list[dict[str, Any]]], None]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        work: list[Work],
+        options: SchedulerOptions,
+        on_shard: ShardDone,
+        index: Callable[[], tuple[list[str], list[str]]],
+        progress: bool,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        import ray
+
+        self.ray = ray
+        self.options, self.on_shard, self.index, self.log = options, on_shard, index, log
+        self.work = {w.cell.label: w for w in work}
+        self.pending = {w.cell.label: deque(Task(s) for s in w.shards) for w in work}
+        self.remaining = {w.cell.label: sum(s.stop - s.start for s in w.shards) for w in work}
+        self.seconds_per_utt: dict[str, float] = {}
+        self.workers: dict[Any, Worker] = {}
+        self.failures: list[dict[str, Any]] = []
+        self.finished_workers: list[dict[str, Any]] = []
+        self.nodes = self._nodes()
+        self.nodes_seen = time.monotonic()
+        self.remote = ray.remote(ModelWorker)
+        self.progress = progress
+        self.bars = self._bars(progress)
+        self.last_line = time.monotonic()
+
+    # -- cluster ---------------------------------------------------------------------------------
+
+    def _nodes(self) -> dict[str, NodeInfo]:
+        nodes = {}
+        for n in self.ray.nodes():
+            if not n.get("Alive"):
+                continue
+            cpus = int(n["Resources"].get("CPU", 0))
+            nodes[n["NodeID"]] = NodeInfo(
+                n["NodeID"], n.get("NodeManagerHostname", "?"), dict(n["Resources"]), cpus // self.options.threads
+            )
+        return nodes
+
+    def _refresh_nodes(self) -> None:
+        """Nodes that died are set aside; nodes that joined offer their slots."""
+        current = self._nodes()
+        for node_id, node in self.nodes.items():
+            if node_id not in current and not node.set_aside:
+                node.set_aside = True
+                self.log(f"node {node.host}: left the cluster")
+        for node_id, node in current.items():
+            self.nodes.setdefault(node_id, node)
+        self.nodes_seen = time.monotonic()
+
+    def _free_slots(self) -> int:
+        free = sum(max(n.slots - n.used, 0) for n in self.nodes.values() if not n.set_aside)
+        if self.options.slots is not None:
+            free = min(free, self.options.slots - len(self.workers))
+        return free
+
+    def _place(self, work: Work) -> NodeInfo | None:
+        """The node a new worker of `work` goes to: the freest eligible one."""
+        candidates = [n for n in self.nodes.values() if not n.set_aside and n.used < n.slots]
+        if work.resource and self._has_board(work.resource):
+            candidates = [
+                n for n in candidates if n.boards_used.get(work.resource, 0) < n.resources.get(work.resource, 0)
+            ]
+        return max(candidates, key=lambda n: n.slots - n.used, default=None)
+
+    def _has_board(self, resource: str) -> bool:
+        return any(n.resources.get(resource, 0) > 0 for n in self.nodes.values() if not n.set_aside)
+
+    def runnable_here(self, work: Work) -> str | None:
+        """Why no node of this cluster may run `work`, or None."""
+        if work.resource and not self._has_board(work.resource) and not self.options.emulate:
+            return (
+                f"no node advertises the '{work.resource}' resource (a board joins with "
+                f"ray start --resources='{{\"{work.resource}\": 1}}'); cluster.emulate: true runs it on CPUs"
+            )
+        if not any(not n.set_aside and n.slots > 0 for n in self.nodes.values()):
+            return f"no node of the cluster has a CPU for a {self.options.threads}-thread worker"
+        return None
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        for label, work in self.work.items():
+            if reason := self.runnable_here(work):
+                self._give_up(label, Status.UNAVAILABLE, reason)
+        try:
+            while any(self.pending.values()) or self.workers:
+                self._fill()
+                self._step()
+                self._reap_stalled()
+                self._report_progress()
+        finally:
+            for actor in list(self.workers):
+                self._end(actor)
+            for bar in self.bars.values():
+                bar.close()
+        return self.report()
+
+    def _fill(self) -> None:
+        """Start workers on free slots, each for the model with the most work no worker holds yet."""
+        now = time.monotonic()
+        if now - self.nodes_seen > NODES_EVERY_S:
+            self._refresh_nodes()
+        for label, queue in self.pending.items():
+            held = any(w.work.cell.label == label for w in self.workers.values())
+            if queue and not held and (reason := self.runnable_here(self.work[label])):
+                self._give_up(label, Status.UNAVAILABLE, reason)
+        while self._free_slots() > 0:
+            waiting = [
+                label
+                for label, queue in self.pending.items()
+                if queue and queue[0].not_before <= now and self._unclaimed(label) > 0
+            ]
+            if not waiting:
+                return
+            label = max(waiting, key=self._work_left)
+            node = self._place(self.work[label])
+            if node is None:
+                return
+            self._start(label, node)
+
+    def _unclaimed(self, label: str) -> int:
+        """Pending shards of a model beyond those its idle-or-loading workers will take next."""
+        waiting_workers = sum(1 for w in self.workers.values() if w.work.cell.label == label and w.task is None)
+        return len(self.pending[label]) - waiting_workers
+
+    def _work_left(self, label: str) -> float:
+        """Seconds of work a model has left (utterances times its measured pace; unmeasured: 1 s each)."""
+        return self.remaining[label] * self.seconds_per_utt.get(label, 1.0)
+
+    def _start(self, label: str, node: NodeInfo) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        work = self.work[label]
+        resources = {work.resource: 1} if work.resource and node.resources.get(work.resource, 0) > 0 else {}
+        actor = self.remote.options(
+            num_cpus=self.options.threads,
+            resources=resources,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+        ).remote(work.setup)
+        now = time.monotonic()
+        self.workers[actor] = Worker(work, node.node_id, now, ready=actor.ready.remote(), last_seen=now)
+        node.used += 1
+        for key in resources:
+            node.boards_used[key] = node.boards_used.get(key, 0) + 1
+
+    def _step(self) -> None:
+        waiting = {}
+        for actor, w in self.workers.items():
+            ref = w.ready if w.ready is not None else w.stream
+            if ref is not None:
+                waiting[ref] = actor
+        if not waiting:
+            time.sleep(0.2)  # only back-off timers are running
+            return
+        done, _ = self.ray.wait(list(waiting), num_returns=1, timeout=1.0)
+        for ref in done:
+            actor = waiting[ref]
+            worker = self.workers[actor]
+            if worker.ready is not None:
+                self._on_ready(actor, worker)
+            else:
+                self._on_row(actor, worker)
+
+    def _on_ready(self, actor: Any, worker: Worker) -> None:
+        ray = self.ray
+        try:
+            worker.info = ray.get(worker.ready)
+        except ray.exceptions.RayActorError as exc:
+            worker.ready = None
+            if exc.actor_init_failed:  # the model cannot be loaded: retrying would fail the same way
+                self._end(actor)
+                self._give_up(worker.work.cell.label, Status.WORKER_FAILED, worker_error(exc))
+            else:
+                self._died(actor, worker, exc)
+            return
+        worker.ready, worker.last_seen = None, time.monotonic()
+        self._next_task(actor, worker)
+
+    def _next_task(self, actor: Any, worker: Worker) -> None:
+        queue = self.pending[worker.work.cell.label]
+        now = time.monotonic()
+        if not queue or queue[0].not_before > now:
+            self._end(actor)  # its slot goes to the model with the most work left
+            return
+        task = queue.popleft()
+        worker.task, worker.last_seen = task, now
+        worker.stream = actor.run_shard.remote(task.shard, len(task.rows), task.attempt)
+
+    def _on_row(self, actor: Any, worker: Worker) -> None:
+        ray = self.ray
+        task = worker.task
+        assert task is not None
+        try:
+            ref = next(worker.stream)
+        except StopIteration:
+            self._shard_done(actor, worker)
+            return
+        except ray.exceptions.RayActorError as exc:
+            self._died(actor, worker, exc)
+            return
+        try:
+            values = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._died(actor, worker, exc)
+            return
+        except ray.exceptions.RayTaskError as exc:  # a bug in the worker's loop: not a dead process
+            self._end(actor)
+            self._fail_task(worker.work.cell.label, task, Status.WORKER_FAILED, worker_error(exc))
+            return
+        now = time.monotonic()
+        label = worker.work.cell.label
+        took = now - worker.last_seen
+        worker.busy_s += took
+        self.seconds_per_utt[label] = 0.8 * self.seconds_per_utt.get(label, took) + 0.2 * took
+        worker.last_seen = now
+        task.rows.append(values)
+        self.remaining[label] -= 1
+        if label in self.bars:
+            self.bars[label].update(1)
+
+    def _shard_done(self, actor: Any, worker: Worker) -> None:
+        task = worker.task
+        assert task is not None
+        node = self.nodes.get(worker.node_id)
+        worker.shards += 1
+        if node is not None:
+            node.shards += 1
+        self.on_shard(worker.work.cell, task.shard, task.rows)
+        worker.task = worker.stream = None
+        self._next_task(actor, worker)
+
+    def _died(self, actor: Any, worker: Worker, exc: BaseException) -> None:
+        """A worker process (or its node) died: its shard's remaining utterances go back in the queue."""
+        label, reason = worker.work.cell.label, worker_error(exc)
+        node = self.nodes.get(worker.node_id)
+        self.failures.append(
+            {"model": label, "node": node.host if node else worker.node_id, "reason": reason, "at": _now()}
+        )
+        self._refresh_nodes()  # a dead node is the likeliest cause
+        if node is not None:
+            node.failures += 1
+            if node.failures >= NODE_FAILURES_TO_SET_ASIDE and not node.set_aside:
+                node.set_aside = True
+                self.log(f"node {node.host}: set aside for the rest of the run after {node.failures} worker deaths")
+        task = worker.task
+        self._end(actor)
+        if task is None:  # died while loading: the model may still load elsewhere
+            self._retry_load(label, reason)
+            return
+        task.attempt += 1
+        if task.attempt >= self.options.max_attempts:
+            self._fail_task(label, task, Status.WORKER_FAILED, f"{reason} (after {task.attempt} attempts)")
+            return
+        task.not_before = time.monotonic() + 2.0**task.attempt
+        self.pending[label].appendleft(task)
+
+    def _retry_load(self, label: str, reason: str) -> None:
+        deaths = sum(1 for f in self.failures if f["model"] == label)
+        if deaths >= self.options.max_attempts:
+            self._give_up(label, Status.WORKER_FAILED, f"{reason} (after {deaths} attempts)")
+
+    def _reap_stalled(self) -> None:
+        now = time.monotonic()
+        for actor, worker in list(self.workers.items()):
+            if now - worker.last_seen > self.options.stall_timeout_s:
+                what = "loading its model" if worker.ready is not None else "on one utterance"
+                self.log(f"{worker.work.cell.label}: a worker spent over {self.options.stall_timeout_s:.0f} s {what}")
+                self.ray.kill(actor)
+                self._died(actor, worker, TimeoutError(f"no progress for {self.options.stall_timeout_s:.0f} s {what}"))
+
+    def _end(self, actor: Any) -> None:
+        worker = self.workers.pop(actor, None)
+        if worker is None:
+            return
+        self.ray.kill(actor)
+        node = self.nodes.get(worker.node_id)
+        if node is not None:
+            node.used -= 1
+            node.busy_s += worker.busy_s
+            for key in ({worker.work.resource} & set(node.boards_used)) if worker.work.resource else ():
+                node.boards_used[key] -= 1
+        self.finished_workers.append(
+            {
+                "model": worker.work.cell.label,
+                "node": worker.info.get("node") or (node.host if node else worker.node_id),
+                **{k: worker.info[k] for k in ("load_s", "rss_mb") if k in worker.info},
+                "shards": worker.shards,
+                "busy_s": round(worker.busy_s, 2),
+                "alive_s": round(time.monotonic() - worker.started, 2),
+            }
+        )
+
+    # -- failures as rows ------------------------------------------------------------------------
+
+    def _fail_task(self, label: str, task: Task, status: Status, reason: str) -> None:
+        """The task's remaining utterances become rows with the reason; its streamed rows stay."""
+        ids, texts = self.index()
+        start = task.shard.start + len(task.rows)
+        cell = self.work[label].cell
+        rows = task.rows + [
+            row(cell, ids[i], texts[i], status, reason, attempt=task.attempt) for i in range(start, task.shard.stop)
+        ]
+        self.remaining[label] -= task.shard.stop - start
+        self.on_shard(cell, task.shard, rows)
+
+    def _give_up(self, label: str, status: Status, reason: str) -> None:
+        """No worker will run this model: every pending shard becomes rows with the reason."""
+        queue = self.pending[label]
+        while queue:
+            self._fail_task(label, queue.popleft(), status, reason)
+
+    # -- progress and report ---------------------------------------------------------------------
+
+    def _bars(self, progress: bool) -> dict[str, Any]:
+        if not (progress and sys.stderr.isatty()):
+            return {}
+        from tqdm import tqdm
+
+        return {
+            label: tqdm(total=self.remaining[label], desc=label, unit="utt", position=i)
+            for i, label in enumerate(self.work)
+        }
+
+    def _report_progress(self) -> None:
+        now = time.monotonic()
+        if not self.progress or self.bars or now - self.last_line < PROGRESS_EVERY_S:
+            return
+        self.last_line = now
+        done = ", ".join(f"{label} {self.remaining[label]} left" for label in self.work)
+        nodes = len({w.node_id for w in self.workers.values()})
+        print(f"progress: {done}; {len(self.workers)} workers on {nodes} nodes", file=sys.stderr, flush=True)
+
+    def report(self) -> dict[str, Any]:
+        """For run.json: per node its resources, shards, failures and busy time; per worker its model
+        load time, peak memory and work."""
+        return {
+            "nodes": [
+                {
+                    "node": n.host,
+                    "node_id": n.node_id,
+                    "resources": n.resources,
+                    "slots": n.slots,
+                    "shards": n.shards,
+                    "failures": n.failures,
+                    "set_aside": n.set_aside,
+                    "busy_s": round(n.busy_s, 2),
+                }
+                for n in self.nodes.values()
+            ],
+            "workers": self.finished_workers,
+            "failures": self.failures,
+        }
+
+
+def worker_error(exc: BaseException) -> str:
+    """The worker's own exception as `Type: first line`; Ray wraps it in pages of traceback (for a
+    failed `__init__` only as text), or says in its first line why a process died."""
+    import re
+
+    import ray
+
+    from harness.core.errors import one_line
+
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        return one_line(exc.cause)
+    if not isinstance(exc, ray.exceptions.RayError):
+        return one_line(exc)
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    after = [line for line in lines[frames[-1] + 1 :] if line[:1].strip()] if frames else []
+    if after:  # the traceback's last line names the exception: `module.Type: message`
+        name, _, message = after[0].partition(": ")
+        return f"{name.rsplit('.', 1)[-1]}: {message}".strip()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
