@@ -31,6 +31,7 @@ from harness.core.decoding import Dims, build_prompt
 from harness.core.errors import one_line
 from harness.core.status import Status
 from harness.data import Shard, calibration_source, check_dataset, plan_shards, read_index
+from harness.node_cache import publish, start_server
 from harness.scoring import SCHEMA_VERSION, score_rows
 from harness.spec import JobSpec, ModelCell
 from harness.summary import format_summary, summarize
@@ -148,11 +149,11 @@ def _execute(
     frames = [_error_rows(p, index(), p.prepared.status, p.prepared.reason) for p in prepared if p not in runnable]
     remote_worker = ray.remote(num_cpus=1)(ModelWorker)
     actors: dict[Any, PreparedModel] = {}
+    server = start_server()  # nodes share no filesystem with the driver: they fetch artifacts from it
     for p in runnable:
         assert p.prepared.artifact is not None
-        setup = WorkerSetup(
-            p.prepared.artifact.path, p.dims, build_prompt(p.dims, spec.decoding), spec.decoding, spec.dataset
-        )
+        published = publish(server, p.prepared.artifact)  # once per artifact, however many workers
+        setup = WorkerSetup(published, p.dims, build_prompt(p.dims, spec.decoding), spec.decoding, spec.dataset)
         for _ in range(spec.cluster.workers):
             actors[remote_worker.options(resources=_placement(p.cell.target)).remote(setup)] = p
     queues = {p.cell: list(shards) for p in runnable}
@@ -208,6 +209,7 @@ def _execute(
             bar.close()
         for actor in actors:
             ray.kill(actor)
+        ray.kill(server)
     raw = pd.concat(frames, ignore_index=True)
     for col in ("hyp_text", "hyp_tokens", "frontend_ms", "encode_ms", "decode_ms", "n_steps"):
         if col not in raw:
