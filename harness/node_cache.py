@@ -187,8 +187,8 @@ def _fetch(published: PublishedArtifact, name: str, facts: Mapping[str, Any], de
             out.write(chunk)
     if digest.hexdigest() != facts["sha256"]:
         raise HarnessError(
-            f"artifact {published.key}: {name} arrived with sha256 {digest.hexdigest()[:16]}…, published as "
-            f"{facts['sha256'][:16]}…; the driver's file changed since it was published"
+            f"artifact {published.key}: {name} as served by the driver: sha256 differs from its manifest "
+            f"({digest.hexdigest()[:16]}…, manifest {facts['sha256'][:16]}…); the driver's copy changed or is corrupt"
         )
 
 

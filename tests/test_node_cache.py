@@ -19,6 +19,7 @@ import ray
 from converters.registry import get_target
 from converters.store import MANIFEST, load_artifact
 from harness.core.decoding import DecodingOptions, Dims, build_prompt, greedy_decode
+from harness.core.errors import HarnessError
 from harness.core.hashing import file_sha256
 from harness.core.target import Artifact
 from harness.execute import run_job
@@ -130,7 +131,7 @@ def driver_copy(artifact: Artifact, store: Path) -> Artifact:
 
 @pytest.mark.parametrize("target", ["reference", "torchscript-mtk"])
 def test_a_node_fetches_the_published_artifact_into_its_cache_and_decodes_with_it(
-    target, server, tiny_artifacts, embedded_utterances, tmp_path
+    target, server, tiny_artifacts, embedded_utterances, reference_tokens, tmp_path
 ):
     original = tiny_artifacts[target]
     published = publish(server, driver_copy(original, tmp_path / "store"))
@@ -149,7 +150,7 @@ def test_a_node_fetches_the_published_artifact_into_its_cache_and_decodes_with_i
         assert published.files[name]["sha256"] == file_sha256(original.checkpoint().path)
     else:
         assert published.files == original.manifest["files"] and published.key == original.manifest["key"]
-    assert tokens == decode(original, utt.audio)
+    assert tokens == (reference_tokens(utt) if target == "reference" else decode(original, utt.audio))
     assert served(published) == total_bytes(published)
 
 
@@ -174,6 +175,21 @@ def test_a_cached_artifact_is_reused_and_a_corrupted_one_fetched_again(target, s
     assert repaired == first and served(published) == 2 * total_bytes(published)
     assert file_sha256(Path(first) / name) == published.files[name]["sha256"]
     assert not orphan.exists()
+
+
+def test_a_file_that_changed_on_the_driver_is_refused_in_one_line(server, tiny_artifacts, tmp_path):
+    published = publish(server, driver_copy(tiny_artifacts["torchscript-mtk"], tmp_path / "store"))
+    (copy,) = (tmp_path / "store").iterdir()
+    with open(copy / "token_embedding.npy", "r+b") as f:  # in place: the server serves the changed bytes
+        f.seek(200)
+        f.write(b"\x00" * 8)
+    with pytest.raises(ray.exceptions.RayTaskError) as failed:
+        ray.get(on_node.remote(published, str(tmp_path / "cache")))
+    assert isinstance(failed.value.cause, HarnessError)
+    message = str(failed.value.cause)
+    assert "token_embedding.npy" in message and "sha256 differs from its manifest" in message
+    assert "\n" not in message
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f".{published.key}.lock"]  # no folder, whole or half
 
 
 def test_workers_of_one_node_fetch_once(server, tiny_artifacts, tmp_path):
