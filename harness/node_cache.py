@@ -18,7 +18,9 @@ gigabytes, and a put object stays in the driver node's object store (or spills) 
 even when every node already has the files cached. The actor reads a chunk from disk only when a
 node asks for it, so memory holds the chunks in flight and nothing more, and a cached artifact
 costs no transfer at all. The files are opened when published, so what the nodes receive is what
-was published even if the store is rebuilt or moved during the run.
+was published even if the store is rebuilt or moved during the run. With Ray Client (`ray://`) the
+driver is not a node: "its node" is the one its session lives on (the head), which must then see
+the models folder at the driver's path.
 """
 
 from __future__ import annotations
