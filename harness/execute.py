@@ -30,6 +30,7 @@ from harness.core.decoding import Dims, build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
 from harness.data import Shard, calibration_source, check_dataset, plan_shards, read_index
+from harness.node_cache import publish, start_server
 from harness.results import RunDir, RunState, fingerprint, raw_frame, row, write_json_atomic, write_parquet_atomic
 from harness.scheduler import Scheduler, SchedulerOptions, Work
 from harness.scoring import SCHEMA_VERSION, score_rows
@@ -160,6 +161,7 @@ def _execute(
         run.write_shard(cell, shard.index, raw_frame(rows))
 
     work = []
+    server = start_server()  # nodes share no filesystem with the driver: they fetch artifacts from it
     for p in prepared:
         todo = tuple(s for s in shards if not run.done(p.cell, s.index))
         if not todo:
@@ -177,7 +179,7 @@ def _execute(
         assert p.prepared.artifact is not None
         setup = WorkerSetup(
             p.cell,
-            p.prepared.artifact.path,
+            publish(server, p.prepared.artifact),  # once per artifact, however many workers
             p.dims,
             build_prompt(p.dims, spec.decoding),
             spec.decoding,
@@ -187,7 +189,12 @@ def _execute(
         work.append(Work(setup, todo, get_target(p.cell.target).resource))
     c = spec.cluster
     options = SchedulerOptions(c.slots, c.threads, c.max_attempts, float(c.stall_timeout_s), c.emulate)
-    return Scheduler(work, options, persist, index, progress, log).run()
+    try:
+        return Scheduler(work, options, persist, index, progress, log).run()
+    finally:
+        import ray
+
+        ray.kill(server)
 
 
 def _check_one_row_each(raw: pd.DataFrame, prepared: list[PreparedModel], n_rows: int) -> None:

@@ -13,16 +13,15 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from converters.registry import get_target
-from converters.store import load_artifact, verify
 from harness.core.decoding import DecodingOptions, Dims, Prompt, greedy_decode, tokenizer_for
 from harness.core.errors import one_line
 from harness.core.status import Status
 from harness.core.target import DEFAULT_THREADS
 from harness.data import Shard, read_shard
+from harness.node_cache import PublishedArtifact, materialise
 from harness.results import row
 from harness.spec import DatasetSpec, ModelCell
 from harness.timing import cpu_description, prepare_worker_threads, warm_up
@@ -31,7 +30,7 @@ from harness.timing import cpu_description, prepare_worker_threads, warm_up
 @dataclass(frozen=True)
 class WorkerSetup:
     cell: ModelCell
-    artifact_path: Path
+    artifact: PublishedArtifact  # never a path: the driver's store is not on this node
     dims: Dims
     prompt: Prompt
     decoding: DecodingOptions
@@ -57,8 +56,7 @@ class ModelWorker:
     def __init__(self, setup: WorkerSetup) -> None:
         started = time.perf_counter()
         prepare_worker_threads(setup.threads)
-        artifact = load_artifact(setup.artifact_path)
-        verify(artifact)  # the checksums, again, on the node that will run it
+        artifact = materialise(setup.artifact)  # into this node's cache, or reused there: checksums checked
         self.setup = setup
         self.runner = get_target(artifact.target).runner(artifact, setup.threads)
         self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
