@@ -1,0 +1,116 @@
+"""Throughput of the harness against plain openai-whisper loops on the same cores, side by side.
+
+Figures (printed, never asserted; the machine's load moves them, their ratios less so):
+- A: one openai-whisper greedy loop with torch on all cores' threads (`--threads`, default 2);
+- B: `--threads` one-thread loops in parallel processes, each on its share of the utterances
+  (what the cores give torch when nothing else is in the way);
+- C: the harness, reference-only job at its defaults (one slot per CPU, one thread each);
+- D: the harness, reference + torchscript-mtk: makespan against the ideal Σ busy time / slots.
+Target: C >= 0.95 B, and D's makespan <= 1.1 (ideal + start-up).
+
+    python benchmarks/throughput.py --size tiny.en --utterances 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HARNESS_WEIGHTS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "librispeech-eval"
+
+
+def _audio(n: int) -> list:
+    from harness.data import Shard, count_rows, read_shard
+    from harness.spec import DatasetSpec
+
+    spec = DatasetSpec(path=DATA)
+    return [u.audio for u in read_shard(spec, Shard(0, 0, min(n, count_rows(spec))))]
+
+
+def _loop(size: str, threads: int, part: int, parts: int, n: int, out: mp.Queue) -> None:
+    """Plain openai-whisper: whisper.decode on each utterance's log-mel, greedy, no timestamps."""
+    import torch
+    import whisper
+
+    from harness.core.audio import log_mel
+    from harness.core.checkpoint import load_model, resolve_checkpoint
+
+    torch.set_num_threads(threads)
+    model = load_model(resolve_checkpoint(size))
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False)
+    audio = _audio(n)[part::parts]
+    whisper.decode(model, torch.from_numpy(log_mel(audio[0], model.dims.n_mels)[0]), options)  # warm-up
+    started = time.perf_counter()
+    for a in audio:
+        whisper.decode(model, torch.from_numpy(log_mel(a, model.dims.n_mels)[0]), options)
+    out.put((len(audio), time.perf_counter() - started))
+
+
+def _loops(size: str, processes: int, threads: int, n: int) -> float:
+    """Utterances per second of `processes` loops of `threads` threads, started together."""
+    out: mp.Queue = mp.get_context("spawn").Queue()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_loop, args=(size, threads, i, processes, n, out)) for i in range(processes)]
+    for p in procs:
+        p.start()
+    results = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(r[0] for r in results) / max(r[1] for r in results)
+
+
+def _harness(size: str, n: int, targets: dict[str, list[str]]) -> tuple[float, dict]:
+    """Utterances per second of model work (all models) over the scheduling span, and run.json."""
+    from harness.execute import run_job
+    from harness.spec import ModelsSpec, load_job
+
+    spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml").with_overrides(limit=n)
+    models = ModelsSpec(sizes=(size,), targets=tuple((t, tuple(q)) for t, q in targets.items()))
+    spec = replace(spec, name=f"bench-{len(targets)}", models=models)
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        result = run_job(spec, Path(out), ROOT / "models", progress=False, log=lambda *a: None)
+        wall = time.perf_counter() - started
+        info = json.loads((result.run_dir / "run.json").read_text())
+    info["wall_s"] = wall
+    return len(result.utterances) / wall, info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="tiny.en")
+    parser.add_argument("--utterances", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    n, cores = args.utterances, args.threads
+
+    a = _loops(args.size, 1, cores, n)
+    b = _loops(args.size, cores, 1, n)
+    c, one = _harness(args.size, n, {})
+    steady = n / max(w["alive_s"] for w in one["workers"])  # from the first worker's start: no Ray start-up
+    _, two = _harness(args.size, n, {"torchscript-mtk": ["fp32"]})
+    busy = sum(w["busy_s"] for w in two["workers"])
+    loads = sum(w.get("load_s", 0) for w in two["workers"])
+    slots = sum(node["slots"] for node in two["nodes"])
+    ideal = (busy + loads) / slots
+    print(f"\n{args.size}, {n} utterances, {cores} cores")
+    print(f"{'A: 1 loop x ' + str(cores) + ' threads':<38} {a:7.2f} utt/s")
+    print(f"{'B: ' + str(cores) + ' loops x 1 thread (the bar)':<38} {b:7.2f} utt/s   1.00")
+    print(f"{'C: harness, reference only':<38} {steady:7.2f} utt/s   {steady / b:.2f} x B   (target >= 0.95)")
+    print(f"{'   the same, with Ray start-up':<38} {c:7.2f} utt/s   {c / b:.2f} x B")
+    print(f"{'D: harness, reference + torchscript-mtk':<38} makespan {two['wall_s']:.1f} s; ideal Σ(busy+load)/slots "
+          f"{ideal:.1f} s; ratio {two['wall_s'] / ideal:.2f} (target <= 1.1 with start-up)")  # fmt: skip
+    workers = ", ".join(f"{w['model'].split('/')[1]} {w['shards']} shards {w['busy_s']:.0f} s" for w in two["workers"])
+    print(f"   workers: {workers}")
+
+
+if __name__ == "__main__":
+    main()
