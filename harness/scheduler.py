@@ -27,13 +27,12 @@ from typing import Any
 
 from harness.core.status import Status
 from harness.data import Shard
+from harness.placement import Nodes
 from harness.results import row
 from harness.spec import ModelCell
-from harness.worker import ModelWorker, WorkerSetup
+from harness.worker import ModelWorker, WorkerSetup, worker_error
 
-NODE_FAILURES_TO_SET_ASIDE = 2
 PROGRESS_EVERY_S = 30.0  # one line of progress this often when stderr is not a terminal
-NODES_EVERY_S = 10.0  # how often the cluster's nodes are looked at again (joins, departures)
 
 
 @dataclass(frozen=True)
@@ -78,20 +77,7 @@ class Worker:
     last_seen: float = 0.0
     busy_s: float = 0.0
     shards: int = 0
-
-
-@dataclass
-class NodeInfo:
-    node_id: str
-    host: str
-    resources: dict[str, float]
-    slots: int
-    used: int = 0
-    boards_used: dict[str, int] = field(default_factory=dict)
-    failures: int = 0
-    set_aside: bool = False
-    shards: int = 0
-    busy_s: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # the board it holds, if any
 
 
 ShardDone = Callable[[ModelCell, Shard, list[dict[str, Any]]], None]
@@ -118,65 +104,15 @@ class Scheduler:
         self.workers: dict[Any, Worker] = {}
         self.failures: list[dict[str, Any]] = []
         self.finished_workers: list[dict[str, Any]] = []
-        self.nodes = self._nodes()
-        self.nodes_seen = time.monotonic()
+        self.nodes = Nodes(options.threads, options.slots, log)
         self.remote = ray.remote(ModelWorker)
         self.progress = progress
         self.bars = self._bars(progress)
         self.last_line = time.monotonic()
 
-    # -- cluster ---------------------------------------------------------------------------------
-
-    def _nodes(self) -> dict[str, NodeInfo]:
-        nodes = {}
-        for n in self.ray.nodes():
-            if not n.get("Alive"):
-                continue
-            cpus = int(n["Resources"].get("CPU", 0))
-            nodes[n["NodeID"]] = NodeInfo(
-                n["NodeID"], n.get("NodeManagerHostname", "?"), dict(n["Resources"]), cpus // self.options.threads
-            )
-        return nodes
-
-    def _refresh_nodes(self) -> None:
-        """Nodes that died are set aside; nodes that joined offer their slots."""
-        current = self._nodes()
-        for node_id, node in self.nodes.items():
-            if node_id not in current and not node.set_aside:
-                node.set_aside = True
-                self.log(f"node {node.host}: left the cluster")
-        for node_id, node in current.items():
-            self.nodes.setdefault(node_id, node)
-        self.nodes_seen = time.monotonic()
-
-    def _free_slots(self) -> int:
-        free = sum(max(n.slots - n.used, 0) for n in self.nodes.values() if not n.set_aside)
-        if self.options.slots is not None:
-            free = min(free, self.options.slots - len(self.workers))
-        return free
-
-    def _place(self, work: Work) -> NodeInfo | None:
-        """The node a new worker of `work` goes to: the freest eligible one."""
-        candidates = [n for n in self.nodes.values() if not n.set_aside and n.used < n.slots]
-        if work.resource and self._has_board(work.resource):
-            candidates = [
-                n for n in candidates if n.boards_used.get(work.resource, 0) < n.resources.get(work.resource, 0)
-            ]
-        return max(candidates, key=lambda n: n.slots - n.used, default=None)
-
-    def _has_board(self, resource: str) -> bool:
-        return any(n.resources.get(resource, 0) > 0 for n in self.nodes.values() if not n.set_aside)
-
     def runnable_here(self, work: Work) -> str | None:
         """Why no node of this cluster may run `work`, or None."""
-        if work.resource and not self._has_board(work.resource) and not self.options.emulate:
-            return (
-                f"no node advertises the '{work.resource}' resource (a board joins with "
-                f"ray start --resources='{{\"{work.resource}\": 1}}'); cluster.emulate: true runs it on CPUs"
-            )
-        if not any(not n.set_aside and n.slots > 0 for n in self.nodes.values()):
-            return f"no node of the cluster has a CPU for a {self.options.threads}-thread worker"
-        return None
+        return self.nodes.unrunnable(work.resource, self.options.emulate)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -200,13 +136,12 @@ class Scheduler:
     def _fill(self) -> None:
         """Start workers on free slots, each for the model with the most work no worker holds yet."""
         now = time.monotonic()
-        if now - self.nodes_seen > NODES_EVERY_S:
-            self._refresh_nodes()
+        self.nodes.refresh_if_due()
         for label, queue in self.pending.items():
             held = any(w.work.cell.label == label for w in self.workers.values())
             if queue and not held and (reason := self.runnable_here(self.work[label])):
                 self._give_up(label, Status.UNAVAILABLE, reason)
-        while self._free_slots() > 0:
+        while self.nodes.free_slots(len(self.workers)) > 0:
             waiting = [
                 label
                 for label, queue in self.pending.items()
@@ -215,7 +150,7 @@ class Scheduler:
             if not waiting:
                 return
             label = max(waiting, key=self._work_left)
-            node = self._place(self.work[label])
+            node = self.nodes.place(self.work[label].resource)
             if node is None:
                 return
             self._start(label, node)
@@ -229,21 +164,20 @@ class Scheduler:
         """Seconds of work a model has left (utterances times its measured pace; unmeasured: 1 s each)."""
         return self.remaining[label] * self.seconds_per_utt.get(label, 1.0)
 
-    def _start(self, label: str, node: NodeInfo) -> None:
+    def _start(self, label: str, node: Any) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         work = self.work[label]
-        resources = {work.resource: 1} if work.resource and node.resources.get(work.resource, 0) > 0 else {}
+        resources = self.nodes.take(node, work.resource)
         actor = self.remote.options(
             num_cpus=self.options.threads,
             resources=resources,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
         ).remote(work.setup)
         now = time.monotonic()
-        self.workers[actor] = Worker(work, node.node_id, now, ready=actor.ready.remote(), last_seen=now)
-        node.used += 1
-        for key in resources:
-            node.boards_used[key] = node.boards_used.get(key, 0) + 1
+        self.workers[actor] = Worker(
+            work, node.node_id, now, ready=actor.ready.remote(), last_seen=now, resources=resources
+        )
 
     def _step(self) -> None:
         waiting = {}
@@ -282,7 +216,7 @@ class Scheduler:
         queue = self.pending[worker.work.cell.label]
         now = time.monotonic()
         if not queue or queue[0].not_before > now:
-            self._end(actor)  # its slot goes to the model with the most work left
+            self._end(actor, graceful=True)  # its slot goes to the model with the most work left
             return
         task = queue.popleft()
         worker.task, worker.last_seen = task, now
@@ -323,10 +257,8 @@ class Scheduler:
     def _shard_done(self, actor: Any, worker: Worker) -> None:
         task = worker.task
         assert task is not None
-        node = self.nodes.get(worker.node_id)
         worker.shards += 1
-        if node is not None:
-            node.shards += 1
+        self.nodes.shard_done(worker.node_id)
         self.on_shard(worker.work.cell, task.shard, task.rows)
         worker.task = worker.stream = None
         self._next_task(actor, worker)
@@ -334,16 +266,8 @@ class Scheduler:
     def _died(self, actor: Any, worker: Worker, exc: BaseException) -> None:
         """A worker process (or its node) died: its shard's remaining utterances go back in the queue."""
         label, reason = worker.work.cell.label, worker_error(exc)
-        node = self.nodes.get(worker.node_id)
-        self.failures.append(
-            {"model": label, "node": node.host if node else worker.node_id, "reason": reason, "at": _now()}
-        )
-        self._refresh_nodes()  # a dead node is the likeliest cause
-        if node is not None:
-            node.failures += 1
-            if node.failures >= NODE_FAILURES_TO_SET_ASIDE and not node.set_aside:
-                node.set_aside = True
-                self.log(f"node {node.host}: set aside for the rest of the run after {node.failures} worker deaths")
+        host = self.nodes.failed(worker.node_id)
+        self.failures.append({"model": label, "node": host, "reason": reason, "at": _now()})
         task = worker.task
         self._end(actor)
         if task is None:  # died while loading: the model may still load elsewhere
@@ -370,21 +294,21 @@ class Scheduler:
                 self.ray.kill(actor)
                 self._died(actor, worker, TimeoutError(f"no progress for {self.options.stall_timeout_s:.0f} s {what}"))
 
-    def _end(self, actor: Any) -> None:
+    def _end(self, actor: Any, graceful: bool = False) -> None:
         worker = self.workers.pop(actor, None)
         if worker is None:
             return
+        if graceful:  # its peak memory over the whole run, not only at load
+            try:
+                worker.info["rss_mb"] = self.ray.get(actor.peak_rss_mb.remote(), timeout=10)
+            except (self.ray.exceptions.RayError, TimeoutError):
+                pass  # the figure taken at load stays
         self.ray.kill(actor)
-        node = self.nodes.get(worker.node_id)
-        if node is not None:
-            node.used -= 1
-            node.busy_s += worker.busy_s
-            for key in ({worker.work.resource} & set(node.boards_used)) if worker.work.resource else ():
-                node.boards_used[key] -= 1
+        self.nodes.release(worker.node_id, worker.resources, worker.busy_s)
         self.finished_workers.append(
             {
                 "model": worker.work.cell.label,
-                "node": worker.info.get("node") or (node.host if node else worker.node_id),
+                "node": worker.info.get("node") or self.nodes.host(worker.node_id),
                 **{k: worker.info[k] for k in ("load_s", "rss_mb") if k in worker.info},
                 "shards": worker.shards,
                 "busy_s": round(worker.busy_s, 2),
@@ -436,44 +360,10 @@ class Scheduler:
         """For run.json: per node its resources, shards, failures and busy time; per worker its model
         load time, peak memory and work."""
         return {
-            "nodes": [
-                {
-                    "node": n.host,
-                    "node_id": n.node_id,
-                    "resources": n.resources,
-                    "slots": n.slots,
-                    "shards": n.shards,
-                    "failures": n.failures,
-                    "set_aside": n.set_aside,
-                    "busy_s": round(n.busy_s, 2),
-                }
-                for n in self.nodes.values()
-            ],
+            "nodes": self.nodes.report(),
             "workers": self.finished_workers,
             "failures": self.failures,
         }
-
-
-def worker_error(exc: BaseException) -> str:
-    """The worker's own exception as `Type: first line`; Ray wraps it in pages of traceback (for a
-    failed `__init__` only as text), or says in its first line why a process died."""
-    import re
-
-    import ray
-
-    from harness.core.errors import one_line
-
-    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
-        return one_line(exc.cause)
-    if not isinstance(exc, ray.exceptions.RayError):
-        return one_line(exc)
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
-    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
-    after = [line for line in lines[frames[-1] + 1 :] if line[:1].strip()] if frames else []
-    if after:  # the traceback's last line names the exception: `module.Type: message`
-        name, _, message = after[0].partition(": ")
-        return f"{name.rsplit('.', 1)[-1]}: {message}".strip()
-    return lines[0].strip() if lines else type(exc).__name__
 
 
 def _now() -> str:

@@ -17,7 +17,7 @@ from rapidfuzz.distance import Levenshtein
 from harness.core.status import Status
 from harness.core.target import REFERENCE
 
-SCHEMA_VERSION = 3  # 2: `cpu`; 3: `status` (a harness.core.status.Status value) beside `error`, the reason
+SCHEMA_VERSION = 3  # 2: `cpu`; 3: `status` (a harness.core.status.Status) beside `error` (the reason), `attempt`
 
 # The declared schema of utterances.parquet, in column order.
 UTTERANCE_COLUMNS = [
@@ -25,7 +25,7 @@ UTTERANCE_COLUMNS = [
     "hyp_tokens", "reference_tokens", "wer_errors", "substitutions", "deletions", "insertions",
     "ref_words", "cer_errors", "ref_chars", "exact_match", "first_divergence", "token_edit_rate",
     "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_tokens", "total_ms", "node", "cpu",
-    "status", "error",
+    "attempt", "status", "error",
 ]  # fmt: skip
 
 

@@ -103,7 +103,7 @@ def test_another_audiofolder_with_a_bad_file_runs_through_the_cli(tiny_artifacts
          "--dataset", str(folder), "--out", str(out), "--models", str(models_root), "--no-progress"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 4, proc.stderr[-2000:]  # finished, with an utterance that has no transcript
     (run_dir,) = (out / "librispeech_tiny_en").iterdir()
     assert (run_dir / "summary.md").read_text().strip() in proc.stdout  # the table printed at the end
     summary = pd.read_csv(run_dir / "summary.csv")
@@ -198,7 +198,7 @@ def test_worker_errors_read_as_one_line(ray_local):
     import os
 
     from harness.core.errors import HarnessError
-    from harness.execute import _worker_error
+    from harness.worker import worker_error
 
     class Worker:  # local, so Ray ships it by value
         def __init__(self, fail: bool) -> None:
@@ -219,7 +219,7 @@ def test_worker_errors_read_as_one_line(ray_local):
         return info.value
 
     init = failure(lambda: remote.remote(True).fail.remote())
-    assert _worker_error(init) == "HarnessError: model.bin: sha256 differs from manifest.json"
-    assert _worker_error(failure(lambda: remote.remote(False).fail.remote())) == "ValueError: bad shard"
-    died = _worker_error(failure(lambda: remote.remote(False).crash.remote()))
+    assert worker_error(init) == "HarnessError: model.bin: sha256 differs from manifest.json"
+    assert worker_error(failure(lambda: remote.remote(False).fail.remote())) == "ValueError: bad shard"
+    died = worker_error(failure(lambda: remote.remote(False).crash.remote()))
     assert "\n" not in died and "died" in died, died
