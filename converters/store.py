@@ -202,8 +202,8 @@ def _locked(final: Path) -> Iterator[None]:
     holding it ends, however it ends: a killed builder never wedges the store, and whoever holds
     the lock knows that no live process is building this key. The descriptor is not inherited
     across exec (PEP 446), so a toolchain's helper process does not hold the key after the builder
-    dies. The file stays: unlinking it while another process waits would let a third lock a new file, and
-    two builders run at once.
+    dies. The file stays: unlinking it while another process waits would let a third lock a new
+    file, and two builders run at once.
     """
     fd = os.open(lock_path(final), os.O_RDWR | os.O_CREAT, 0o666)
     try:
