@@ -3,15 +3,21 @@
 An artifact's key hashes everything that could change its bytes: the source weights' tensor
 sha256, target, quantization, the target's recipe and its toolchain versions. A folder is
 written under a temporary name and renamed into place, so the store never holds half an artifact;
-every load re-checks the file checksums recorded in the manifest.
+every load re-checks that the folder holds exactly the files its manifest lists, with their checksums.
+
+Several processes may share one store (two `convert` calls, Ray workers on one disk): one key is
+built by one process at a time, under a lock beside its folder; the others wait, then reuse what
+it built (or read its refusal). Every file the store writes appears whole, by rename.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -26,7 +32,7 @@ from converters import parity
 from converters.registry import get_target
 from harness.core.checkpoint import Checkpoint, load_model
 from harness.core.decoding import Dims, build_prompt
-from harness.core.errors import HarnessError, one_line
+from harness.core.errors import HarnessError, one_line, quote, some
 from harness.core.hashing import file_sha256
 from harness.core.status import Status
 from harness.core.target import REFERENCE, Artifact, CalibrationSource, Refused, Target, Unavailable
@@ -34,6 +40,7 @@ from harness.core.target import REFERENCE, Artifact, CalibrationSource, Refused,
 MANIFEST = "manifest.json"
 BUILD_LOG = "build.log"  # what the toolchains printed; kept beside the files, not one of them
 SCHEMA = 1
+MANIFEST_KEYS = ("size", "target", "quant", "key", "files")  # what loading and `verify` read
 
 
 def toolchain(target: Target) -> dict[str, str]:
@@ -64,20 +71,41 @@ def artifact_dir(root: Path, size: str, target: str, quant: str, key: str) -> Pa
 
 
 def verify(artifact: Artifact) -> None:
-    """Refuse an artifact whose files are missing or differ from the manifest's checksums."""
-    for name, facts in artifact.manifest["files"].items():
-        path = artifact.file(name)
-        if not path.is_file():
-            raise HarnessError(f"{artifact.path}: {name} is missing; delete the folder to rebuild it")
-        if file_sha256(path) != facts["sha256"]:
-            raise HarnessError(
-                f"{path}: sha256 differs from {MANIFEST}; the artifact is corrupt, delete the folder to rebuild it"
-            )
+    """Refuse an artifact whose folder is not the one its manifest names, or whose files are not
+    exactly the manifest's (none missing, none extra: a runner opens what is there) with its checksums."""
+    m, folder = artifact.manifest, artifact.path
+    named = f"{m['target']}-{m['quant']}-{m['key']}"
+    if folder.name != named:
+        raise _unusable(folder, f"{MANIFEST} names {quote(named)}, not this folder")
+    listed = set(m["files"])
+    if missing := sorted(name for name in listed if not artifact.file(name).is_file()):
+        raise _unusable(folder, f"missing {_names(missing)} listed in {MANIFEST}")
+    if extra := sorted({p.name for p in folder.iterdir()} - listed - {MANIFEST, BUILD_LOG}):
+        raise _unusable(folder, f"{_names(extra)} not listed in {MANIFEST}")
+    for name, facts in m["files"].items():
+        if file_sha256(artifact.file(name)) != facts["sha256"]:
+            raise _unusable(artifact.file(name), f"sha256 differs from {MANIFEST}; the artifact is corrupt")
 
 
 def load_artifact(path: Path) -> Artifact:
-    manifest = json.loads((path / MANIFEST).read_text())
+    """The artifact in folder `path`, as its manifest describes it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise _unusable(path, f"cannot read {MANIFEST} ({one_line(exc)})") from None
+    if not (isinstance(manifest, dict) and all(k in manifest for k in MANIFEST_KEYS)):
+        raise _unusable(path, f"{MANIFEST} lacks one of {', '.join(MANIFEST_KEYS)}")
     return Artifact(manifest["size"], manifest["target"], manifest["quant"], path, manifest)
+
+
+def _unusable(where: Path, problem: str) -> HarnessError:
+    """What the user reads about a store folder that cannot be used, and what to do about it."""
+    return HarnessError(f"{where}: {problem}; delete the folder to rebuild it")
+
+
+def _names(names: list[str]) -> str:
+    """File names as an error quotes them: a few, each repr'd (a name may hold a newline)."""
+    return some([quote(n) for n in names], 5, ", ")
 
 
 def ensure(
@@ -92,37 +120,66 @@ def ensure(
 
     Returns the artifact and BUILT or REUSED. A built artifact that fails its parity gate is kept
     (with status "failed" and the numbers) so the failure is reported, not rebuilt each time.
-    `calibration` is handed to the converter when the quantization needs it.
+    `calibration` is handed to the converter when the quantization needs it. A process that finds
+    another building the same key waits for it, then reuses its artifact (or reads its refusal).
     """
     get_target(target).check_quant(quant)  # an unknown quantization never builds something else
     key, recipe = artifact_key(checkpoint, target, quant)
     final = artifact_dir(root, size, target, quant, key)
-    if (final / MANIFEST).is_file():
+    # no lock to read: a folder appears whole (a rename), and a read-only store stays usable
+    if (artifact := _stored(final)) is not None:
+        return artifact, Status.REUSED
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(final):
+        if (artifact := _stored(final)) is not None:  # built (or refused) by the process this one waited for
+            return artifact, Status.REUSED
+        _sweep(final)
+        return _build_into(final, checkpoint, size, get_target(target), quant, key, recipe, calibration), Status.BUILT
+
+
+def _stored(final: Path) -> Artifact | None:
+    """The verified artifact at `final`, or None when there is none yet; `Refused` when the
+    toolchain's refusal of this key is on record."""
+    if final.exists():
         artifact = load_artifact(final)
         verify(artifact)
-        return artifact, Status.REUSED
+        return artifact
     refusal = refusal_path(final)
     if refusal.is_file():
         raise Refused(f"{json.loads(refusal.read_text())['reason']} (recorded in {refusal}; delete it to retry)")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _build_into(
+    final: Path,
+    checkpoint: Checkpoint,
+    size: str,
+    target: Target,
+    quant: str,
+    key: str,
+    recipe: dict[str, Any],
+    calibration: CalibrationSource | None,
+) -> Artifact:
+    """Build into a temporary folder beside `final` and rename it into place; the caller holds the lock."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     failed_log = failed_log_path(final)
     try:
         with _captured(tmp / BUILD_LOG):
-            artifact = _build(checkpoint, size, get_target(target), quant, key, recipe, tmp, calibration)
+            _build(checkpoint, size, target, quant, key, recipe, tmp, calibration)
         os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
     except BaseException as exc:
         if isinstance(exc, Refused):
-            refusal.write_text(json.dumps({"key": key, "reason": str(exc), **recipe}, indent=2, sort_keys=True))
+            record = {"key": key, "reason": str(exc), **recipe}
+            _write_atomic(refusal_path(final), json.dumps(record, indent=2, sort_keys=True))
         # the one thing worth keeping from a build the toolchain ran and lost (a missing toolchain's
         # Unavailable says all in its message, and is no failure to investigate)
         toolchain_ran = isinstance(exc, Refused) or (isinstance(exc, Exception) and not isinstance(exc, Unavailable))
         if toolchain_ran and (tmp / BUILD_LOG).is_file():
-            shutil.move(tmp / BUILD_LOG, failed_log)
+            os.replace(tmp / BUILD_LOG, failed_log)  # a rename within one folder: whole, like _write_atomic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     failed_log.unlink(missing_ok=True)
-    return load_artifact(final), Status.BUILT
+    return load_artifact(final)
 
 
 def failed_log_path(final: Path) -> Path:
@@ -131,6 +188,55 @@ def failed_log_path(final: Path) -> Path:
 
 def refusal_path(final: Path) -> Path:
     return final.with_name(final.name + ".refused.json")
+
+
+def lock_path(final: Path) -> Path:
+    return final.with_name(final.name + ".lock")
+
+
+@contextlib.contextmanager
+def _locked(final: Path) -> Iterator[None]:
+    """Hold the build lock of `final`'s key, waiting for a process that holds it.
+
+    An `flock` on `<name>.lock` beside the folder, because the kernel releases it when the process
+    holding it ends, however it ends: a killed builder never wedges the store, and whoever holds
+    the lock knows that no live process is building this key. The descriptor is not inherited
+    across exec (PEP 446), so a toolchain's helper process does not hold the key after the builder
+    dies. The file stays: unlinking it while another process waits would let a third lock a new
+    file, and two builders run at once.
+    """
+    fd = os.open(lock_path(final), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sweep(final: Path) -> None:
+    """Delete what killed builders of `final`'s key left: temporary folders and half-written files
+    (`.<name>.*`). Called holding the key's lock, and only the lock's holder makes or removes them,
+    so every one present belongs to a process that is gone. (An age threshold could not tell a dead
+    build from a slow one: a large model's conversion runs for many minutes.)"""
+    for stale in final.parent.glob(f".{final.name}.*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temporary `.<name>.<random>` beside it, then a rename, so
+    a reader never sees half a file; a killed writer leaves only the temporary, which `_sweep` (or
+    the build folder's own removal) deletes."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    try:
+        with tmp.open("x") as f:  # created with the umask's permissions, as a plain write would be
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -205,7 +311,8 @@ def _build(
     recipe: dict,
     out: Path,
     calibration: CalibrationSource | None,
-) -> Artifact:
+) -> None:
+    """Convert into `out` and write the manifest, parity measured and gated."""
     started = time.time()
     model = load_model(checkpoint)
     audio = []
@@ -248,5 +355,4 @@ def _build(
         manifest["parity_failures"] = parity.gate(target.tolerance(quant), manifest["parity"])
     manifest["status"] = str(Status.FAILED if manifest.get("parity_failures") else Status.OK)
     manifest["build_s"] = round(time.time() - started, 2)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return artifact
+    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))

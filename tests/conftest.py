@@ -96,8 +96,9 @@ def exact_match(reference_tokens, tiny_dims):
 
 
 def broken_copy(artifact, tmp_path: Path) -> Path:
-    """A copy of an artifact's folder to break on purpose (the stored one stays intact)."""
-    return Path(shutil.copytree(artifact.path, tmp_path / "broken"))
+    """A copy of an artifact's folder to break on purpose (the stored one stays intact), under the
+    same name, so `verify` finds it is the folder its manifest names."""
+    return Path(shutil.copytree(artifact.path, tmp_path / "broken" / artifact.path.name))
 
 
 def with_noise(weights: np.ndarray) -> np.ndarray:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 from converters import parity
 from converters.registry import TARGETS, get_target
-from converters.store import BUILD_LOG, MANIFEST, artifact_key, ensure, load_artifact, prepare, verify
+from converters.store import BUILD_LOG, MANIFEST, artifact_key, ensure, load_artifact, lock_path, prepare, verify
 from harness.core.decoding import DecodingOptions, build_prompt
 from harness.core.errors import HarnessError
 from harness.core.hashing import file_sha256
@@ -51,15 +50,14 @@ def test_key_depends_on_target_and_quant(tiny_checkpoint):
 
 
 def test_corrupt_artifact_is_refused(tiny_artifacts, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(tiny_artifacts["torchscript-mtk"].path, copy)
+    copy = broken_copy(tiny_artifacts["torchscript-mtk"], tmp_path)
     with (copy / "decoder.pt").open("r+b") as f:
         f.seek(100)
         f.write(b"\0\1\2\3")
     with pytest.raises(HarnessError, match=r"decoder\.pt: sha256 differs"):
         verify(load_artifact(copy))
     (copy / "decoder.pt").unlink()
-    with pytest.raises(HarnessError, match=r"decoder\.pt is missing"):
+    with pytest.raises(HarnessError, match=r"missing 'decoder\.pt'"):
         verify(load_artifact(copy))
 
 
@@ -115,7 +113,8 @@ def test_a_crashing_converter_is_a_failed_cell_with_its_log(monkeypatch, tiny_ch
     assert result.reason.startswith("build error: RuntimeError: lowering failed (log: ")
     (log,) = (tmp_path / "tiny.en").glob("*.failed.log")
     assert "lowering failed at node 42" in log.read_text() and str(log) in result.reason
-    assert [p.name for p in (tmp_path / "tiny.en").iterdir()] == [log.name]  # nothing half-built
+    lock = lock_path(log.with_name(log.name.removesuffix(".failed.log")))
+    assert sorted(p.name for p in (tmp_path / "tiny.en").iterdir()) == [log.name, lock.name]  # nothing half-built
     assert "node 42" not in capfd.readouterr().err
 
 
