@@ -134,7 +134,7 @@ class Scheduler:
         return self.report()
 
     def _fill(self) -> None:
-        """Start workers on free slots, each for the model with the most work no worker holds yet."""
+        """Start workers on free slots, each for the model with the most work left per worker."""
         now = time.monotonic()
         self.nodes.refresh_if_due()
         for label, queue in self.pending.items():
@@ -149,7 +149,7 @@ class Scheduler:
             ]
             if not waiting:
                 return
-            label = max(waiting, key=self._work_left)
+            label = max(waiting, key=lambda m: self._work_left(m) / (1 + self._workers_of(m)))
             node = self.nodes.place(self.work[label].resource)
             if node is None:
                 return
@@ -159,6 +159,9 @@ class Scheduler:
         """Pending shards of a model beyond those its idle-or-loading workers will take next."""
         waiting_workers = sum(1 for w in self.workers.values() if w.work.cell.label == label and w.task is None)
         return len(self.pending[label]) - waiting_workers
+
+    def _workers_of(self, label: str) -> int:
+        return sum(1 for w in self.workers.values() if w.work.cell.label == label)
 
     def _work_left(self, label: str) -> float:
         """Seconds of work a model has left (utterances times its measured pace; unmeasured: 1 s each)."""
