@@ -138,8 +138,7 @@ class Scheduler:
         now = time.monotonic()
         self.nodes.refresh_if_due()
         for label, queue in self.pending.items():
-            held = any(w.work.cell.label == label for w in self.workers.values())
-            if queue and not held and (reason := self.runnable_here(self.work[label])):
+            if queue and not self._workers_of(label) and (reason := self.runnable_here(self.work[label])):
                 self._give_up(label, Status.UNAVAILABLE, reason)
         while self.nodes.free_slots(len(self.workers)) > 0:
             waiting = [
