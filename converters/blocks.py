@@ -63,9 +63,10 @@ def attention(
     b, n, d = q.shape
     scale = key_scale(d, n_head)
     q = q.view(b, n, n_head, -1).permute(0, 2, 1, 3) * scale
-    k = k.view(b, k.shape[1], n_head, -1).permute(0, 2, 3, 1)
-    if not keys_scaled:
-        k = k * scale
+    if keys_scaled:
+        k = k.view(b, k.shape[1], n_head, -1).permute(0, 2, 3, 1)
+    else:  # scaled before the transpose, in this order: exporters fuse ops by their order
+        k = (k.view(b, k.shape[1], n_head, -1).permute(0, 2, 1, 3) * scale).transpose(-1, -2)
     v = v.view(b, v.shape[1], n_head, -1).permute(0, 2, 1, 3)
     qk = q @ k
     if mask is not None:
@@ -123,7 +124,8 @@ class CrossKV(nn.Module):
         self.n_head, self.prescale_keys = attns[0].n_head, prescale_keys
 
     def forward(self, audio_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = torch.stack([key(audio_features) for key in self.keys])
-        if self.prescale_keys:
-            keys = keys * key_scale(audio_features.shape[-1], self.n_head)
-        return keys, torch.stack([value(audio_features) for value in self.values])
+        # each layer's keys scaled as they come out of their projection: an exporter may fold the
+        # scale into that projection's weights, which changes the rounding of the keys
+        scale = key_scale(audio_features.shape[-1], self.n_head) if self.prescale_keys else None
+        keys = [key(audio_features) if scale is None else key(audio_features) * scale for key in self.keys]
+        return torch.stack(keys), torch.stack([value(audio_features) for value in self.values])
