@@ -293,7 +293,8 @@ class History:
     def _query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
         with self._errors():
             cur = self._conn.execute(self._sql(sql), tuple(params))
-            return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description])
+            # object columns: NULL stays None (pandas would make it NaN in a column of text)
+            return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description], dtype=object)
 
     def _ensure_schema(self) -> None:
         """Create the tables on first use; refuse a store of another schema. Only a new store takes
@@ -390,7 +391,7 @@ class History:
         df = self._query('SELECT * FROM "utterances" WHERE "run_id" = ?', (run_id,))
         for col, kind in UTTERANCE_HISTORY_COLUMNS.items():
             if kind == JSON:
-                df[col] = [json.loads(v) if v is not None else None for v in df[col]]
+                df[col] = [None if v is None else json.loads(v) for v in df[col]]
             elif kind == INT:
                 df[col] = pd.array(df[col], dtype="Int64")
             elif kind == BOOL:  # SQLite keeps booleans as 0/1
