@@ -301,13 +301,14 @@ class History:
         the write lock here, so readers of an existing one never wait for a writer."""
         if not self._has_schema():
             with self._transaction() as cur:
-                if self.postgres:  # concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL's catalog
+                if self.postgres:  # one creator at a time: concurrent CREATE TABLEs collide in the catalog
                     cur.execute("SELECT pg_advisory_xact_lock(7246168)")
-                for statement in _ddl():
-                    cur.execute(statement)
-                cur.execute(
-                    self._sql('INSERT INTO "meta" VALUES (?, ?) ON CONFLICT DO NOTHING'), ("schema", str(SCHEMA))
-                )
+                # checked again under the lock: CREATE INDEX locks its table even when the index
+                # exists, which would deadlock against a writer that created the schema and appends
+                if not self._has_schema():
+                    for statement in _ddl():
+                        cur.execute(statement)
+                    cur.execute(self._sql('INSERT INTO "meta" VALUES (?, ?)'), ("schema", str(SCHEMA)))
         found = self._query('SELECT "value" FROM "meta" WHERE "key" = ?', ("schema",))["value"].iloc[0]
         if found != str(SCHEMA):
             self.close()
@@ -378,9 +379,10 @@ class History:
             runs = runs.tail(last)
         counts = self._query('SELECT "run_id", COUNT(*) AS "models" FROM "models" GROUP BY "run_id"')
         pins = self._query('SELECT "run_id", "tag" FROM "pins" ORDER BY "tag"')
-        tags = pins.groupby("run_id")["tag"].agg(", ".join) if len(pins) else pd.Series(dtype=str)
-        runs["models"] = runs["run_id"].map(counts.set_index("run_id")["models"]).fillna(0).astype(int)
-        runs["tags"] = runs["run_id"].map(tags).fillna("")
+        models = dict(zip(counts["run_id"], counts["models"], strict=True))
+        tags = pins.groupby("run_id")["tag"].agg(", ".join).to_dict() if len(pins) else {}
+        runs["models"] = [int(models.get(r, 0)) for r in runs["run_id"]]
+        runs["tags"] = [tags.get(r, "") for r in runs["run_id"]]
         return runs.reset_index(drop=True)
 
     def models(self, run_id: str) -> pd.DataFrame:

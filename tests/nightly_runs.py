@@ -10,6 +10,9 @@ schema-valid, every number recomputed by the harness's own scoring.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +27,16 @@ RAW_COLUMNS = [
     "frontend_ms", "encode_ms", "decode_ms", "n_steps", "node", "cpu", "error",
 ]  # fmt: skip
 MTK = ("tiny.en", "torchscript-mtk", "fp32")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def harness(*args: str, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`python -m harness ARGS` as a process of its own, this checkout's harness, no $HARNESS_HISTORY."""
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_HISTORY"} | {"PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "harness", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def derive_run(
