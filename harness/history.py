@@ -416,9 +416,10 @@ class History:
     def resolve(self, ref: str, job: str | None = None, candidate: str | None = None) -> str | None:
         """A run id, a tag pinned with `history pin`, `latest` or `previous` → a run id.
 
-        Relative to a `candidate`: `latest` is the job's newest other run, `previous` its newest run
-        started before the candidate. Without one: the job's newest and second-newest runs. None
-        when the job has no such run yet (a first night); an unknown id or tag is an error.
+        Relative to a `candidate`: `latest` is the newest other run of its job on its dataset,
+        `previous` the newest such run started before it (an ad-hoc `--limit` run is not a
+        baseline for a full night). Without one: the job's newest and second-newest runs. None
+        when there is no such run yet (a first night); an unknown id or tag is an error.
         """
         if ref not in RESERVED_REFS:
             if not self._query('SELECT 1 FROM "runs" WHERE "run_id" = ?', (ref,)).empty:
@@ -435,20 +436,18 @@ class History:
                 )
             return str(pins["run_id"].iloc[0])
         if candidate:
-            job = self.run(candidate)["job"]
-        elif job is None:
+            this = self.run(candidate)
+            runs = self.runs(this["job"])
+            runs = runs[(runs["run_id"] != candidate) & (runs["dataset"] == this["dataset"])]
+            if ref == "previous":
+                runs = runs[runs["started"] < this["started"]]
+            return str(runs["run_id"].iloc[-1]) if len(runs) else None
+        if job is None:
             jobs = self._query('SELECT DISTINCT "job" FROM "runs" ORDER BY "job"')["job"].tolist()
             if len(jobs) > 1:
                 raise HarnessError(f"'{ref}': the history holds runs of {', '.join(jobs)}: name one with --job")
-            job = jobs[0] if jobs else None
-        runs = self.runs(job)
-        if candidate:
-            started = self.run(candidate)["started"]
-            others = runs[runs["run_id"] != candidate]
-            runs = others if ref == "latest" else others[others["started"] < started]
-            chosen = runs["run_id"].iloc[-1:]
-        else:
-            chosen = runs["run_id"].iloc[-1:] if ref == "latest" else runs["run_id"].iloc[-2:-1]
+        ids = self.runs(job)["run_id"]
+        chosen = ids.iloc[-1:] if ref == "latest" else ids.iloc[-2:-1]
         return str(chosen.iloc[0]) if len(chosen) else None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,17 @@ def test_run_baseline_gates_each_new_run(nights, tmp_path, capsys):
     assert f"baseline:  {nights['base'].name}" in capsys.readouterr().out
     with pytest.raises(HarnessError, match="'release-9': no such run id or tag of job librispeech_tiny_en"):
         record_and_gate(nights["slower"], store, "release-9")
+
+
+def test_latest_and_previous_are_runs_of_the_same_job_on_the_same_dataset(nights, tmp_path):
+    """An ad-hoc run on fewer utterances (`--limit 3`) between two nights is no baseline for them."""
+    adhoc = derive_run(nights["base"], tmp_path / "results", 8)
+    info = json.loads((adhoc / "run.json").read_text())
+    info["job"]["dataset"]["limit"] = 3
+    (adhoc / "run.json").write_text(json.dumps(info))
+    night = derive_run(nights["base"], tmp_path / "results", 9)
+    with History(_history(str(tmp_path / "h.sqlite"), nights["base"], adhoc, night)) as history:
+        assert history.resolve("latest") == night.name and history.resolve("previous") == adhoc.name
+        assert history.resolve("previous", candidate=night.name) == nights["base"].name
+        assert history.resolve("latest", candidate=nights["base"].name) == night.name
+        assert history.resolve("previous", candidate=nights["base"].name) is None  # its first night
