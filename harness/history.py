@@ -44,11 +44,11 @@ RUN_COLUMNS = {
     "utterances": INT, "cpu": TEXT, "hostname": TEXT, "packages": JSON, "thresholds": JSON,
     "schema_version": INT, "run_dir": TEXT,
 }  # fmt: skip
-# per model: its artifact (key and the toolchain that built it), then summary.csv's columns
+# per model: its place in the summary, its artifact (key, the toolchain that built it), summary.csv's columns
 MODEL_COLUMNS = {
-    "run_id": TEXT, "size": TEXT, "target": TEXT, "quant": TEXT, "artifact_key": TEXT, "artifact": TEXT,
-    "toolchain": JSON, "prepared": TEXT, "cpu": TEXT, "n": INT, "errors": INT, "wer": REAL, "wer_delta": REAL,
-    "wer_delta_lo": REAL, "wer_delta_hi": REAL, "sub": INT, "del": INT, "ins": INT, "cer": REAL,
+    "run_id": TEXT, "position": INT, "size": TEXT, "target": TEXT, "quant": TEXT, "artifact_key": TEXT,
+    "artifact": TEXT, "toolchain": JSON, "prepared": TEXT, "cpu": TEXT, "n": INT, "errors": INT, "wer": REAL,
+    "wer_delta": REAL, "wer_delta_lo": REAL, "wer_delta_hi": REAL, "sub": INT, "del": INT, "ins": INT, "cer": REAL,
     "exact_match": REAL, "mean_first_div": REAL, "token_edit_rate": REAL, "p50_ms": REAL, "p90_ms": REAL,
     "p99_ms": REAL, "enc_p50_ms": REAL, "dec_ms_per_tok": REAL, "rtfx": REAL, "runtime": TEXT,
     "artifact_mb": REAL, "status": TEXT,
@@ -64,7 +64,8 @@ _UTTERANCE_TYPES = {
 }  # fmt: skip
 # utterances.parquet's declared columns, each with its SQL type (a KeyError here: a new column needs one)
 UTTERANCE_HISTORY_COLUMNS = {c: _UTTERANCE_TYPES[c] for c in UTTERANCE_COLUMNS}
-TABLES = {"runs": RUN_COLUMNS, "models": MODEL_COLUMNS, "utterances": UTTERANCE_HISTORY_COLUMNS}
+# `position`: the row's place in utterances.parquet, so the rows read back in the order written
+TABLES = {"runs": RUN_COLUMNS, "models": MODEL_COLUMNS, "utterances": {**UTTERANCE_HISTORY_COLUMNS, "position": INT}}
 
 
 def _ddl() -> list[str]:
@@ -81,7 +82,7 @@ def _ddl() -> list[str]:
         # no primary key: a dataset may repeat an id, and the rows are kept as the run wrote them
         f'CREATE TABLE IF NOT EXISTS "utterances" ({columns("utterances")}, '
         'FOREIGN KEY ("run_id") REFERENCES "runs" ("run_id"))',
-        'CREATE INDEX IF NOT EXISTS "utterances_by_model" ON "utterances" ("run_id", "size", "target", "quant")',
+        'CREATE INDEX IF NOT EXISTS "utterances_by_run" ON "utterances" ("run_id", "position")',
         'CREATE INDEX IF NOT EXISTS "runs_by_job" ON "runs" ("job", "started")',
         'CREATE TABLE IF NOT EXISTS "pins" ("job" TEXT NOT NULL, "tag" TEXT NOT NULL, '
         '"run_id" TEXT NOT NULL REFERENCES "runs" ("run_id"), "pinned_at" TEXT NOT NULL, PRIMARY KEY ("job", "tag"))',
@@ -133,15 +134,15 @@ def read_run(run_dir: Path) -> RunRecord:
     summary = pd.read_csv(files["summary.csv"])
     job = info["job"]
     dataset = job["dataset"]
-    label = dataset["path"] if dataset.get("path") else f"hub:{dataset['hub']}"
-    label += "".join(f" {k}={dataset[k]}" for k in ("config", "split", "limit") if dataset.get(k) is not None)
+    where = dataset["path"] if dataset.get("path") else f"hub:{dataset['hub']}"
+    where += "".join(f" {k}={dataset[k]}" for k in ("config", "split", "limit") if dataset.get(k) is not None)
     run = {
         "run_id": info["run_id"],
         "job": job["name"],
         "started": info["started"],
         "finished": info.get("finished"),
         "git_commit": info.get("git_commit"),
-        "dataset": label,
+        "dataset": where,
         "utterances": info.get("utterances"),
         "cpu": info.get("host", {}).get("cpu"),
         "hostname": info.get("host", {}).get("hostname"),
@@ -155,7 +156,7 @@ def read_run(run_dir: Path) -> RunRecord:
         if col not in utts:
             utts[col] = None
     models = []
-    for row in summary.to_dict("records"):
+    for position, row in enumerate(summary.to_dict("records")):
         label = f"{row['size']}/{row['target']}/{row['quant']}"
         key, toolchain = _artifact_facts(artifacts.get(label, {}).get("artifact"))
         rows = utts[(utts["size"] == row["size"]) & (utts["target"] == row["target"]) & (utts["quant"] == row["quant"])]
@@ -164,6 +165,7 @@ def read_run(run_dir: Path) -> RunRecord:
             {
                 **row,
                 "run_id": run["run_id"],
+                "position": position,
                 "artifact_key": key,
                 "artifact": artifacts.get(label, {}).get("artifact"),
                 "toolchain": toolchain,
@@ -176,7 +178,10 @@ def read_run(run_dir: Path) -> RunRecord:
         job=run["job"],
         run=_row(run, RUN_COLUMNS),
         models=[_row(m, MODEL_COLUMNS) for m in models],
-        utterances=[_row(u, UTTERANCE_HISTORY_COLUMNS) for u in utts[UTTERANCE_COLUMNS].to_dict("records")],
+        utterances=[
+            _row({**u, "position": i}, TABLES["utterances"])
+            for i, u in enumerate(utts[UTTERANCE_COLUMNS].to_dict("records"))
+        ],
     )
 
 
@@ -267,7 +272,7 @@ class History:
         """A database error becomes one line naming the store; anything else keeps its traceback."""
         try:
             yield
-        except (sqlite3.Error, getattr(self, "_driver", sqlite3).Error) as exc:
+        except self._driver.Error as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise HarnessError(f"history {display(self.where)}: {first}") from exc
 
@@ -315,8 +320,10 @@ class History:
             raise HarnessError(f"history {display(self.where)}: schema {found}, this harness writes schema {SCHEMA}")
 
     def _has_schema(self) -> bool:
-        if self.postgres:
-            return bool(self._query("SELECT to_regclass('meta') IS NOT NULL AS found")["found"].iloc[0])
+        if self.postgres:  # pg_tables, read with this statement's snapshot: to_regclass may answer from
+            # a cache that still says "no such table" inside a transaction begun before the creator committed
+            found = "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'meta')"
+            return bool(self._query(found).iloc[0, 0])
         return not self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").empty
 
     # -- writing
@@ -386,11 +393,12 @@ class History:
         return runs.reset_index(drop=True)
 
     def models(self, run_id: str) -> pd.DataFrame:
-        return self._query('SELECT * FROM "models" WHERE "run_id" = ?', (run_id,))
+        return self._query('SELECT * FROM "models" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
 
     def utterances(self, run_id: str) -> pd.DataFrame:
         """A run's per-utterance rows as utterances.parquet has them (tokens as lists, pandas dtypes)."""
-        df = self._query('SELECT * FROM "utterances" WHERE "run_id" = ?', (run_id,))
+        names = ", ".join(f'"{c}"' for c in UTTERANCE_HISTORY_COLUMNS)
+        df = self._query(f'SELECT {names} FROM "utterances" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
         for col, kind in UTTERANCE_HISTORY_COLUMNS.items():
             if kind == JSON:
                 df[col] = [None if v is None else json.loads(v) for v in df[col]]
