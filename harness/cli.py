@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "--job", help="the job whose latest/previous/tag is meant (needed when the history has several)"
     )
     compare.add_argument(
-        "--thresholds", type=Path, help="a job file whose thresholds: apply (default: the candidate's)"
+        "--thresholds", type=Path, metavar="JOB", help="a job file whose thresholds: apply (default: the candidate's)"
     )
     _history_option(compare, "$HARNESS_HISTORY or results/history.sqlite")
     return parser

@@ -89,7 +89,6 @@ class ModelCheck:
 class Comparison:
     baseline: dict[str, Any]
     candidate: dict[str, Any]
-    thresholds: ThresholdsSpec
     checks: tuple[ModelCheck, ...]
 
     @property
@@ -120,7 +119,7 @@ def compare(
         for key in _keys(cand_models)
         if key not in set(_keys(base_models))
     ]
-    return Comparison(baseline, candidate, thresholds, tuple(checks))
+    return Comparison(baseline, candidate, tuple(checks))
 
 
 def _keys(models: pd.DataFrame) -> list[tuple[str, str, str]]:

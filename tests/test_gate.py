@@ -79,10 +79,10 @@ def test_a_degraded_model_is_a_regression_named_with_its_numbers(store, nights):
 
 def test_equivalent_runs_pass(nights, tmp_path):
     store = _history(str(tmp_path / "h.sqlite"), nights["base"], nights["same"])
-    code, out, err = _cli("compare", "previous", "latest", "--history", store)
-    assert code == 0, out + err
-    assert f"baseline:  {nights['base'].name}" in out and f"candidate: {nights['same'].name}" in out
-    assert "REGRESSION" not in out and out.rstrip().endswith("gate: ok, 2 models within thresholds")
+    proc = harness("compare", "previous", "latest", "--history", store)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"baseline:  {nights['base'].name}" in proc.stdout and f"candidate: {nights['same'].name}" in proc.stdout
+    assert "REGRESSION" not in proc.stdout and proc.stdout.rstrip().endswith("gate: ok, 2 models within thresholds")
 
 
 def test_a_model_missing_from_the_candidate_is_a_regression(nights, tmp_path):
