@@ -1,5 +1,5 @@
-"""`python -m harness run|runs|validate|convert`: the command line, and the one place errors become
-exit codes (`ExitCode`)."""
+"""`python -m harness run|runs|validate|convert|history|compare`: the command line, and the one place
+errors become exit codes (`harness.exit_codes.ExitCode`)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,14 @@ import argparse
 import os
 import signal
 import sys
-from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.core.errors import HarnessError
+from harness.exit_codes import ExitCode
 
 if TYPE_CHECKING:  # the module pulls in whisper and torch; the CLI imports them only when needed
     from harness.spec import DatasetSpec
-
-
-class ExitCode(IntEnum):
-    OK = 0  # every model evaluated, every utterance transcribed (convert: every cell usable)
-    FAILED = 1  # convert: a cell failed; validate: a job file is wrong
-    BAD_INPUT = 2  # a job file, dataset, flag or address the harness cannot use: one line says which
-    REGRESSION = 3  # the gate found a model worse than its baseline
-    INCOMPLETE = 4  # the run finished, but some models or utterances failed or were unavailable
-    INTERRUPTED = 5  # the run stopped early (Ctrl-C, SIGTERM, an error): resume it with --resume
 
 
 EXAMPLES = """examples:
@@ -35,6 +26,10 @@ EXAMPLES = """examples:
   python -m harness run jobs/librispeech_base.yaml --address ray://head:10001
   python -m harness validate jobs/*.yaml
   python -m harness convert --sizes tiny.en,base --targets all --quant all
+  python -m harness run jobs/nightly_base.yaml --baseline previous   # exit 3 on a regression
+  python -m harness history --job nightly_base --last 10
+  python -m harness history pin 20250101-020000-1a2b3c --tag release-1.4
+  python -m harness compare release-1.4 latest --job nightly_base
 """
 
 
@@ -63,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
         help="artifact store (default: $HARNESS_MODELS or models)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--baseline", help="then gate the run against latest, previous, a pinned tag or a run id (exit 3: regression)"
+    )
+    _history_option(run, "$HARNESS_HISTORY or history.sqlite in --out")
     convert = sub.add_parser("convert", help="build (or reuse) artifacts for sizes x targets x quantizations")
     convert.add_argument("--sizes", default="tiny.en", help="comma list of model names, or 'all' (default: tiny.en)")
     convert.add_argument("--targets", default="all", help="comma list of targets, or 'all' (default)")
@@ -81,7 +80,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate = sub.add_parser("validate", help="check job files (and local datasets' metadata), report every problem")
     validate.add_argument("jobs", type=Path, nargs="+")
+    history = sub.add_parser("history", help="list the runs in the history (or: history add|pin)")
+    history.add_argument("--job", help="only this job's runs")
+    history.add_argument("--last", type=int, default=20, help="the last N runs (default 20; 0: all)")
+    _history_option(history, "$HARNESS_HISTORY or results/history.sqlite")
+    action = history.add_subparsers(dest="action")
+    add = action.add_parser("add", help="append completed run folders to the history")
+    add.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    _history_option(add, "$HARNESS_HISTORY or history.sqlite in the run's results root", argparse.SUPPRESS)
+    pin = action.add_parser("pin", help="name a run, to compare later runs with it")
+    pin.add_argument("run_id")
+    pin.add_argument("--tag", required=True, help="the name, e.g. release-1.4 (moved if it named another run)")
+    _history_option(pin, "$HARNESS_HISTORY or results/history.sqlite", argparse.SUPPRESS)
+    compare = sub.add_parser("compare", help="gate a candidate run against a baseline (exit 3: regression)")
+    compare.add_argument(
+        "baseline", help="latest, previous (the job's last run before the candidate), a tag or a run id"
+    )
+    compare.add_argument("candidate", help="latest, a tag or a run id")
+    compare.add_argument(
+        "--job", help="the job whose latest/previous/tag is meant (needed when the history has several)"
+    )
+    compare.add_argument(
+        "--thresholds", type=Path, metavar="JOB", help="a job file whose thresholds: apply (default: the candidate's)"
+    )
+    _history_option(compare, "$HARNESS_HISTORY or results/history.sqlite")
     return parser
+
+
+def _history_option(parser: argparse.ArgumentParser, default: str, missing: object = None) -> None:
+    # SUPPRESS on `history add|pin`: their --history must not reset one given before the action
+    parser.add_argument("--history", default=missing, help=f"SQLite file or postgresql:// URL (default: {default})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if args.command == "runs":
             return _runs(args)
+        if args.command == "history":
+            return _history(args)
+        if args.command == "compare":
+            return _compare(args)
         return _run(args)
     except HarnessError as exc:
         from harness.execute import Interrupted
@@ -155,6 +187,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from harness.execute import run_job
+    from harness.gate import record_and_gate
+    from harness.history import location
     from harness.spec import load_job
     from harness.summary import format_summary
 
@@ -167,6 +201,8 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(format_summary(result.summary))
     print(f"\nresults: {result.run_dir}")
+    if record_and_gate(result.run_dir, location(args.history, args.out), args.baseline) == ExitCode.REGRESSION:
+        return ExitCode.REGRESSION
     return ExitCode.OK if (result.utterances["status"] == "ok").all() else ExitCode.INCOMPLETE
 
 
@@ -180,3 +216,39 @@ def _runs(args: argparse.Namespace) -> int:
         else:
             print(run.summary_line())
     return ExitCode.OK
+
+
+def _history(args: argparse.Namespace) -> int:
+    from harness.history import History, display, format_runs, location, read_run
+
+    if args.action == "add":
+        for run_dir in args.run_dirs:
+            where = location(args.history, run_dir.parent.parent)  # results/<job>/<run id>
+            record = read_run(run_dir)
+            with History(where) as history:
+                added = history.add(record)
+            print(f"{record.run_id}: {'appended to' if added else 'already in'} {display(where)}")
+        return ExitCode.OK
+    where = location(args.history, Path("results"))
+    with History(where, create=False) as history:
+        if args.action == "pin":
+            before = history.pin(args.run_id, args.tag)
+            moved = f" (moved from {before})" if before and before != args.run_id else ""
+            print(f"{args.tag} -> {args.run_id}{moved}")
+            return ExitCode.OK
+        if args.last < 0:
+            raise HarnessError(f"--last: expected 0 or more, got {args.last}")
+        runs = history.runs(args.job, args.last)
+    print(format_runs(runs) if len(runs) else f"no runs{f' of {args.job}' if args.job else ''} in {display(where)}")
+    return ExitCode.OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness.gate import gate, resolve_pair
+    from harness.history import History, location
+    from harness.spec import load_job
+
+    thresholds = load_job(args.thresholds).thresholds if args.thresholds else None
+    with History(location(args.history, Path("results")), create=False) as history:
+        baseline, candidate = resolve_pair(history, args.baseline, args.candidate, args.job)
+        return gate(history, baseline, candidate, thresholds)

@@ -100,8 +100,8 @@ def job_fingerprint(spec: JobSpec) -> dict[str, Any]:
     """The parts of a job that decide its results: not where or how fast it runs (cluster), nor the
     dataset's location (the dataset fingerprint names its contents)."""
     job = asdict(replace(spec, source_file=None))
-    job.pop("cluster")
-    job.pop("dataset")
+    for part in ("cluster", "dataset", "thresholds"):  # thresholds judge results, they do not make them
+        job.pop(part)
     return {**job, "shard_size": spec.cluster.shard_size}
 
 

@@ -88,12 +88,32 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class ThresholdsSpec:
+    """What the regression gate (`harness/gate.py`) tolerates, per model, candidate vs baseline.
+
+    Word errors of a deterministic decode do not vary from night to night, so a WER interval above
+    the limit is a real change (non-inferiority: the upper end must stay below). Latency does vary
+    with the machine's load, so it regresses only when even the lower end is above the limit.
+    """
+
+    max_wer_delta: float = 0.01  # upper end of ΔWER's 95% paired-bootstrap interval (0.01 = 1 point)
+    min_no_worse_share: float = 0.9  # utterances with no more word errors than in the baseline
+    max_exact_match_drop: float = 0.05  # fall in the share token-identical to the run's own reference
+    max_latency_ratio: float | None = 1.25  # lower end of Σcandidate ms / Σbaseline ms's interval; null: off
+    max_lost_utterances: int = 0  # utterances the baseline decoded and the candidate did not
+    drift_window: int = 5  # latency change point: the last N runs vs the runs before them; 0: off
+    drift_mads: float = 4.0  # ... by more than this many scaled MADs of the earlier runs
+    drift_min_ratio: float = 1.1  # ... and by at least this ratio (a quiet history has a MAD near 0)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     dataset: DatasetSpec
     models: ModelsSpec = field(default_factory=ModelsSpec)
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    thresholds: ThresholdsSpec = field(default_factory=ThresholdsSpec)
     source_file: Path | None = None
 
     def with_overrides(
@@ -195,7 +215,7 @@ def _raise(errors: list[str], where: str) -> None:
         raise HarnessError(f"{where}: " + some(errors, MAX_PROBLEMS))
 
 
-_SECTIONS = {"name", "dataset", "models", "decoding", "cluster"}
+_SECTIONS = {"name", "dataset", "models", "decoding", "cluster", "thresholds"}
 
 
 def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
@@ -226,9 +246,10 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
             value = getattr(cluster, key)
             if value is not None and value < 1:
                 errors.append(f"cluster.{key}: expected a positive integer, got {quote(value)}")
-    if errors or dataset is None or models is None or decoding is None or cluster is None:
+    thresholds = _thresholds(raw.get("thresholds", {}), "thresholds", errors)
+    if errors or dataset is None or models is None or decoding is None or cluster is None or thresholds is None:
         return None
-    return JobSpec(name=name, dataset=dataset, models=models, decoding=decoding, cluster=cluster)
+    return JobSpec(name=name, dataset=dataset, models=models, decoding=decoding, cluster=cluster, thresholds=thresholds)
 
 
 def _unknown_keys(raw: dict, known: set[str], where: str, errors: list[str]) -> None:
@@ -373,3 +394,50 @@ def _is_file(path: str) -> bool:
         return Path(path).expanduser().is_file()
     except RuntimeError:  # `~user` of an unknown user
         return False
+
+
+# (low, high, whether null turns the check off) for each threshold; every one is a number
+_THRESHOLD_RANGES: dict[str, tuple[float, float, bool]] = {
+    "max_wer_delta": (0.0, 1.0, False),
+    "min_no_worse_share": (0.0, 1.0, False),
+    "max_exact_match_drop": (0.0, 1.0, False),
+    "max_latency_ratio": (1.0, float("inf"), True),
+    "max_lost_utterances": (0, float("inf"), False),
+    "drift_window": (0, 1000, False),
+    "drift_mads": (0.0, float("inf"), False),
+    "drift_min_ratio": (1.0, float("inf"), False),
+}
+
+
+def thresholds_from_dict(raw: Any, source: str) -> ThresholdsSpec:
+    """A `thresholds:` mapping stored with a run (its resolved job) → ThresholdsSpec, or one error
+    naming `source`."""
+    errors: list[str] = []
+    spec = _thresholds(raw, "thresholds", errors)
+    _raise(errors, source)
+    assert spec is not None
+    return spec
+
+
+def _thresholds(raw: Any, where: str, errors: list[str]) -> ThresholdsSpec | None:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a mapping, got {type(raw).__name__}")
+        return None
+    before = len(errors)
+    _unknown_keys(raw, set(_THRESHOLD_RANGES), f"{where}.", errors)
+    for key, value in raw.items():
+        if key not in _THRESHOLD_RANGES:
+            continue
+        low, high, nullable = _THRESHOLD_RANGES[key]
+        integral = ThresholdsSpec.__dataclass_fields__[key].type == "int"
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            kind = "an integer" if integral else "a number" + (" or null" if nullable else "")
+            errors.append(f"{where}.{key}: expected {kind}, got {quote(value)}")
+        elif not low <= value <= high:
+            bounds = f"at least {low}" if high == float("inf") else f"{low}..{high}"
+            errors.append(f"{where}.{key}: expected {bounds}, got {value}")
+    return ThresholdsSpec(**raw) if len(errors) == before else None

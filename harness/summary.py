@@ -6,6 +6,8 @@ reference with a paired bootstrap interval; latency percentiles and RTFx (harnes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 
@@ -14,6 +16,18 @@ from harness.core.target import REFERENCE
 from harness.timing import rtfx
 
 BOOTSTRAP_SAMPLES = 1000
+
+
+def paired_bootstrap(
+    statistic: Callable[..., np.ndarray], *columns: np.ndarray, seed: int = 0
+) -> tuple[float, float, float]:
+    """`statistic` over paired per-utterance columns, with its 95% bootstrap interval: the same
+    resampled rows from every column. `statistic` reduces the last axis: it gets 1-D columns for the
+    estimate and (samples, n) arrays for the resamples. (wer_delta says why utterances are resampled.)
+    """
+    idx = np.random.default_rng(seed).integers(0, len(columns[0]), size=(BOOTSTRAP_SAMPLES, len(columns[0])))
+    lo, hi = np.percentile(statistic(*(c[idx] for c in columns)), [2.5, 97.5])
+    return float(statistic(*columns)), float(lo), float(hi)
 
 
 def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tuple[float, float, float]:
@@ -29,11 +43,11 @@ def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tu
     if both.empty or both["ref_words"].sum() == 0:
         return float("nan"), float("nan"), float("nan")
     e_m, e_r, w = (both[c].to_numpy(dtype=float) for c in ("wer_errors", "wer_errors_ref", "ref_words"))
-    idx = np.random.default_rng(seed).integers(0, len(both), size=(BOOTSTRAP_SAMPLES, len(both)))
-    words = np.maximum(w[idx].sum(axis=1), 1.0)
-    deltas = (e_m[idx].sum(axis=1) - e_r[idx].sum(axis=1)) / words
-    lo, hi = np.percentile(deltas, [2.5, 97.5])
-    return float((e_m.sum() - e_r.sum()) / w.sum()), float(lo), float(hi)
+
+    def delta(e_m: np.ndarray, e_r: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return (e_m.sum(axis=-1) - e_r.sum(axis=-1)) / np.maximum(w.sum(axis=-1), 1.0)
+
+    return paired_bootstrap(delta, e_m, e_r, w, seed=seed)
 
 
 def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | None = None) -> pd.DataFrame:

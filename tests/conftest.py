@@ -182,3 +182,53 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def nightly_run(ray_local, tiny_artifacts, models_root, tmp_path_factory):
+    """One real short run (tiny.en reference and torchscript-mtk, 6 utterances) through the command
+    line, as a first night: `run --baseline previous` on an empty history. Its folder is the source
+    of the history and gate tests' runs (tests/nightly_runs.py)."""
+    import contextlib
+    import io
+
+    from harness.cli import main
+
+    out = tmp_path_factory.mktemp("nightly")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(
+            ["run", str(ROOT / "jobs" / "librispeech_tiny_en.yaml"), "--limit", "6", "--out", str(out),
+             "--models", str(models_root), "--no-progress", "--history", str(out / "history.sqlite"),
+             "--baseline", "previous"]
+        )  # fmt: skip
+    (run_dir,) = (out / "librispeech_tiny_en").iterdir()
+    return {"exit_code": code, "stdout": printed.getvalue(), "run_dir": run_dir, "history": out / "history.sqlite"}
+
+
+POSTGRES_ENV = "HARNESS_TEST_POSTGRES"  # a server's URL; scripts/postgres-test-server.sh starts one
+
+
+@pytest.fixture
+def postgres_url():
+    """A new database of its own on the test PostgreSQL server, dropped afterwards."""
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    server = os.environ.get(POSTGRES_ENV)
+    if not server:
+        pytest.skip(f"${POSTGRES_ENV} is not set: `export {POSTGRES_ENV}=$(bash scripts/postgres-test-server.sh)`")
+    import psycopg
+
+    name = f"harness_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path) -> str:
+    """An empty history: a SQLite file, or a PostgreSQL database."""
+    return str(tmp_path / "history.sqlite") if request.param == "sqlite" else request.getfixturevalue("postgres_url")

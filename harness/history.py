@@ -1,0 +1,482 @@
+"""The history of completed runs: per run, per model and per utterance rows, appended once each.
+
+Where it lives: an embedded SQLite file by default (`history.sqlite` in the results root, or
+`$HARNESS_HISTORY`), or the same schema on a PostgreSQL server given a `postgresql://` URL, for
+teams whose nightly jobs run on several machines. SQLite because a nightly job on one machine
+needs no server to install or keep alive: the history is one file to copy or archive, appends are
+transactions, and in WAL mode readers (`history`, `compare`) never block the writer nor see half a
+run. Keep that file on a local disk (WAL needs shared memory, which network file systems lack).
+
+A run is appended in one transaction (its `runs` row, its `models` rows, its `utterances` rows):
+a writer killed half-way leaves nothing behind, and a second writer waits for the first (SQLite's
+write lock, PostgreSQL's row locks). The per-utterance rows make every comparison possible from
+the history alone, without the run folders, which may lie on another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import pandas as pd
+
+from harness.core.errors import HarnessError
+from harness.scoring import UTTERANCE_COLUMNS
+
+HISTORY_ENV = "HARNESS_HISTORY"
+DEFAULT_FILE = "history.sqlite"
+SCHEMA = 1  # of the tables below; a store written by another schema is refused, not altered
+RESERVED_REFS = ("latest", "previous")
+
+TEXT, INT, REAL, BOOL, JSON = "TEXT", "BIGINT", "DOUBLE PRECISION", "BOOLEAN", "JSON"  # JSON: stored as TEXT
+
+RUN_COLUMNS = {
+    "run_id": TEXT, "job": TEXT, "started": TEXT, "finished": TEXT, "git_commit": TEXT, "dataset": TEXT,
+    "utterances": INT, "cpu": TEXT, "hostname": TEXT, "packages": JSON, "thresholds": JSON,
+    "schema_version": INT, "run_dir": TEXT,
+}  # fmt: skip
+# per model: its place in the summary, its artifact (key, the toolchain that built it), summary.csv's columns
+MODEL_COLUMNS = {
+    "run_id": TEXT, "position": INT, "size": TEXT, "target": TEXT, "quant": TEXT, "artifact_key": TEXT,
+    "artifact": TEXT, "toolchain": JSON, "prepared": TEXT, "cpu": TEXT, "n": INT, "errors": INT, "wer": REAL,
+    "wer_delta": REAL, "wer_delta_lo": REAL, "wer_delta_hi": REAL, "sub": INT, "del": INT, "ins": INT, "cer": REAL,
+    "exact_match": REAL, "mean_first_div": REAL, "token_edit_rate": REAL, "p50_ms": REAL, "p90_ms": REAL,
+    "p99_ms": REAL, "enc_p50_ms": REAL, "dec_ms_per_tok": REAL, "rtfx": REAL, "runtime": TEXT,
+    "artifact_mb": REAL, "status": TEXT,
+}  # fmt: skip
+_UTTERANCE_TYPES = {
+    **dict.fromkeys(("run_id", "utt_id", "size", "target", "quant", "ref_text", "hyp_text", "ref_norm",
+                     "hyp_norm", "node", "cpu", "error"), TEXT),
+    **dict.fromkeys(("hyp_tokens", "reference_tokens"), JSON),
+    **dict.fromkeys(("wer_errors", "substitutions", "deletions", "insertions", "ref_words", "cer_errors",
+                     "ref_chars", "first_divergence", "n_steps", "n_tokens"), INT),
+    **dict.fromkeys(("token_edit_rate", "audio_s", "frontend_ms", "encode_ms", "decode_ms", "total_ms"), REAL),
+    "exact_match": BOOL,
+}  # fmt: skip
+# utterances.parquet's declared columns, each with its SQL type (a KeyError here: a new column needs one)
+UTTERANCE_HISTORY_COLUMNS = {c: _UTTERANCE_TYPES[c] for c in UTTERANCE_COLUMNS}
+# `position`: the row's place in utterances.parquet, so the rows read back in the order written
+TABLES = {"runs": RUN_COLUMNS, "models": MODEL_COLUMNS, "utterances": {**UTTERANCE_HISTORY_COLUMNS, "position": INT}}
+
+
+def _ddl() -> list[str]:
+    """One schema for both databases: types both understand, every name quoted."""
+
+    def columns(table: str) -> str:
+        return ", ".join(f'"{c}" {"TEXT" if t == JSON else t}' for c, t in TABLES[table].items())
+
+    return [
+        'CREATE TABLE IF NOT EXISTS "meta" ("key" TEXT PRIMARY KEY, "value" TEXT NOT NULL)',
+        f'CREATE TABLE IF NOT EXISTS "runs" ({columns("runs")}, "added" TEXT NOT NULL, PRIMARY KEY ("run_id"))',
+        f'CREATE TABLE IF NOT EXISTS "models" ({columns("models")}, PRIMARY KEY ("run_id", "size", "target", '
+        '"quant"), FOREIGN KEY ("run_id") REFERENCES "runs" ("run_id"))',
+        # no primary key: a dataset may repeat an id, and the rows are kept as the run wrote them
+        f'CREATE TABLE IF NOT EXISTS "utterances" ({columns("utterances")}, '
+        'FOREIGN KEY ("run_id") REFERENCES "runs" ("run_id"))',
+        'CREATE INDEX IF NOT EXISTS "utterances_by_run" ON "utterances" ("run_id", "position")',
+        'CREATE INDEX IF NOT EXISTS "runs_by_job" ON "runs" ("job", "started")',
+        'CREATE TABLE IF NOT EXISTS "pins" ("job" TEXT NOT NULL, "tag" TEXT NOT NULL, '
+        '"run_id" TEXT NOT NULL REFERENCES "runs" ("run_id"), "pinned_at" TEXT NOT NULL, PRIMARY KEY ("job", "tag"))',
+    ]
+
+
+def location(explicit: str | None, results_root: Path) -> str:
+    """Where the history is: `--history`, else `$HARNESS_HISTORY`, else history.sqlite in the results root."""
+    return explicit or os.environ.get(HISTORY_ENV) or str(results_root / DEFAULT_FILE)
+
+
+def is_url(where: str) -> bool:
+    return where.startswith(("postgresql://", "postgres://"))
+
+
+def display(where: str) -> str:
+    """The location as printed: a URL's password masked."""
+    if not is_url(where):
+        return where
+    parts = urlsplit(where)
+    if parts.password is None:
+        return where
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+# ---------------------------------------------------------------------------------------------
+# A run folder → rows
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One completed run as the rows the history stores: values in each table's column order."""
+
+    run_id: str
+    job: str
+    run: tuple
+    models: list[tuple]
+    utterances: list[tuple]
+
+
+def read_run(run_dir: Path) -> RunRecord:
+    """A complete run folder (`results/<job>/<run id>/`) → its rows; a folder that is not one is an error."""
+    files = {name: run_dir / name for name in ("run.json", "summary.csv", "utterances.parquet")}
+    missing = [name for name, path in files.items() if not path.is_file()]
+    if missing:
+        raise HarnessError(f"{run_dir}: not a complete run folder (no {', '.join(missing)})")
+    info = json.loads(files["run.json"].read_text())
+    utts = pd.read_parquet(files["utterances.parquet"])
+    summary = pd.read_csv(files["summary.csv"])
+    job = info["job"]
+    dataset = job["dataset"]
+    where = dataset["path"] if dataset.get("path") else f"hub:{dataset['hub']}"
+    where += "".join(f" {k}={dataset[k]}" for k in ("config", "split", "limit") if dataset.get(k) is not None)
+    run = {
+        "run_id": info["run_id"],
+        "job": job["name"],
+        "started": info["started"],
+        "finished": info.get("finished"),
+        "git_commit": info.get("git_commit"),
+        "dataset": where,
+        "utterances": info.get("utterances"),
+        "cpu": info.get("host", {}).get("cpu"),
+        "hostname": info.get("host", {}).get("hostname"),
+        "packages": info.get("packages"),
+        "thresholds": job.get("thresholds"),  # runs from before `thresholds:` have none: defaults apply
+        "schema_version": info.get("schema_version"),
+        "run_dir": str(run_dir.resolve()),
+    }
+    artifacts = {m["model"]: m for m in info.get("models", [])}
+    for col in UTTERANCE_COLUMNS:  # a run from an older schema lacks newer columns (v1: no `cpu`)
+        if col not in utts:
+            utts[col] = None
+    models = []
+    for position, row in enumerate(summary.to_dict("records")):
+        label = f"{row['size']}/{row['target']}/{row['quant']}"
+        key, toolchain = _artifact_facts(artifacts.get(label, {}).get("artifact"))
+        rows = utts[(utts["size"] == row["size"]) & (utts["target"] == row["target"]) & (utts["quant"] == row["quant"])]
+        cpus = rows.loc[rows["error"].isna(), "cpu"].dropna()
+        models.append(
+            {
+                **row,
+                "run_id": run["run_id"],
+                "position": position,
+                "artifact_key": key,
+                "artifact": artifacts.get(label, {}).get("artifact"),
+                "toolchain": toolchain,
+                "prepared": artifacts.get(label, {}).get("status"),
+                "cpu": cpus.mode().iloc[0] if len(cpus) else None,  # the kind most of its rows ran on
+            }
+        )
+    return RunRecord(
+        run_id=run["run_id"],
+        job=run["job"],
+        run=_row(run, RUN_COLUMNS),
+        models=[_row(m, MODEL_COLUMNS) for m in models],
+        utterances=[
+            _row({**u, "position": i}, TABLES["utterances"])
+            for i, u in enumerate(utts[UTTERANCE_COLUMNS].to_dict("records"))
+        ],
+    )
+
+
+_KEY_SUFFIX = re.compile(r"-([0-9a-f]{16})$")  # converters.store.artifact_dir: <target>-<quant>-<key>
+
+
+def _artifact_facts(path: str | None) -> tuple[str | None, dict | None]:
+    """(key, toolchain versions) of an artifact: from its manifest when this machine has the folder,
+    else the key from the folder's name (the run may come from another machine)."""
+    if not path:
+        return None, None
+    manifest = Path(path) / "manifest.json"
+    if manifest.is_file():
+        facts = json.loads(manifest.read_text())
+        return facts.get("key"), facts.get("toolchain")
+    match = _KEY_SUFFIX.search(Path(path).name)
+    return (match.group(1) if match else None), None
+
+
+def _row(values: dict[str, Any], columns: dict[str, str]) -> tuple:
+    return tuple(_to_sql(values.get(c), t) for c, t in columns.items())
+
+
+def _to_sql(value: Any, kind: str) -> Any:
+    """A pandas/numpy/JSON value → what both drivers store for the column's type (None for missing)."""
+    if isinstance(value, (list, tuple, np.ndarray, dict)):
+        return json.dumps(value.tolist() if isinstance(value, np.ndarray) else value)
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if kind == JSON:
+        return json.dumps(value)
+    if kind == INT:
+        return int(value)
+    if kind == REAL:
+        return float(value)
+    if kind == BOOL:
+        return bool(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class History:
+    """A connection to one history (SQLite file or PostgreSQL database), its schema ensured."""
+
+    def __init__(self, where: str, create: bool = True) -> None:
+        self.where = where
+        self.postgres = is_url(where)
+        if not self.postgres and "://" in where:
+            raise HarnessError(f"history {where}: expected a file path or a postgresql:// URL")
+        if self.postgres:
+            try:
+                import psycopg
+            except ImportError:
+                raise HarnessError(f"history {display(where)}: PostgreSQL needs the psycopg package") from None
+            self._driver: Any = psycopg
+            with self._errors():
+                # autocommit: reads hold no transaction open; writes open one explicitly
+                self._conn: Any = psycopg.connect(where, autocommit=True, connect_timeout=10)
+        else:
+            path = Path(where)
+            if not create and not path.is_file():
+                raise HarnessError(f"history {where}: no such file (a run appends to it when it completes)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._driver = sqlite3
+            with self._errors():
+                # isolation_level=None: no implicit transactions, so BEGIN IMMEDIATE below is the only one;
+                # timeout: a second writer waits up to a minute for the first one's lock
+                self._conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=FULL")  # a committed night survives a power cut
+                self._conn.execute("PRAGMA foreign_keys=ON")
+        self._ensure_schema()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """A database error becomes one line naming the store; anything else keeps its traceback."""
+        try:
+            yield
+        except self._driver.Error as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise HarnessError(f"history {display(self.where)}: {first}") from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        with self._errors():
+            if self.postgres:
+                with self._conn.transaction():
+                    yield self._conn.cursor()
+                return
+            # IMMEDIATE: take the write lock now, so two writers queue instead of failing at commit
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn.cursor()
+            except BaseException:
+                self._conn.rollback()
+                raise
+            self._conn.commit()
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        with self._errors():
+            cur = self._conn.execute(self._sql(sql), tuple(params))
+            # object columns: NULL stays None (pandas would make it NaN in a column of text)
+            return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description], dtype=object)
+
+    def _ensure_schema(self) -> None:
+        """Create the tables on first use; refuse a store of another schema. Only a new store takes
+        the write lock here, so readers of an existing one never wait for a writer."""
+        if not self._has_schema():
+            with self._transaction() as cur:
+                if self.postgres:  # one creator at a time: concurrent CREATE TABLEs collide in the catalog
+                    cur.execute("SELECT pg_advisory_xact_lock(7246168)")
+                # checked again under the lock: CREATE INDEX locks its table even when the index
+                # exists, which would deadlock against a writer that created the schema and appends
+                if not self._has_schema():
+                    for statement in _ddl():
+                        cur.execute(statement)
+                    cur.execute(self._sql('INSERT INTO "meta" VALUES (?, ?)'), ("schema", str(SCHEMA)))
+        found = self._query('SELECT "value" FROM "meta" WHERE "key" = ?', ("schema",))["value"].iloc[0]
+        if found != str(SCHEMA):
+            self.close()
+            raise HarnessError(f"history {display(self.where)}: schema {found}, this harness writes schema {SCHEMA}")
+
+    def _has_schema(self) -> bool:
+        if self.postgres:  # pg_tables, read with this statement's snapshot: to_regclass may answer from
+            # a cache that still says "no such table" inside a transaction begun before the creator committed
+            found = "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'meta')"
+            return bool(self._query(found).iloc[0, 0])
+        return not self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").empty
+
+    # -- writing
+
+    def add(self, record: RunRecord) -> bool:
+        """Append a run in one transaction; False (and nothing written) when it is already there."""
+        with self._transaction() as cur:
+            names = ", ".join(f'"{c}"' for c in RUN_COLUMNS)
+            marks = ", ".join("?" * (len(RUN_COLUMNS) + 1))
+            # ON CONFLICT: a concurrent writer of the same run waits for the first, then adds nothing
+            cur.execute(
+                self._sql(f'INSERT INTO "runs" ({names}, "added") VALUES ({marks}) ON CONFLICT DO NOTHING'),
+                (*record.run, _now()),
+            )
+            if cur.rowcount != 1:
+                return False
+            for table, rows in (("models", record.models), ("utterances", record.utterances)):
+                self._insert(cur, table, rows)
+        return True
+
+    def _insert(self, cur: Any, table: str, rows: list[tuple]) -> None:
+        names = ", ".join(f'"{c}"' for c in TABLES[table])
+        marks = ", ".join("?" * len(TABLES[table]))
+        cur.executemany(self._sql(f'INSERT INTO "{table}" ({names}) VALUES ({marks})'), rows)
+
+    def pin(self, run_id: str, tag: str) -> str | None:
+        """Name a run `tag` within its job (moving the tag if it named another run); the run it named."""
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", tag) or tag in RESERVED_REFS:
+            raise HarnessError(
+                f"--tag {tag!r}: expected a name starting with a letter (letters, digits, '.', '_', '-'), "
+                f"not {' or '.join(RESERVED_REFS)}"
+            )
+        job = self.run(run_id)["job"]
+        with self._transaction() as cur:
+            cur.execute(self._sql('SELECT "run_id" FROM "pins" WHERE "job" = ? AND "tag" = ?'), (job, tag))
+            before = cur.fetchone()
+            cur.execute(
+                self._sql(
+                    'INSERT INTO "pins" VALUES (?, ?, ?, ?) ON CONFLICT ("job", "tag") '
+                    'DO UPDATE SET "run_id" = excluded."run_id", "pinned_at" = excluded."pinned_at"'
+                ),
+                (job, tag, run_id, _now()),
+            )
+        return before[0] if before else None
+
+    # -- reading
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        rows = self._query('SELECT * FROM "runs" WHERE "run_id" = ?', (run_id,))
+        if rows.empty:
+            raise HarnessError(f"run {run_id}: not in history {display(self.where)}")
+        row = rows.iloc[0].to_dict()
+        return {k: json.loads(v) if RUN_COLUMNS.get(k) == JSON and v is not None else v for k, v in row.items()}
+
+    def runs(self, job: str | None = None, last: int | None = None) -> pd.DataFrame:
+        """Runs, oldest first (the last `last` of them), with their model count and pinned tags."""
+        where, params = ('WHERE "job" = ?', (job,)) if job else ("", ())
+        runs = self._query(f'SELECT * FROM "runs" {where} ORDER BY "started", "run_id"', params)
+        if last:
+            runs = runs.tail(last)
+        counts = self._query('SELECT "run_id", COUNT(*) AS "models" FROM "models" GROUP BY "run_id"')
+        pins = self._query('SELECT "run_id", "tag" FROM "pins" ORDER BY "tag"')
+        models = dict(zip(counts["run_id"], counts["models"], strict=True))
+        tags = pins.groupby("run_id")["tag"].agg(", ".join).to_dict() if len(pins) else {}
+        runs["models"] = [int(models.get(r, 0)) for r in runs["run_id"]]
+        runs["tags"] = [tags.get(r, "") for r in runs["run_id"]]
+        return runs.reset_index(drop=True)
+
+    def models(self, run_id: str) -> pd.DataFrame:
+        return self._query('SELECT * FROM "models" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
+
+    def utterances(self, run_id: str) -> pd.DataFrame:
+        """A run's per-utterance rows as utterances.parquet has them (tokens as lists, pandas dtypes)."""
+        names = ", ".join(f'"{c}"' for c in UTTERANCE_HISTORY_COLUMNS)
+        df = self._query(f'SELECT {names} FROM "utterances" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
+        for col, kind in UTTERANCE_HISTORY_COLUMNS.items():
+            if kind == JSON:
+                df[col] = [None if v is None else json.loads(v) for v in df[col]]
+            elif kind == INT:
+                df[col] = pd.array(df[col], dtype="Int64")
+            elif kind == BOOL:  # SQLite keeps booleans as 0/1
+                df[col] = pd.array([None if v is None else bool(v) for v in df[col]], dtype="boolean")
+            elif kind == REAL:
+                df[col] = pd.to_numeric(df[col]).astype(float)
+        return df
+
+    def latency_trend(self, run: dict[str, Any], size: str, target: str, quant: str, cpu: str) -> pd.Series:
+        """A model's median latency (p50_ms) in each run of `run`'s job and dataset on `cpu`, oldest
+        first, up to and including `run`."""
+        rows = self._query(
+            'SELECT r."run_id", m."p50_ms" FROM "models" m JOIN "runs" r ON r."run_id" = m."run_id" '
+            'WHERE r."job" = ? AND r."dataset" = ? AND m."size" = ? AND m."target" = ? AND m."quant" = ? '
+            'AND m."cpu" = ? AND m."p50_ms" IS NOT NULL AND r."started" <= ? ORDER BY r."started", r."run_id"',
+            (run["job"], run["dataset"], size, target, quant, cpu, run["started"]),
+        )
+        return rows.set_index("run_id")["p50_ms"].astype(float)
+
+    def resolve(self, ref: str, job: str | None = None, candidate: str | None = None) -> str | None:
+        """A run id, a tag pinned with `history pin`, `latest` or `previous` → a run id.
+
+        Relative to a `candidate`: `latest` is the newest other run of its job on its dataset,
+        `previous` the newest such run started before it (an ad-hoc `--limit` run is not a
+        baseline for a full night). Without one: the job's newest and second-newest runs. None
+        when there is no such run yet (a first night); an unknown id or tag is an error.
+        """
+        if ref not in RESERVED_REFS:
+            if not self._query('SELECT 1 FROM "runs" WHERE "run_id" = ?', (ref,)).empty:
+                return ref
+            job = job or (self.run(candidate)["job"] if candidate else None)
+            pins = self._query('SELECT "job", "run_id" FROM "pins" WHERE "tag" = ?', (ref,))
+            if job:
+                pins = pins[pins["job"] == job]
+            if len(pins) > 1:
+                raise HarnessError(f"tag {ref!r} is pinned in jobs {', '.join(pins['job'])}: name one with --job")
+            if pins.empty:
+                raise HarnessError(
+                    f"{ref!r}: no such run id or tag{f' of job {job}' if job else ''} in history {display(self.where)}"
+                )
+            return str(pins["run_id"].iloc[0])
+        if candidate:
+            this = self.run(candidate)
+            runs = self.runs(this["job"])
+            runs = runs[(runs["run_id"] != candidate) & (runs["dataset"] == this["dataset"])]
+            if ref == "previous":
+                runs = runs[runs["started"] < this["started"]]
+            return str(runs["run_id"].iloc[-1]) if len(runs) else None
+        if job is None:
+            jobs = self._query('SELECT DISTINCT "job" FROM "runs" ORDER BY "job"')["job"].tolist()
+            if len(jobs) > 1:
+                raise HarnessError(f"'{ref}': the history holds runs of {', '.join(jobs)}: name one with --job")
+        ids = self.runs(job)["run_id"]
+        chosen = ids.iloc[-1:] if ref == "latest" else ids.iloc[-2:-1]
+        return str(chosen.iloc[0]) if len(chosen) else None
+
+
+def _now() -> str:
+    return pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_runs(runs: pd.DataFrame) -> str:
+    from tabulate import tabulate
+
+    shown = pd.DataFrame(
+        {
+            "run_id": runs["run_id"],
+            "job": runs["job"],
+            "started": runs["started"],
+            "commit": runs["git_commit"].fillna("").str[:10],
+            "dataset": runs["dataset"].map(lambda d: d if len(d) <= 40 else "…" + d[-39:]),
+            "utterances": runs["utterances"],
+            "models": runs["models"],
+            "cpu": runs["cpu"].fillna(""),
+            "tags": runs["tags"],
+        }
+    )
+    return tabulate(shown, headers="keys", tablefmt="github", showindex=False)

@@ -1,0 +1,187 @@
+"""The history: what a run appends, the `history` command, and appends that stay whole under a
+writer killed with SIGKILL and under two writers at once, on a SQLite file and on a PostgreSQL
+server (real processes, no mocks).
+
+One real short run (`nightly_run`, tests/conftest.py) is made; the other run folders are derived
+from its rows and re-scored by the harness (tests/nightly_runs.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.cli import main
+from harness.history import History
+from harness.scoring import UTTERANCE_COLUMNS
+from harness.spec import ThresholdsSpec
+from tests.nightly_runs import derive_run, harness
+
+
+def _plain(value):
+    """A cell as plain Python, so rows from parquet and from the database compare equal."""
+    if isinstance(value, (list, np.ndarray)):
+        return [int(v) for v in value]
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def test_a_run_appends_itself_and_a_first_night_passes(nightly_run):
+    run_dir = nightly_run["run_dir"]
+    assert nightly_run["exit_code"] == 0, nightly_run["stdout"]
+    assert f"history: {run_dir.name} appended to {nightly_run['history']}" in nightly_run["stdout"]
+    assert (
+        "gate: no earlier run of librispeech_tiny_en in the history: nothing to compare with (previous)"
+        in (nightly_run["stdout"])
+    )
+    info = json.loads((run_dir / "run.json").read_text())
+    with History(str(nightly_run["history"]), create=False) as history:
+        run = history.run(run_dir.name)
+        models = history.models(run_dir.name).set_index("target")
+        stored = history.utterances(run_dir.name)
+    assert (run["job"], run["started"], run["git_commit"]) == (
+        "librispeech_tiny_en",
+        info["started"],
+        info["git_commit"],
+    )
+    assert run["cpu"] == info["host"]["cpu"] and run["packages"] == info["packages"]
+    assert run["dataset"].endswith("librispeech-eval limit=6") and run["utterances"] == 6
+    assert run["thresholds"] == asdict(ThresholdsSpec())  # the job's, here its defaults
+    for model in info["models"]:  # the artifact's key and toolchain, from its manifest
+        manifest = json.loads((Path(model["artifact"]) / "manifest.json").read_text())
+        target = model["model"].split("/")[1]
+        assert models.loc[target, "artifact_key"] == manifest["key"] and len(manifest["key"]) == 16
+        assert json.loads(models.loc[target, "toolchain"]) == manifest["toolchain"]
+        assert models.loc[target, "cpu"] == info["host"]["cpu"]
+    summary = pd.read_csv(run_dir / "summary.csv").set_index("target")
+    for col in ("n", "wer", "cer", "exact_match", "p50_ms", "rtfx", "status"):
+        assert models[col].tolist() == summary.loc[models.index, col].tolist(), col
+    written = pd.read_parquet(run_dir / "utterances.parquet")
+    assert len(stored) == len(written) == 12 and list(stored.columns) == UTTERANCE_COLUMNS
+    for col in UTTERANCE_COLUMNS:  # every cell, as written
+        assert [_plain(v) for v in stored[col]] == [_plain(v) for v in written[col]], col
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(map(str, args)))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_history_command_adds_lists_and_pins(nightly_run, tmp_path, monkeypatch):
+    monkeypatch.delenv("HARNESS_HISTORY", raising=False)
+    run_dir, run_id = nightly_run["run_dir"], nightly_run["run_dir"].name
+    second = derive_run(run_dir, tmp_path / "results", 1)
+    store = tmp_path / "h.sqlite"
+    assert _cli("history", "add", run_dir, second, "--history", store)[:2] == (
+        0,
+        f"{run_id}: appended to {store}\n{second.name}: appended to {store}\n",
+    )
+    assert _cli("history", "add", run_dir, "--history", store)[1] == f"{run_id}: already in {store}\n"
+    # without --history: the history in the run's own results root, where `run` appended it
+    assert _cli("history", "add", run_dir)[1] == f"{run_id}: already in {nightly_run['history']}\n"
+    monkeypatch.setenv("HARNESS_HISTORY", str(store))
+    assert _cli("history", "pin", second.name, "--tag", "stable")[1] == f"stable -> {second.name}\n"
+    assert _cli("history", "pin", run_id, "--tag", "stable")[1] == f"stable -> {run_id} (moved from {second.name})\n"
+    code, listed, _ = _cli("history", "--job", "librispeech_tiny_en", "--last", "1")
+    newest = max((run_dir, second), key=lambda d: json.loads((d / "run.json").read_text())["started"])
+    assert code == 0 and [line for line in listed.splitlines() if line.startswith("| 2")] == [
+        line for line in listed.splitlines() if newest.name in line
+    ]
+    everything = _cli("history", "--last", "0")[1].splitlines()
+    rows = {d.name: next(line for line in everything if d.name in line) for d in (run_dir, second)}
+    assert "stable" in rows[run_id] and "stable" not in rows[second.name]
+    for args, message in (
+        (("history", "pin", run_id, "--tag", "latest"), "error: --tag 'latest': expected a name"),
+        (("history", "pin", "20990101-000000-000000", "--tag", "x"), "error: run 20990101-000000-000000: not in"),
+        (("history", "--history", tmp_path / "none.sqlite"), "error: history"),
+        (("history", "add", tmp_path), f"error: {tmp_path}: not a complete run folder (no run.json"),
+    ):
+        code, _, err = _cli(*args)
+        assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
+# The killed writer: a real process appending with the real History, stopped after every row of
+# the run is inserted and before the commit, then killed with SIGKILL.
+WRITER = """
+import sys, time
+from pathlib import Path
+from harness.history import History, read_run
+
+history = History(sys.argv[1])
+insert = history._insert
+
+def insert_then_hang(cur, table, rows):
+    insert(cur, table, rows)
+    if table == "utterances":  # the last table: everything written, nothing committed
+        Path(sys.argv[3]).touch()
+        time.sleep(600)
+
+history._insert = insert_then_hang
+history.add(read_run(Path(sys.argv[2])))
+"""
+
+
+def _counts(store: str, run_id: str) -> tuple[int, int, int]:
+    with History(store) as history:
+        runs = history.runs()
+        return int((runs["run_id"] == run_id).sum()), len(history.models(run_id)), len(history.utterances(run_id))
+
+
+def test_a_killed_writer_leaves_no_trace(store, nightly_run, tmp_path):
+    import subprocess
+
+    killed, later = (derive_run(nightly_run["run_dir"], tmp_path / "results", n) for n in (1, 2))
+    History(store).close()  # the schema exists, as it would on any night but the first
+    marker = tmp_path / "inside-the-transaction"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, store, str(killed), str(marker)], cwd=Path(__file__).parents[1]
+    )
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert writer.poll() is None and time.time() < deadline, "the writer never reached its last insert"
+        time.sleep(0.05)
+    os.kill(writer.pid, signal.SIGKILL)
+    assert writer.wait(timeout=30) == -signal.SIGKILL
+    assert _counts(store, killed.name) == (0, 0, 0)  # nothing of the killed run, not even its runs row
+    if not store.startswith("postgresql"):
+        assert sqlite3.connect(store).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    proc = harness("history", "add", later, killed, "--history", store)  # later appends work, the killed run's too
+    assert proc.returncode == 0 and proc.stdout.count("appended") == 2, proc.stdout + proc.stderr
+    assert _counts(store, later.name) == _counts(store, killed.name) == (1, 2, 12)
+
+
+def test_two_writers_at_once(store, nightly_run, tmp_path):
+    """Two processes append four runs each, the first one the same run: each run is whole and
+    there once, and exactly one process appended the shared run."""
+    results = tmp_path / "results"
+    shared = derive_run(nightly_run["run_dir"], results, 1)
+    mine = [[derive_run(nightly_run["run_dir"], results, 10 * w + n) for n in range(1, 4)] for w in (1, 2)]
+    writers = [harness("history", "add", shared, *dirs, "--history", store, wait=False) for dirs in mine]
+    outputs = [w.communicate(timeout=180) for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], outputs
+    said = [out.splitlines()[0] for out, _ in outputs]
+    assert sorted(said) == sorted([f"{shared.name}: appended to {store}", f"{shared.name}: already in {store}"])
+    for run_dir in (shared, *mine[0], *mine[1]):
+        assert _counts(store, run_dir.name) == (1, 2, 12)
+    with History(store) as history:
+        assert len(history.runs()) == 7
+
+
+@pytest.mark.parametrize("where", ["mysql://host/db", "/"])
+def test_an_unusable_history_is_one_error_line(where):
+    code, _, err = _cli("history", "--history", where)
+    assert code == 2 and err.startswith("error: history ") and err.count("\n") == 1, err
