@@ -179,7 +179,8 @@ def ray_local():
     """One embedded Ray for the session (start-up costs seconds)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # "local": a Ray of its own, never a cluster another process (a test's, a `ray start`) left running
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

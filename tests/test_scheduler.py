@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -53,22 +54,35 @@ def test_a_freed_slot_goes_to_the_model_with_work_left(undisturbed):
     assert (undisturbed.utterances["attempt"] == 0).all()
 
 
+def _model_workers() -> list[int]:
+    """Pids of this session's live ModelWorker processes: children of its raylet (from /proc)."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == raylet and b"ModelWorker" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
 def test_a_worker_killed_mid_shard_costs_only_a_retry(ray_local, undisturbed, models_root, tmp_path):
     """SIGKILL a real worker process once the first shard is in: the rest of its shard is retried on
     a new worker, the retry is recorded, and the results equal the undisturbed run's."""
-    from ray.util.state import list_actors
-
     out, killed = tmp_path / "results", []
 
     def kill_one() -> None:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            if list(out.glob("*/*/raw/*.parquet")):
-                alive = list_actors(filters=[("class_name", "=", "ModelWorker"), ("state", "=", "ALIVE")], detail=True)
-                if alive:
-                    os.kill(alive[0]["pid"], signal.SIGKILL)
-                    killed.append(alive[0]["pid"])
-                    return
+            if list(out.glob("*/*/raw/*.parquet")) and (pids := _model_workers()):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_one)
