@@ -1,7 +1,7 @@
 """A Ray actor that holds one model and transcribes the shards it is handed.
 
 It reads its shard's audio itself (the driver ships only row ranges) and returns raw rows:
-tokens, text, timings and a status. Scoring happens later, on the driver, never here.
+tokens, text, timings, windows and a status. Scoring happens later, on the driver, never here.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Any
 
 from converters.registry import get_target
 from converters.store import load_artifact, verify
-from harness.core.decoding import DecodingOptions, Dims, Prompt, greedy_decode, tokenizer_for
+from harness.core.decoding import DecodingOptions, Dims, Prompt, TooLong, tokenizer_for
 from harness.core.errors import one_line
+from harness.core.longform import transcribe
 from harness.core.status import Status
-from harness.core.target import DEFAULT_THREADS
+from harness.core.target import DEFAULT_THREADS, Unavailable
 from harness.data import Shard, read_shard
 from harness.spec import DatasetSpec
 from harness.timing import cpu_description, prepare_worker_threads, warm_up
@@ -66,7 +67,13 @@ class ModelWorker:
                 rows.append({**row, "status": Status.ERROR.value, "error": utt.error})
                 continue
             try:
-                out = greedy_decode(self.runner, utt.audio, self.setup.dims, self.setup.prompt)
+                out = transcribe(self.runner, utt.audio, self.setup.dims, self.setup.decoding)
+            except TooLong as exc:  # short form never trims: the row says how to enable long form
+                rows.append({**row, "status": Status.ERROR.value, "error": str(exc)})
+                continue
+            except Unavailable as exc:  # an engine that decodes by itself, given a long-form item
+                rows.append({**row, "status": Status.UNAVAILABLE.value, "error": str(exc)})
+                continue
             except Exception as exc:  # one broken utterance must not sink the run: it becomes a row
                 rows.append({**row, "status": Status.ERROR.value, "error": f"decoding failed: {one_line(exc)}"})
                 continue
@@ -79,6 +86,7 @@ class ModelWorker:
                     "encode_ms": out.encode_ms,
                     "decode_ms": out.decode_ms,
                     "n_steps": out.n_steps,
+                    "n_windows": out.n_windows,
                     "status": Status.OK.value,
                     "error": None,
                 }
