@@ -102,8 +102,8 @@ def long_form_decode(runner: Runner, audio: np.ndarray, dims: Dims, options: Dec
     if isinstance(runner, SelfDecodingRunner):
         raise Unavailable(
             f"long form ({audio.size / SAMPLE_RATE:.1f} s) applies whisper's timestamp rules at every step of the "
-            f"shared loop; {type(runner).__name__} decodes by itself and cannot take them, so long-form items "
-            "are not evaluated on it"
+            f"shared loop; {type(runner).__name__} decodes by itself, and nothing holds its own timestamp "
+            "handling to those rules, so its long-form items are not evaluated (its short-form ones are)"
         )
     prompts = window_prompts(dims, options)
     tokenizer = tokenizer_for(dims, options)
