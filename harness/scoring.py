@@ -17,14 +17,16 @@ from rapidfuzz.distance import Levenshtein
 from harness.core.status import Status
 from harness.core.target import REFERENCE
 
-SCHEMA_VERSION = 3  # 2: `cpu`; 3: `status` (a harness.core.status.Status) beside `error` (the reason), `attempt`
+# 2: `cpu`; 3: `status` (a harness.core.status.Status value) beside `error`, the reason, and
+# `attempt`; 4: `n_windows` (30 s windows decoded: 1 in short form, more in long form)
+SCHEMA_VERSION = 4
 
 # The declared schema of utterances.parquet, in column order.
 UTTERANCE_COLUMNS = [
     "run_id", "utt_id", "size", "target", "quant", "ref_text", "hyp_text", "ref_norm", "hyp_norm",
     "hyp_tokens", "reference_tokens", "wer_errors", "substitutions", "deletions", "insertions",
     "ref_words", "cer_errors", "ref_chars", "exact_match", "first_divergence", "token_edit_rate",
-    "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_tokens", "total_ms", "node", "cpu",
+    "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_windows", "n_tokens", "total_ms", "node", "cpu",
     "attempt", "status", "error",
 ]  # fmt: skip
 
@@ -96,5 +98,6 @@ def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
     df["n_tokens"] = pd.array(
         [len(t) if isinstance(t, (list, np.ndarray)) else None for t in df["hyp_tokens"]], dtype="Int64"
     )
+    df["n_windows"] = pd.array(df["n_windows"], dtype="Int64")
     df["total_ms"] = df["frontend_ms"] + df["encode_ms"] + df["decode_ms"]
     return df[UTTERANCE_COLUMNS]

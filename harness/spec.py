@@ -232,6 +232,8 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
     if decoding is not None:
         if decoding.task not in ("transcribe", "translate"):
             errors.append(f"decoding.task: expected 'transcribe' or 'translate', got {quote(decoding.task)}")
+        if isinstance(decoding.long_form, str) and decoding.long_form != "auto":
+            errors.append(f"decoding.long_form: expected auto, true or false, got {quote(decoding.long_form)}")
         if decoding.max_new_tokens is not None and not 0 < decoding.max_new_tokens <= 448:
             errors.append(f"decoding.max_new_tokens: expected 1..448, got {quote(decoding.max_new_tokens)}")
         if decoding.language is not None:
@@ -260,14 +262,15 @@ def _unknown_keys(raw: dict, known: set[str], where: str, errors: list[str]) -> 
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
-    optional = "None" in annotation
+    """Whether a YAML value fits a field annotated as a union of str (a Path reads as one), int, bool, None."""
+    kinds = {kind.strip() for kind in annotation.split("|")}
     if value is None:
-        return optional
-    if "bool" in annotation:
-        return isinstance(value, bool)
-    if "int" in annotation:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, str)
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return "int" in kinds
+    return isinstance(value, str) and bool(kinds & {"str", "Path"})
 
 
 def _simple(cls: type, raw: Any, where: str, errors: list[str]) -> Any:

@@ -4,10 +4,12 @@
   TorchScript profiling passes would otherwise land on the first utterance), and runs with
   `DEFAULT_THREADS` threads (harness.core.target), so workers sharing a machine do not fight
   over cores.
-- Per utterance `harness.core.decoding.greedy_decode` times the front end (log-mel), `encode`
-  and the decoder loop separately; total = their sum.
-- Aggregates: percentiles of per-utterance totals; RTFx = Σ audio seconds / Σ processing seconds;
-  decoder ms/token = Σ decode ms / Σ decoder steps (the EOT step counts: it costs a step).
+- Per utterance `harness.core.longform.transcribe` times the front end (log-mel), `encode`
+  and the decoder loop separately, summed over its 30 s windows in long form; total = their sum.
+- Aggregates: percentiles of per-utterance totals; RTFx = Σ audio seconds / Σ processing seconds
+  over the utterances that decoded, whose audio was decoded whole (short form refuses audio over
+  30 s instead of trimming it); decoder ms/token = Σ decode ms / Σ decoder steps (the EOT step
+  counts: it costs a step).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A Ray actor that holds one model and transcribes the shards it is handed, one row at a time.
 
-It reads its shard's audio itself (the driver ships only row ranges) and streams raw rows back as
-each utterance finishes (a Ray generator), so a worker that dies loses at most the utterance in
+It reads its shard's audio itself (the driver ships only row ranges), transcribes it (long form
+in 30 s windows where the job asks: `harness.core.longform`) and streams raw rows back as each
+utterance finishes (a Ray generator), so a worker that dies loses at most the utterance in
 progress. Scoring happens later, on the driver, never here.
 """
 
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from converters.registry import get_target
-from harness.core.decoding import DecodingOptions, Dims, Prompt, greedy_decode, tokenizer_for
+from harness.core.decoding import DecodingOptions, Dims, Prompt, TooLong, tokenizer_for
 from harness.core.errors import one_line
+from harness.core.longform import transcribe
 from harness.core.status import Status
-from harness.core.target import DEFAULT_THREADS
+from harness.core.target import DEFAULT_THREADS, Unavailable
 from harness.data import Shard, read_shard
 from harness.node_cache import PublishedArtifact, materialise
 from harness.results import row
@@ -80,7 +82,13 @@ class ModelWorker:
                 yield row(cell, utt.utt_id, utt.text, Status.ERROR, utt.error, **where)
                 continue
             try:
-                out = greedy_decode(self.runner, utt.audio, self.setup.dims, self.setup.prompt)
+                out = transcribe(self.runner, utt.audio, self.setup.dims, self.setup.decoding)
+            except TooLong as exc:  # short form never trims: the row says how to enable long form
+                yield row(cell, utt.utt_id, utt.text, Status.ERROR, str(exc), **where)
+                continue
+            except Unavailable as exc:  # an engine that decodes by itself, given a long-form item
+                yield row(cell, utt.utt_id, utt.text, Status.UNAVAILABLE, str(exc), **where)
+                continue
             except Exception as exc:  # one broken utterance must not sink the run: it becomes a row
                 yield row(cell, utt.utt_id, utt.text, Status.ERROR, f"decoding failed: {one_line(exc)}", **where)
                 continue
@@ -96,6 +104,7 @@ class ModelWorker:
                 encode_ms=out.encode_ms,
                 decode_ms=out.decode_ms,
                 n_steps=out.n_steps,
+                n_windows=out.n_windows,
                 **where,
             )
 

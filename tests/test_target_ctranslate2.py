@@ -149,3 +149,17 @@ def test_base_builds_and_matches_the_reference(embedded_utterances, models_root)
         for u in embedded_utterances[: 10 if spec.max_new_tokens is None else 2]:
             ours, theirs = greedy_decode(runner, u.audio, dims, prompt), greedy_decode(reference, u.audio, dims, prompt)
             assert (ours.tokens, ours.n_steps) == (theirs.tokens, theirs.n_steps)
+
+
+def test_long_form_is_refused_with_its_reason(ct2_runners, tiny_dims):
+    """CTranslate2 decodes by itself: a long-form item is an unavailable row, never a trimmed or
+    differently-ruled transcript; a 30 s item stays short form and decodes."""
+    import numpy as np
+
+    from harness.core.audio import N_SAMPLES
+    from harness.core.longform import transcribe
+    from harness.core.target import Unavailable
+
+    with pytest.raises(Unavailable, match=r"long form \(30\.0 s\).*CTranslate2Runner decodes by itself"):
+        transcribe(ct2_runners["fp32"], np.zeros(N_SAMPLES + 1, np.float32), tiny_dims, DecodingOptions())
+    assert transcribe(ct2_runners["fp32"], np.zeros(N_SAMPLES, np.float32), tiny_dims, DecodingOptions()).n_windows == 1

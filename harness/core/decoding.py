@@ -3,9 +3,10 @@
 Step runners implement only numeric steps (`harness.core.target.Runner`), so a difference between
 two models measures the conversion, never the decoding code. An engine that decodes only by
 itself (`SelfDecodingRunner`) is handed the same `Prompt` and applies it; it never re-derives a
-rule. The rules mirror `whisper.decode(model, mel, DecodingOptions(language=...,
-without_timestamps=True, fp16=False))` at temperature 0, and a test holds the reference to that
-token for token.
+rule. Short form (one ≤30 s window) mirrors `whisper.decode(model, mel, DecodingOptions(
+language=..., without_timestamps=True, fp16=False))` at temperature 0, and a test holds the
+reference to that token for token. Long form (`harness.core.longform`) runs the same loop on
+timestamped windows, with whisper's timestamp rules (`harness.core.timestamps`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from harness.core.audio import log_mel
+from harness.core.audio import N_SAMPLES, SAMPLE_RATE, log_mel
+from harness.core.errors import HarnessError
 from harness.core.target import Runner, SelfDecodingRunner
+from harness.core.timestamps import TimestampRules, apply_timestamp_rules
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,14 @@ class DecodingOptions:
 
     language: str | None = "en"
     task: str = "transcribe"
-    max_new_tokens: int | None = None  # None: openai-whisper's default, n_text_ctx // 2
+    max_new_tokens: int | None = None  # None: openai-whisper's default, n_text_ctx // 2 (per window)
+    # true: every item in 30 s windows as whisper.transcribe does (harness.core.longform); false:
+    # one window, and longer audio is an error row (never trimmed); auto: long form past 30 s
+    long_form: bool | str = "auto"
+
+    def long_form_for(self, n_samples: int) -> bool:
+        """Whether audio of `n_samples` is decoded in long form under this job's `long_form`."""
+        return self.long_form is True or (self.long_form == "auto" and n_samples > N_SAMPLES)
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class Prompt:
     suppress_at_begin: tuple[int, ...]  # not as the first sampled token (blank, EOT)
     max_new_tokens: int
     n_ctx: int
+    timestamps: TimestampRules | None = None  # long-form windows: timestamps sampled under whisper's rules
 
     @property
     def step_limit(self) -> int:
@@ -97,17 +108,40 @@ def build_prompt(dims: Dims, options: DecodingOptions | None = None) -> Prompt:
     )
 
 
+class TooLong(HarnessError):
+    """Audio longer than one window in short-form decoding: refused, never trimmed."""
+
+
 @dataclass(frozen=True)
 class Decoded:
-    tokens: tuple[int, ...]  # sampled text tokens: prompt and EOT stripped
+    tokens: tuple[int, ...]  # sampled tokens, prompt and EOT stripped (long form: every kept segment's)
     frontend_ms: float
     encode_ms: float
     decode_ms: float
     n_steps: int  # decoder calls, the EOT step included
+    n_windows: int = 1  # 30 s windows encoded and decoded
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The greedy loop's output on one window."""
+
+    tokens: tuple[int, ...]  # sampled tokens, prompt and EOT stripped
+    n_steps: int  # decoder calls, the EOT step included
+    first_logits: np.ndarray  # the first step's raw logits: the position after the prompt's last token
+    sum_logprob: float  # timestamped prompts: Σ log-probability of each sampled token, EOT included
 
 
 def greedy_decode(runner: Runner, audio: np.ndarray, dims: Dims, prompt: Prompt) -> Decoded:
-    """Transcribe one ≤30 s utterance: front end, `encode`, then the greedy loop (or the engine's own)."""
+    """Transcribe one ≤30 s utterance: front end, `encode`, then the greedy loop (or the engine's own).
+
+    Longer audio raises `TooLong`: Whisper sees 30 s at a time, and trimming would score a
+    transcript of the first 30 s against the whole file's text."""
+    if audio.size > N_SAMPLES:
+        raise TooLong(
+            f"audio is {audio.size / SAMPLE_RATE:.1f} s, longer than the 30 s window of short-form decoding "
+            "(decoding.long_form: false); set decoding.long_form to auto or true to decode it in 30 s windows"
+        )
     t0 = time.perf_counter()
     mel = log_mel(audio, dims.n_mels)
     t1 = time.perf_counter()
@@ -116,24 +150,43 @@ def greedy_decode(runner: Runner, audio: np.ndarray, dims: Dims, prompt: Prompt)
     if isinstance(runner, SelfDecodingRunner):
         text_tokens, steps = runner.generate(features, prompt)
         return Decoded(tuple(text_tokens), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3, steps)
+    out = sample(runner, features, prompt)
+    return Decoded(out.tokens, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3, out.n_steps)
+
+
+def sample(runner: Runner, features: Any, prompt: Prompt) -> Sampled:
+    """The greedy loop on one window's audio features, under `prompt`'s rules, in whisper's order:
+    blank suppression at the first step, the suppressed tokens, then the timestamp rules."""
+    import torch
+    import torch.nn.functional as F
+
     tokens = list(prompt.tokens)
     suppress = np.array(prompt.suppress)
     suppress_at_begin = np.array(prompt.suppress_at_begin)
-    cache = None
+    cache = first_logits = None
     steps = 0
+    # whisper.decoding.GreedyDecoder's float32 sum, read by long form's no-speech rule
+    sum_logprob = np.float32(0.0)
     for _ in range(prompt.step_limit):
-        logits, cache = runner.step(tokens, features, cache)
+        raw, cache = runner.step(tokens, features, cache)
         steps += 1
-        logits = np.array(logits, dtype=np.float32, copy=True)
-        logits[suppress] = -np.inf
+        logits = np.array(raw, dtype=np.float32, copy=True)
+        if first_logits is None:  # kept unmasked; a copy, since a runner may reuse its output buffer
+            first_logits = logits.copy()
         if len(tokens) == len(prompt.tokens):
             logits[suppress_at_begin] = -np.inf
+        logits[suppress] = -np.inf
+        if prompt.timestamps is not None:
+            apply_timestamp_rules(logits, tokens[len(prompt.tokens) :], prompt.timestamps)
         token = int(logits.argmax())
+        if prompt.timestamps is not None:
+            logprob = F.log_softmax(torch.from_numpy(logits)[None], dim=-1)[0, token].item()
+            sum_logprob = np.float32(sum_logprob + np.float32(logprob))
         tokens.append(token)
         if token == prompt.eot:
             break
-    t3 = time.perf_counter()
     text_tokens = tokens[len(prompt.tokens) :]
     if prompt.eot in text_tokens:
         text_tokens = text_tokens[: text_tokens.index(prompt.eot)]
-    return Decoded(tuple(text_tokens), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, steps)
+    assert first_logits is not None, "a prompt leaves no room to sample"
+    return Sampled(tuple(text_tokens), steps, first_logits, float(sum_logprob))
