@@ -34,22 +34,30 @@ def reference_artifact(tiny_checkpoint, models_root):
 
 
 def worker_rows(artifact, options: DecodingOptions) -> list[dict]:
-    """The rows a Ray worker returns for the long-form dataset (the plain class, without Ray)."""
+    """The rows a Ray worker streams for the long-form dataset (the plain class, in this process;
+    its artifact published and fetched as on a node)."""
+    import ray
     import torch
 
+    from harness.node_cache import publish, start_server
+    from harness.spec import ModelCell
     from harness.worker import ModelWorker, WorkerSetup
 
     threads = torch.get_num_threads()
     dims = Dims.of(artifact.manifest["dims"])
+    server = start_server()
     try:
-        setup = WorkerSetup(artifact.path, dims, build_prompt(dims, options), options, DatasetSpec(LONGFORM))
-        return ModelWorker(setup).run_shard(Shard(0, 0, 2))
+        cell = ModelCell("tiny.en", artifact.target, artifact.quant)
+        prompt = build_prompt(dims, options)
+        setup = WorkerSetup(cell, publish(server, artifact), dims, prompt, options, DatasetSpec(LONGFORM))
+        return list(ModelWorker(setup).run_shard(Shard(0, 0, 2)))
     finally:
+        ray.kill(server)
         torch.set_num_threads(threads)  # a worker sets one thread for its process: not for later tests
 
 
 @pytest.fixture(scope="module")
-def reference_rows(reference_artifact):
+def reference_rows(ray_local, reference_artifact):
     """The reference's rows under the default rule (auto: both items are over 30 s)."""
     return worker_rows(reference_artifact, DecodingOptions())
 
@@ -86,7 +94,9 @@ def test_reference_long_form_equals_whisper_transcribe(reference_rows, whisper_t
         assert row["n_steps"] > len(tokens)
 
 
-def test_converted_fp32_target_matches_the_reference_in_long_form(reference_rows, tiny_checkpoint, models_root):
+def test_converted_fp32_target_matches_the_reference_in_long_form(
+    ray_local, reference_rows, tiny_checkpoint, models_root
+):
     from converters.store import ensure
 
     artifact = ensure(tiny_checkpoint, "tiny.en", "torchscript", "fp32", models_root)[0]
@@ -96,7 +106,7 @@ def test_converted_fp32_target_matches_the_reference_in_long_form(reference_rows
     assert [r["n_windows"] for r in rows] == [r["n_windows"] for r in reference_rows]
 
 
-def test_short_form_refuses_audio_over_30_s_as_an_error_row(reference_artifact, reference_rows):
+def test_short_form_refuses_audio_over_30_s_as_an_error_row(ray_local, reference_artifact, reference_rows):
     from harness.scoring import UTTERANCE_COLUMNS, score_rows
     from harness.summary import summarize
 
