@@ -42,20 +42,13 @@ RAW_COLUMNS: dict[str, str] = {
 }  # fmt: skip
 
 
-def row(
-    cell: ModelCell,
-    utt_id: str,
-    ref_text: str,
-    status: Status,
-    reason: str | None = None,
-    **facts: Any,
-) -> dict[str, Any]:
+def row(cell: ModelCell, utt_id: str, text: str, status: Status, reason: str | None = None, **facts: Any) -> dict:
     """One raw row, for a transcript (`facts`: hyp_text, hyp_tokens, timings, node, cpu, attempt)
     or for an utterance without one (`reason`): the one constructor for both."""
     unknown = set(facts) - set(RAW_COLUMNS)
     assert not unknown, f"not raw columns: {unknown}"
     values = {c: None for c in RAW_COLUMNS}
-    values.update(size=cell.size, target=cell.target, quant=cell.quant, utt_id=utt_id, ref_text=ref_text)
+    values.update(size=cell.size, target=cell.target, quant=cell.quant, utt_id=utt_id, ref_text=text)
     values.update({"audio_s": 0.0, "attempt": 0, **facts})
     values.update(status=Status(status).value, error=reason)
     return values
