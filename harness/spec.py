@@ -10,8 +10,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from converters.registry import TARGETS
 
 # every official name; any other size must be a path to an openai-whisper .pt
@@ -19,6 +17,7 @@ from harness.core.checkpoint import OFFICIAL_NAMES
 from harness.core.decoding import DecodingOptions
 from harness.core.errors import HarnessError, clip, did_you_mean, quote, some
 from harness.core.target import REFERENCE
+from harness.job_file import read_job_yaml
 
 # a job name becomes a folder under results/: matched whole, so a trailing newline or "/" cannot slip in
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -151,58 +150,13 @@ class JobSpec:
 # Loading and validation
 
 
-# Job files are a few hundred bytes. PyYAML's pure-Python loader needs seconds and hundreds of MB
-# for a few MB (2 MB: 16 s, 437 MB; 1 MiB: 13 to 40 s here), so a larger file is refused unread.
-MAX_JOB_BYTES = 64 * 1024
 MAX_PROBLEMS = 20  # listed in one error message; the rest are counted
-
-
-class _AnchorRefused(yaml.MarkedYAMLError):
-    pass
-
-
-class _JobLoader(yaml.SafeLoader):
-    """`yaml.safe_load` without anchors and aliases (`&name`, `*name`). A job file never needs to
-    share a node, and refusing them outright ends "billion laughs" files (a few lines whose
-    nested aliases expand to millions of items once anything walks them), where a cap on their
-    number would still let a handful of nested aliases multiply."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            problem = "anchors and aliases (&name, *name) are not allowed in job files; write the value out"
-            raise _AnchorRefused(problem=problem, problem_mark=event.start_mark)
-        return super().compose_node(parent, index)
 
 
 def load_job(path: str | Path) -> JobSpec:
     """Parse and validate a job file; raise one HarnessError listing every problem found."""
     path = Path(path)
-    if not path.is_file():
-        raise HarnessError(f"{path}: no such job file")
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_JOB_BYTES + 1)
-    except OSError as exc:
-        raise HarnessError(f"{path}: cannot be read ({exc.strerror})") from None
-    if len(data) > MAX_JOB_BYTES:
-        raise HarnessError(f"{path}: larger than {MAX_JOB_BYTES // 1024} KiB, the limit for a job file; not parsed")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise HarnessError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
-    try:
-        raw = yaml.load(text, Loader=_JobLoader)  # a SafeLoader, stricter still
-    except _AnchorRefused as exc:
-        raise HarnessError(f"{path}: line {exc.problem_mark.line + 1}: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise HarnessError(f"{path}:{where} is not valid YAML ({clip(str(getattr(exc, 'problem', exc)))})") from None
-    except RecursionError:
-        raise HarnessError(f"{path}: nested too deeply for a job file") from None
-    except ValueError as exc:  # a value YAML reads but Python cannot hold: month 13, an int of 5000 digits
-        raise HarnessError(f"{path}: is not valid YAML ({clip(str(exc))})") from None
+    raw = read_job_yaml(path)
     errors: list[str] = []
     spec = _job_from_dict(raw, path.parent.resolve(), errors)
     _raise(errors, str(path))
