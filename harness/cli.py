@@ -219,7 +219,8 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from harness.history import History, display, format_runs, location, read_run
+    from harness.history import History, display, format_runs, location
+    from harness.run_record import read_run
 
     if args.action == "add":
         for run_dir in args.run_dirs:

@@ -25,7 +25,8 @@ import pandas as pd
 
 from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
-from harness.history import History, display, read_run
+from harness.history import History, display
+from harness.run_record import read_run
 from harness.spec import ThresholdsSpec, thresholds_from_dict
 from harness.summary import paired_bootstrap, wer_delta
 

@@ -19,7 +19,8 @@ from harness.cli import main
 from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
 from harness.gate import compare, latency_drift, latency_ratio, no_worse_share, record_and_gate
-from harness.history import History, read_run
+from harness.history import History
+from harness.run_record import read_run
 from harness.spec import load_job
 from harness.summary import wer_delta
 from tests.nightly_runs import MTK, derive_run, drop_words, failed, harness, of_model, on_cpu, slower, without

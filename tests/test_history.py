@@ -119,7 +119,8 @@ def test_history_command_adds_lists_and_pins(nightly_run, tmp_path, monkeypatch)
 WRITER = """
 import sys, time
 from pathlib import Path
-from harness.history import History, read_run
+from harness.history import History
+from harness.run_record import read_run
 
 history = History(sys.argv[1])
 insert = history._insert
