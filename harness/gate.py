@@ -10,7 +10,7 @@ Per model (size/target/quant), over the utterances both runs decoded:
 - a latency change point over the history: the median p50 of the last N runs against the runs
   before them (`latency_drift`), so a slow drift is caught, not only a one-night jump.
 A model the baseline decoded that the candidate lacks, or could not run, is a regression.
-The limits come from the job's `thresholds:` (`spec.ThresholdsSpec`).
+The limits come from the job's `thresholds:` (`thresholds.ThresholdsSpec`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
 from harness.history import History, display
 from harness.run_record import read_run
-from harness.spec import ThresholdsSpec, thresholds_from_dict
 from harness.summary import paired_bootstrap, wer_delta
+from harness.thresholds import ThresholdsSpec, thresholds_from_dict
 
 MAD_SCALE = 1.4826  # MAD * this estimates a normal distribution's standard deviation
 

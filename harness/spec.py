@@ -6,7 +6,7 @@ Each problem names its YAML path (``models.sizes[1]``) so a user fixes the whole
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,11 @@ from converters.registry import TARGETS
 # every official name; any other size must be a path to an openai-whisper .pt
 from harness.core.checkpoint import OFFICIAL_NAMES
 from harness.core.decoding import DecodingOptions
-from harness.core.errors import HarnessError, clip, did_you_mean, quote, some
+from harness.core.errors import clip, did_you_mean, quote
 from harness.core.target import REFERENCE
 from harness.job_file import read_job_yaml
+from harness.thresholds import ThresholdsSpec, parse_thresholds
+from harness.validation import raise_all, simple, unknown_keys
 
 # a job name becomes a folder under results/: matched whole, so a trailing newline or "/" cannot slip in
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -87,25 +89,6 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
-class ThresholdsSpec:
-    """What the regression gate (`harness/gate.py`) tolerates, per model, candidate vs baseline.
-
-    Word errors of a deterministic decode do not vary from night to night, so a WER interval above
-    the limit is a real change (non-inferiority: the upper end must stay below). Latency does vary
-    with the machine's load, so it regresses only when even the lower end is above the limit.
-    """
-
-    max_wer_delta: float = 0.01  # upper end of ΔWER's 95% paired-bootstrap interval (0.01 = 1 point)
-    min_no_worse_share: float = 0.9  # utterances with no more word errors than in the baseline
-    max_exact_match_drop: float = 0.05  # fall in the share token-identical to the run's own reference
-    max_latency_ratio: float | None = 1.25  # lower end of Σcandidate ms / Σbaseline ms's interval; null: off
-    max_lost_utterances: int = 0  # utterances the baseline decoded and the candidate did not
-    drift_window: int = 5  # latency change point: the last N runs vs the runs before them; 0: off
-    drift_mads: float = 4.0  # ... by more than this many scaled MADs of the earlier runs
-    drift_min_ratio: float = 1.1  # ... and by at least this ratio (a quiet history has a MAD near 0)
-
-
-@dataclass(frozen=True)
 class JobSpec:
     name: str
     dataset: DatasetSpec
@@ -133,13 +116,13 @@ class JobSpec:
             )
             errors: list[str] = []
             _check_dataset(ds, "--dataset", errors)
-            _raise(errors, "--dataset")
+            raise_all(errors, "--dataset")
             spec = replace(spec, dataset=ds)
         if limit is not None:
-            _raise([] if limit > 0 else ["--limit: expected a positive integer"], "command line")
+            raise_all([] if limit > 0 else ["--limit: expected a positive integer"], "command line")
             spec = replace(spec, dataset=replace(spec.dataset, limit=limit))
         if slots is not None:
-            _raise([] if slots > 0 else ["--slots: expected a positive integer"], "command line")
+            raise_all([] if slots > 0 else ["--slots: expected a positive integer"], "command line")
             spec = replace(spec, cluster=replace(spec.cluster, slots=slots))
         if address is not None:
             spec = replace(spec, cluster=replace(spec.cluster, address=address))
@@ -150,23 +133,15 @@ class JobSpec:
 # Loading and validation
 
 
-MAX_PROBLEMS = 20  # listed in one error message; the rest are counted
-
-
 def load_job(path: str | Path) -> JobSpec:
     """Parse and validate a job file; raise one HarnessError listing every problem found."""
     path = Path(path)
     raw = read_job_yaml(path)
     errors: list[str] = []
     spec = _job_from_dict(raw, path.parent.resolve(), errors)
-    _raise(errors, str(path))
+    raise_all(errors, str(path))
     assert spec is not None
     return replace(spec, source_file=path.resolve())
-
-
-def _raise(errors: list[str], where: str) -> None:
-    if errors:
-        raise HarnessError(f"{where}: " + some(errors, MAX_PROBLEMS))
 
 
 _SECTIONS = {"name", "dataset", "models", "decoding", "cluster", "thresholds"}
@@ -176,13 +151,13 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
     if not isinstance(raw, dict):
         errors.append(f"expected a mapping with keys {sorted(_SECTIONS)}, got {type(raw).__name__}")
         return None
-    _unknown_keys(raw, _SECTIONS, "", errors)
+    unknown_keys(raw, _SECTIONS, "", errors)
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         errors.append(f"name: expected a name of at most 100 letters, digits, '.', '_' or '-', got {quote(name)}")
     dataset = _dataset(raw.get("dataset"), base, errors)
     models = _models(raw.get("models", {}), errors)
-    decoding = _simple(DecodingOptions, raw.get("decoding", {}), "decoding", errors)
+    decoding = simple(DecodingOptions, raw.get("decoding", {}), "decoding", errors)
     if decoding is not None:
         if decoding.task not in ("transcribe", "translate"):
             errors.append(f"decoding.task: expected 'transcribe' or 'translate', got {quote(decoding.task)}")
@@ -196,57 +171,16 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
             if decoding.language not in LANGUAGES and decoding.language.lower() not in TO_LANGUAGE_CODE:
                 hint = did_you_mean(decoding.language, LANGUAGES)
                 errors.append(f"decoding.language: unknown language {quote(decoding.language)}{hint}")
-    cluster = _simple(ClusterSpec, raw.get("cluster", {}), "cluster", errors)
+    cluster = simple(ClusterSpec, raw.get("cluster", {}), "cluster", errors)
     if cluster is not None:
         for key in ("slots", "threads", "shard_size", "max_attempts", "stall_timeout_s"):
             value = getattr(cluster, key)
             if value is not None and value < 1:
                 errors.append(f"cluster.{key}: expected a positive integer, got {quote(value)}")
-    thresholds = _thresholds(raw.get("thresholds", {}), "thresholds", errors)
+    thresholds = parse_thresholds(raw.get("thresholds", {}), "thresholds", errors)
     if errors or dataset is None or models is None or decoding is None or cluster is None or thresholds is None:
         return None
     return JobSpec(name=name, dataset=dataset, models=models, decoding=decoding, cluster=cluster, thresholds=thresholds)
-
-
-def _unknown_keys(raw: dict, known: set[str], where: str, errors: list[str]) -> None:
-    for key in raw:
-        if key not in known:
-            hint = did_you_mean(str(key), known)
-            errors.append(f"{where}{clip(str(key), 60)}: unknown key{hint}; expected one of {sorted(known)}")
-
-
-def _type_ok(value: Any, annotation: str) -> bool:
-    """Whether a YAML value fits a field annotated as a union of str (a Path reads as one), int, bool, None."""
-    kinds = {kind.strip() for kind in annotation.split("|")}
-    if value is None:
-        return "None" in kinds
-    if isinstance(value, bool):
-        return "bool" in kinds
-    if isinstance(value, int):
-        return "int" in kinds
-    return isinstance(value, str) and bool(kinds & {"str", "Path"})
-
-
-def _simple(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
-    """Build a flat dataclass of str/int/bool/None fields, type-checking each key."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        errors.append(f"{where}: expected a mapping, got {type(raw).__name__}")
-        return None
-    known = {f.name: f for f in fields(cls)}
-    _unknown_keys(raw, set(known), f"{where}.", errors)
-    kwargs = {}
-    for key, value in raw.items():
-        f = known.get(key)
-        if f is None:
-            continue
-        annotation = str(f.type)
-        if not _type_ok(value, annotation):
-            errors.append(f"{where}.{key}: expected {annotation.replace(' | ', ' or ')}, got {quote(value)}")
-            continue
-        kwargs[key] = value
-    return cls(**kwargs)
 
 
 def _dataset(raw: Any, base: Path, errors: list[str]) -> DatasetSpec | None:
@@ -263,7 +197,7 @@ def _dataset(raw: Any, base: Path, errors: list[str]) -> DatasetSpec | None:
         except (RuntimeError, ValueError, OSError) as exc:  # an unknown ~user, a NUL byte, a symlink loop
             errors.append(f"dataset.path: not a usable folder path {quote(raw['path'])} ({exc})")
             return None
-    spec = _simple(DatasetSpec, raw, "dataset", errors)
+    spec = simple(DatasetSpec, raw, "dataset", errors)
     if spec is None:
         return None
     if spec.path is not None:
@@ -289,7 +223,7 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
     if not isinstance(raw, dict):
         errors.append(f"models: expected a mapping with 'sizes' and 'targets', got {type(raw).__name__}")
         return None
-    _unknown_keys(raw, {"sizes", "targets", "evaluate_failed"}, "models.", errors)
+    unknown_keys(raw, {"sizes", "targets", "evaluate_failed"}, "models.", errors)
     evaluate_failed = raw.get("evaluate_failed", False)
     if not isinstance(evaluate_failed, bool):
         errors.append(f"models.evaluate_failed: expected true or false, got {quote(evaluate_failed)}")
@@ -351,50 +285,3 @@ def _is_file(path: str) -> bool:
         return Path(path).expanduser().is_file()
     except RuntimeError:  # `~user` of an unknown user
         return False
-
-
-# (low, high, whether null turns the check off) for each threshold; every one is a number
-_THRESHOLD_RANGES: dict[str, tuple[float, float, bool]] = {
-    "max_wer_delta": (0.0, 1.0, False),
-    "min_no_worse_share": (0.0, 1.0, False),
-    "max_exact_match_drop": (0.0, 1.0, False),
-    "max_latency_ratio": (1.0, float("inf"), True),
-    "max_lost_utterances": (0, float("inf"), False),
-    "drift_window": (0, 1000, False),
-    "drift_mads": (0.0, float("inf"), False),
-    "drift_min_ratio": (1.0, float("inf"), False),
-}
-
-
-def thresholds_from_dict(raw: Any, source: str) -> ThresholdsSpec:
-    """A `thresholds:` mapping stored with a run (its resolved job) → ThresholdsSpec, or one error
-    naming `source`."""
-    errors: list[str] = []
-    spec = _thresholds(raw, "thresholds", errors)
-    _raise(errors, source)
-    assert spec is not None
-    return spec
-
-
-def _thresholds(raw: Any, where: str, errors: list[str]) -> ThresholdsSpec | None:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        errors.append(f"{where}: expected a mapping, got {type(raw).__name__}")
-        return None
-    before = len(errors)
-    _unknown_keys(raw, set(_THRESHOLD_RANGES), f"{where}.", errors)
-    for key, value in raw.items():
-        if key not in _THRESHOLD_RANGES:
-            continue
-        low, high, nullable = _THRESHOLD_RANGES[key]
-        integral = ThresholdsSpec.__dataclass_fields__[key].type == "int"
-        if value is None and nullable:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
-            kind = "an integer" if integral else "a number" + (" or null" if nullable else "")
-            errors.append(f"{where}.{key}: expected {kind}, got {quote(value)}")
-        elif not low <= value <= high:
-            bounds = f"at least {low}" if high == float("inf") else f"{low}..{high}"
-            errors.append(f"{where}.{key}: expected {bounds}, got {value}")
-    return ThresholdsSpec(**raw) if len(errors) == before else None

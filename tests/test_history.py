@@ -25,7 +25,7 @@ import pytest
 from harness.cli import main
 from harness.history import History
 from harness.scoring import UTTERANCE_COLUMNS
-from harness.spec import ThresholdsSpec
+from harness.thresholds import ThresholdsSpec
 from tests.nightly_runs import derive_run, harness
 
 
