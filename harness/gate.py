@@ -108,12 +108,12 @@ def compare(
         thresholds = thresholds_from_dict(stored, f"run {candidate_id}") if stored else ThresholdsSpec()
     base_models, cand_models = history.models(baseline_id), history.models(candidate_id)
     base_rows, cand_rows = _by_model(history.utterances(baseline_id)), _by_model(history.utterances(candidate_id))
-    cand_status = dict(zip(_keys(cand_models), cand_models["status"], strict=True))
+    cand_status = dict(zip(_keys(cand_models), _status_lines(cand_models), strict=True))
     checks = [
         _check(
             history, candidate, key, base_rows.get(key), cand_rows.get(key), status, cand_status.get(key), thresholds
         )
-        for key, status in zip(_keys(base_models), base_models["status"], strict=True)
+        for key, status in zip(_keys(base_models), _status_lines(base_models), strict=True)
     ]
     checks += [
         ModelCheck("/".join(key), notes=("new: not in the baseline",))
@@ -121,6 +121,12 @@ def compare(
         if key not in set(_keys(base_models))
     ]
     return Comparison(baseline, candidate, tuple(checks))
+
+
+def _status_lines(models: pd.DataFrame) -> list[str]:
+    """Each model's status with its reason, as the summary's notes say it."""
+    reasons = models["reason"] if "reason" in models else [None] * len(models)
+    return [f"{s}: {r}" if isinstance(r, str) and r else str(s) for s, r in zip(models["status"], reasons, strict=True)]
 
 
 def _keys(models: pd.DataFrame) -> list[tuple[str, str, str]]:

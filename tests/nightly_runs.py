@@ -18,14 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.results import RAW_COLUMNS  # what workers return (score_rows derives the rest)
 from harness.scoring import score_rows
 from harness.summary import format_summary, summarize
 
-# what workers return per utterance (score_rows derives the rest)
-RAW_COLUMNS = [
-    "run_id", "utt_id", "size", "target", "quant", "ref_text", "hyp_text", "hyp_tokens", "audio_s",
-    "frontend_ms", "encode_ms", "decode_ms", "n_steps", "node", "cpu", "attempt", "status", "error",
-]  # fmt: skip
 MTK = ("tiny.en", "torchscript-mtk", "fp32")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +46,7 @@ def derive_run(
     rows passed through `change` and scored again; returns the new folder."""
     info = json.loads((source / "run.json").read_text())
     run_id = f"202601{night:02d}-020000-{night:04x}{suffix or 'aa'}"
-    raw = pd.read_parquet(source / "utterances.parquet")[RAW_COLUMNS].assign(run_id=run_id)
+    raw = pd.read_parquet(source / "utterances.parquet")[list(RAW_COLUMNS)].assign(run_id=run_id)
     utts = score_rows(change(raw.copy()))
     facts = pd.read_csv(source / "summary.csv").set_index(["size", "target", "quant"])
     kept = list(dict.fromkeys(zip(utts["size"], utts["target"], utts["quant"], strict=True)))

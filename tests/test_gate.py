@@ -37,7 +37,7 @@ def nights(nightly_run, tmp_path_factory) -> dict[str, Path]:
         "same": derive_run(source, results, 2),
         "degraded": derive_run(source, results, 3, drop_words(4)),
         "missing": derive_run(source, results, 4, without()),
-        "failed": derive_run(source, results, 5, failed("worker failed: RayActorError: The actor died")),
+        "failed": derive_run(source, results, 5, failed("RayActorError: The actor died")),
         "slower": derive_run(source, results, 6, slower(2.0)),
         "other_cpu": derive_run(source, results, 7, lambda raw: on_cpu("Other CPU [avx2]")(slower(2.0)(raw))),
     }
