@@ -187,3 +187,25 @@ def test_long_form_setting_is_validated(tmp_path):
         else:
             with pytest.raises(HarnessError, match=r"decoding\.long_form: expected"):
                 load_job(job)
+
+
+@pytest.mark.slow
+def test_base_reference_long_form_equals_whisper_transcribe(longform_utterances, models_root):
+    """A multilingual size: its SOT sequence ends in language and task tokens, so P(no speech) at
+    SOT takes a decoder call of its own; the tokens must still be whisper's."""
+    import whisper
+
+    from converters.reference import ReferenceRunner
+    from converters.store import ensure
+    from harness.core.checkpoint import load_model, resolve_checkpoint
+    from harness.core.longform import transcribe
+
+    checkpoint = resolve_checkpoint("base")
+    artifact, _ = ensure(checkpoint, "base", "reference", "fp32", models_root)
+    utt = longform_utterances[0]
+    ours = transcribe(ReferenceRunner(artifact), utt.audio, Dims.of(artifact.manifest["dims"]), DecodingOptions())
+    theirs = whisper.transcribe(
+        load_model(checkpoint), utt.audio, temperature=0.0, condition_on_previous_text=True, fp16=False, language="en"
+    )
+    assert list(ours.tokens) == [t for segment in theirs["segments"] for t in segment["tokens"]]
+    assert ours.n_windows > 1
