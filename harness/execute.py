@@ -209,7 +209,7 @@ def _execute(
         for actor in actors:
             ray.kill(actor)
     raw = pd.concat(frames, ignore_index=True)
-    for col in ("hyp_text", "hyp_tokens", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_windows"):
+    for col in ("hyp_text", "hyp_tokens", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_windows", "decoding"):
         if col not in raw:
             raw[col] = None
     return raw

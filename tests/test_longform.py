@@ -84,6 +84,7 @@ def test_reference_long_form_equals_whisper_transcribe(reference_rows, whisper_t
         # one window per seek whisper decoded (none of these windows is silence)
         assert row["n_windows"] == len({segment["seek"] for segment in theirs["segments"]}) > 1
         assert row["n_steps"] > len(tokens)
+        assert row["decoding"] == "long form: whisper.transcribe's 30 s windows, temperature 0 without fallback"
 
 
 def test_converted_fp32_target_matches_the_reference_in_long_form(reference_rows, tiny_checkpoint, models_root):

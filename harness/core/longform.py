@@ -35,6 +35,7 @@ import numpy as np
 
 from harness.core.audio import N_FRAMES, SAMPLE_RATE, WindowedMel
 from harness.core.decoding import (
+    LONG_FORM,
     Decoded,
     DecodingOptions,
     Dims,
@@ -136,4 +137,4 @@ def long_form_decode(runner: Runner, audio: np.ndarray, dims: Dims, options: Dec
             if start != end and tokenizer.decode([t for t in segment if t < rules.eot]).strip():
                 kept.extend(segment)
         seek += split.advance
-    return Decoded(tuple(kept), frontend_s * 1e3, encode_s * 1e3, decode_s * 1e3, steps, windows)
+    return Decoded(tuple(kept), frontend_s * 1e3, encode_s * 1e3, decode_s * 1e3, steps, windows, LONG_FORM)
