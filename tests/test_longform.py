@@ -57,17 +57,22 @@ def reference_rows(reference_artifact):
 @pytest.fixture(scope="module")
 def whisper_transcribed(tiny_checkpoint, longform_utterances):
     """openai-whisper's own `transcribe` at temperature 0: the independent path."""
+    import torch
     import whisper
 
     from harness.core.checkpoint import load_model
 
-    model = load_model(tiny_checkpoint)
-    return {
-        u.utt_id: whisper.transcribe(
-            model, u.audio, temperature=0.0, condition_on_previous_text=True, fp16=False, language="en"
-        )
-        for u in longform_utterances
-    }
+    model, threads = load_model(tiny_checkpoint), torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run: on a busy machine, a second thread mostly waits
+    try:
+        return {
+            u.utt_id: whisper.transcribe(
+                model, u.audio, temperature=0.0, condition_on_previous_text=True, fp16=False, language="en"
+            )
+            for u in longform_utterances
+        }
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_shipped_items_are_long(longform_utterances):
@@ -143,7 +148,7 @@ from harness.core.audio import SAMPLE_RATE, decode_audio
 from harness.core.decoding import DecodingOptions, Dims
 from harness.core.longform import transcribe
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 artifact = load_artifact(pathlib.Path(sys.argv[1]))
 runner, dims = ReferenceRunner(artifact), Dims.of(artifact.manifest["dims"])
 items = [decode_audio(path) for path in sys.argv[2:]]
