@@ -80,7 +80,8 @@ class WindowPrompts:
     def no_speech_prob(self, runner: Runner, features: object, prompt: Prompt, out: Sampled) -> tuple[float, int]:
         """P(<|nospeech|>) at the SOT position of `prompt`, as whisper scores it, and the decoder
         calls it took: none when SOT ends the prompt (English-only models: the first step's
-        logits), else one fresh call on the prompt up to SOT."""
+        logits), else one fresh call on the prompt up to SOT (a causal decoder gives SOT the same
+        logits either way, up to rounding; they only meet the 0.6 threshold)."""
         import torch
 
         sot_index = len(prompt.tokens) - len(self.first.tokens)
