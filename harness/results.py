@@ -36,7 +36,8 @@ RAW = "raw"
 RAW_COLUMNS: dict[str, str] = {
     "size": "string", "target": "string", "quant": "string", "utt_id": "string", "ref_text": "string",
     "audio_s": "float64", "hyp_text": "string", "hyp_tokens": "object", "frontend_ms": "float64",
-    "encode_ms": "float64", "decode_ms": "float64", "n_steps": "Int64", "n_windows": "Int64", "node": "string",
+    "encode_ms": "float64", "decode_ms": "float64", "n_steps": "Int64", "n_windows": "Int64", "decoding": "string",
+    "node": "string",
     "cpu": "string",
     "status": "string", "error": "string", "attempt": "Int64",
 }  # fmt: skip

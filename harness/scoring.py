@@ -18,7 +18,8 @@ from harness.core.status import Status
 from harness.core.target import REFERENCE
 
 # 2: `cpu`; 3: `status` (a harness.core.status.Status value) beside `error`, the reason, and
-# `attempt`; 4: `n_windows` (30 s windows decoded: 1 in short form, more in long form)
+# `attempt`; 4: `n_windows` (30 s windows decoded: 1 in short form) and `decoding` (short or long
+# form, and how)
 SCHEMA_VERSION = 4
 
 # The declared schema of utterances.parquet, in column order.
@@ -26,8 +27,8 @@ UTTERANCE_COLUMNS = [
     "run_id", "utt_id", "size", "target", "quant", "ref_text", "hyp_text", "ref_norm", "hyp_norm",
     "hyp_tokens", "reference_tokens", "wer_errors", "substitutions", "deletions", "insertions",
     "ref_words", "cer_errors", "ref_chars", "exact_match", "first_divergence", "token_edit_rate",
-    "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_windows", "n_tokens", "total_ms", "node", "cpu",
-    "attempt", "status", "error",
+    "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_windows", "n_tokens", "total_ms", "decoding",
+    "node", "cpu", "attempt", "status", "error",
 ]  # fmt: skip
 
 

@@ -105,6 +105,7 @@ class ModelWorker:
                 decode_ms=out.decode_ms,
                 n_steps=out.n_steps,
                 n_windows=out.n_windows,
+                decoding=out.mode,
                 **where,
             )
 

@@ -108,6 +108,12 @@ def build_prompt(dims: Dims, options: DecodingOptions | None = None) -> Prompt:
     )
 
 
+# What a row says of how it was decoded: both forms are greedy, and long form never re-decodes a
+# window at a higher temperature (harness.core.longform says why)
+SHORT_FORM = "short form: one 30 s window, temperature 0"
+LONG_FORM = "long form: whisper.transcribe's 30 s windows, temperature 0 without fallback"
+
+
 class TooLong(HarnessError):
     """Audio longer than one window in short-form decoding: refused, never trimmed."""
 
@@ -120,6 +126,7 @@ class Decoded:
     decode_ms: float
     n_steps: int  # decoder calls, the EOT step included
     n_windows: int = 1  # 30 s windows encoded and decoded
+    mode: str = SHORT_FORM
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import numpy as np
 
 from harness.core.audio import N_FRAMES, SAMPLE_RATE, WindowedMel
 from harness.core.decoding import (
+    LONG_FORM,
     Decoded,
     DecodingOptions,
     Dims,
@@ -79,7 +80,8 @@ class WindowPrompts:
     def no_speech_prob(self, runner: Runner, features: object, prompt: Prompt, out: Sampled) -> tuple[float, int]:
         """P(<|nospeech|>) at the SOT position of `prompt`, as whisper scores it, and the decoder
         calls it took: none when SOT ends the prompt (English-only models: the first step's
-        logits), else one fresh call on the prompt up to SOT."""
+        logits), else one fresh call on the prompt up to SOT (a causal decoder gives SOT the same
+        logits either way, up to rounding; they only meet the 0.6 threshold)."""
         import torch
 
         sot_index = len(prompt.tokens) - len(self.first.tokens)
@@ -136,4 +138,4 @@ def long_form_decode(runner: Runner, audio: np.ndarray, dims: Dims, options: Dec
             if start != end and tokenizer.decode([t for t in segment if t < rules.eot]).strip():
                 kept.extend(segment)
         seek += split.advance
-    return Decoded(tuple(kept), frontend_s * 1e3, encode_s * 1e3, decode_s * 1e3, steps, windows)
+    return Decoded(tuple(kept), frontend_s * 1e3, encode_s * 1e3, decode_s * 1e3, steps, windows, LONG_FORM)
