@@ -155,7 +155,7 @@ def test_bootstrap_interval_and_no_worse_share_by_hand():
     # latency: a 100 → 150 ms, b 300 → 300 ms; Σ 450 / 400; (a, a) 300 / 200; (b, b) 600 / 600
     assert latency_ratio(np.array([150.0, 300.0]), np.array([100.0, 300.0])) == (1.125, 1.0, 1.5)
     # ΔWER: errors 3 vs 1 in 10 words, 1 vs 1 in 20: (4 - 2) / 30; (a, a) (6 - 2) / 20; (b, b) 0 / 40
-    rows = {"utt_id": ["a", "b"], "ref_words": [10, 20], "error": [None, None]}
+    rows = {"utt_id": ["a", "b"], "ref_words": [10, 20], "status": ["ok", "ok"]}
     delta = wer_delta(pd.DataFrame({**rows, "wer_errors": [3, 1]}), pd.DataFrame({**rows, "wer_errors": [1, 1]}))
     assert delta == pytest.approx((2 / 30, 0.0, 0.2))
     # no worse: 2 ≤ 2, 1 ≤ 2, 3 > 1, 0 ≤ 0
