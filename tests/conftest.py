@@ -174,15 +174,17 @@ def whisper_decoded(tiny_checkpoint, embedded_utterances, tiny_dims):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One embedded Ray for the session (start-up costs seconds)."""
+    """The embedded Ray of the tests, started on first use (start-up costs seconds) and kept; a
+    module that needs a cluster of its own (test_node_cache) shuts it down, and the next module
+    that asks starts it again."""
     import ray
 
-    # "local": a Ray of its own, never a cluster another process (a test's, a `ray start`) left running
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        # "local": a Ray of its own, never a cluster another process (a test's, a `ray start`) left running
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
 
 
 @pytest.fixture(scope="session")

@@ -80,6 +80,7 @@ def node(tmp_path_factory, models_root, tiny_checkpoint, tiny_artifacts):
         },
     )
     cluster.wait_for_nodes()
+    ray.shutdown()  # the other tests' embedded Ray, if a module before this one started it
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     yield node
     ray.shutdown()
