@@ -174,11 +174,10 @@ def whisper_decoded(tiny_checkpoint, embedded_utterances, tiny_dims):
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_local():
+def embedded_ray():
     """The embedded Ray of the tests, started on first use (start-up costs seconds) and kept; a
-    module that needs a cluster of its own (test_node_cache) shuts it down, and the next module
-    that asks starts it again."""
+    module that needs a cluster of its own (test_node_cache) shuts it down, and the next test that
+    asks starts it again."""
     import ray
 
     if not ray.is_initialized():
@@ -187,8 +186,13 @@ def ray_local():
     return ray
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    return embedded_ray()
+
+
 @pytest.fixture(scope="session")
-def nightly_run(ray_local, tiny_artifacts, models_root, tmp_path_factory):
+def nightly_run(tiny_artifacts, models_root, tmp_path_factory):
     """One real short run (tiny.en reference and torchscript-mtk, 6 utterances) through the command
     line, as a first night: `run --baseline previous` on an empty history. Its folder is the source
     of the history and gate tests' runs (tests/nightly_runs.py)."""
@@ -197,6 +201,7 @@ def nightly_run(ray_local, tiny_artifacts, models_root, tmp_path_factory):
 
     from harness.cli import main
 
+    embedded_ray()  # the run joins it (run_job starts its own only when none runs in this process)
     out = tmp_path_factory.mktemp("nightly")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
