@@ -100,12 +100,7 @@ class ModelWorker:
                 audio_s=utt.audio_s,
                 hyp_tokens=list(out.tokens),
                 hyp_text=self.tokenizer.decode(list(out.tokens)).strip(),
-                frontend_ms=out.frontend_ms,
-                encode_ms=out.encode_ms,
-                decode_ms=out.decode_ms,
-                n_steps=out.n_steps,
-                n_windows=out.n_windows,
-                decoding=out.mode,
+                **out.costs(),
                 **where,
             )
 

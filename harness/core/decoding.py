@@ -128,6 +128,17 @@ class Decoded:
     n_windows: int = 1  # 30 s windows encoded and decoded
     mode: str = SHORT_FORM
 
+    def costs(self) -> dict[str, float | int | str]:
+        """What a result row records of how the transcript was made (the raw row's columns)."""
+        return {
+            "frontend_ms": self.frontend_ms,
+            "encode_ms": self.encode_ms,
+            "decode_ms": self.decode_ms,
+            "n_steps": self.n_steps,
+            "n_windows": self.n_windows,
+            "decoding": self.mode,
+        }
+
 
 @dataclass(frozen=True)
 class Sampled:
