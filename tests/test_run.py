@@ -162,8 +162,14 @@ def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
     from harness import execute
     from harness.core.status import Status
     from harness.core.target import Artifact
+    from harness.node_cache import cache_root
     from harness.spec import ClusterSpec, DatasetSpec, JobSpec, ModelsSpec
     from tests.conftest import broken_copy
+
+    # a node that already holds a verified copy of the key rightly never fetches the broken one:
+    # this node's copy goes, so the worker must fetch the driver's (broken) files
+    for cached in cache_root().glob(f"{tiny_artifacts['torchscript-mtk'].manifest['key']}*"):
+        shutil.rmtree(cached)
 
     def prepare_then_break(*args, **kwargs):
         prepared = real(*args, **kwargs)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from converters import parity
+from converters.registry import get_target
 from converters.store import MANIFEST, ensure, load_artifact
 from harness.core.decoding import DecodingOptions, build_prompt, greedy_decode
 from tests.conftest import broken_copy, check_unavailable_without, with_noise
@@ -101,7 +102,10 @@ def test_perturbed_weights_fail_the_gate(hf_artifact, parity_of, tmp_path):
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     manifest = json.loads((broken / MANIFEST).read_text())
     numbers = parity_of(Runner(load_artifact(broken)))
-    assert any("logits max abs err" in f for f in parity.gate(manifest["target"], manifest["quant"], numbers))
+    assert any(
+        "logits max abs err" in f
+        for f in parity.gate(get_target(manifest["target"]).tolerance(manifest["quant"]), numbers)
+    )
 
 
 def test_missing_transformers_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
