@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from converters.registry import get_target
 from harness.core.checkpoint import Checkpoint, load_model
 from harness.core.decoding import Dims, build_prompt
 from harness.core.errors import HarnessError, one_line, quote, some
+from harness.core.files import write_atomic
 from harness.core.hashing import file_sha256
 from harness.core.status import Status
 from harness.core.target import REFERENCE, Artifact, CalibrationSource, Refused, Target, Unavailable
@@ -170,12 +170,12 @@ def _build_into(
     except BaseException as exc:
         if isinstance(exc, Refused):
             record = {"key": key, "reason": str(exc), **recipe}
-            _write_atomic(refusal_path(final), json.dumps(record, indent=2, sort_keys=True))
+            write_atomic(refusal_path(final), lambda tmp: tmp.write_text(json.dumps(record, indent=2, sort_keys=True)))
         # the one thing worth keeping from a build the toolchain ran and lost (a missing toolchain's
         # Unavailable says all in its message, and is no failure to investigate)
         toolchain_ran = isinstance(exc, Refused) or (isinstance(exc, Exception) and not isinstance(exc, Unavailable))
         if toolchain_ran and (tmp / BUILD_LOG).is_file():
-            os.replace(tmp / BUILD_LOG, failed_log)  # a rename within one folder: whole, like _write_atomic
+            os.replace(tmp / BUILD_LOG, failed_log)  # a rename within one folder: whole, like write_atomic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     failed_log.unlink(missing_ok=True)
@@ -223,20 +223,6 @@ def _sweep(final: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: a temporary `.<name>.<random>` beside it, then a rename, so
-    a reader never sees half a file; a killed writer leaves only the temporary, which `_sweep` (or
-    the build folder's own removal) deletes."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    try:
-        with tmp.open("x") as f:  # created with the umask's permissions, as a plain write would be
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -355,4 +341,4 @@ def _build(
         manifest["parity_failures"] = parity.gate(target.tolerance(quant), manifest["parity"])
     manifest["status"] = str(Status.FAILED if manifest.get("parity_failures") else Status.OK)
     manifest["build_s"] = round(time.time() - started, 2)
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    write_atomic(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True)))

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from harness.core.errors import HarnessError
+from harness.core.files import write_atomic
 from harness.core.hashing import file_sha256
 from harness.core.status import Status
 from harness.spec import DatasetSpec, JobSpec, ModelCell
@@ -62,15 +63,11 @@ def raw_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
 class RunState(str, Enum):

@@ -19,7 +19,6 @@ import json
 import os
 import pickle
 import socket
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from whisper.model import ModelDimensions, Whisper
 
 from harness.core import ct2_model_bin
 from harness.core.errors import HarnessError, did_you_mean, one_line
+from harness.core.files import write_atomic
 from harness.core.hashing import file_sha256, tensor_sha256
 
 OFFICIAL_NAMES: tuple[str, ...] = tuple(whisper._MODELS)
@@ -281,16 +281,7 @@ def _read_resource(module: str, resource: str) -> bytes:
 def _atomic_save(payload: dict, target: Path) -> None:
     # A crash mid-write must not leave a truncated file that later looks like a cache hit.
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        # mkstemp creates 0600; the cache is as shareable as any file torch.save writes.
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, lambda tmp: torch.save(payload, tmp))
 
 
 def _alignment_heads_dump(pairs: list[list[int]], dims: ModelDimensions) -> bytes:
