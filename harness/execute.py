@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import pandas as pd
 from converters.matrix import prepare_cells
 from converters.registry import get_target
 from converters.store import Prepared
+from harness.cluster import connect
 from harness.core.decoding import Dims, build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
@@ -34,12 +34,10 @@ from harness.node_cache import publish, start_server
 from harness.results import RunDir, RunState, fingerprint, raw_frame, row, write_json_atomic, write_parquet_atomic
 from harness.scheduler import Scheduler, SchedulerOptions, Work
 from harness.scoring import SCHEMA_VERSION, score_rows
-from harness.spec import ClusterSpec, JobSpec, ModelCell
+from harness.spec import JobSpec, ModelCell
 from harness.summary import format_summary, summarize
 from harness.timing import cpu_description
 from harness.worker import WorkerSetup
-
-CONNECT_TIMEOUT_S = 10.0  # an address that does not answer by then is unreachable
 
 
 @dataclass(frozen=True)
@@ -88,28 +86,6 @@ def prepare_models(spec: JobSpec, models_root: Path, log=print) -> list[Prepared
     return prepared
 
 
-def connect(cluster: ClusterSpec) -> None:
-    """Join the job's Ray cluster, or start an embedded one bound to loopback; an address that does
-    not answer is one line within seconds (ray.init would retry for minutes)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cluster.address is None:
-        # "local": a cluster of its own, never one another process started on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-        return
-    host, _, port = cluster.address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except (OSError, ValueError) as exc:
-        raise HarnessError(
-            f"cluster.address {cluster.address!r}: cannot reach a Ray cluster there ({one_line(exc)}); "
-            "start one with `ray start --head` or fix the address"
-        ) from None
-    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-
-
 def run_job(
     spec: JobSpec, out_root: Path, models_root: Path, progress: bool = True, log=print, resume: str | None = None
 ) -> RunResult:
@@ -118,7 +94,7 @@ def run_job(
     dataset = check_dataset(spec.dataset)
     if dataset.unreadable:
         log(f"dataset {spec.dataset.label}: {dataset.note}")
-    connect(spec.cluster)
+    connect(spec.cluster, log)
     prepared = prepare_models(spec, models_root, log=log)
     keys = {p.cell.label: p.prepared.artifact.manifest.get("key") if p.prepared.artifact else None for p in prepared}
     marks = fingerprint(spec, dataset.n_rows, keys)
