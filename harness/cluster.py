@@ -9,13 +9,14 @@ cluster at an address that is checked before anything is built.
   A token found on this machine is used as `ray start` uses it for a joining node. A cluster that
   refuses the token (or its absence) is one line naming the fix. A cluster that also admits
   clients without a token is joined with a warning that names the risk: anyone who can reach its
-  ports can run code on its nodes. That is learnt by trying, in a second process, to join with
-  authentication off.
+  ports can run code on its nodes. That is learnt first, by trying to join without a token in a
+  second process, because the driver must then join in the cluster's mode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import socket
 import subprocess
@@ -26,9 +27,13 @@ from harness.core.errors import HarnessError, one_line
 from harness.spec import ClusterSpec
 
 CONNECT_TIMEOUT_S = 10.0  # an address that does not answer by then is unreachable
-AUTH_PROBE_S = 15.0  # the probe's answer, either way, well within this (Python and Ray start, 3 tries)
+AUTH_PROBE_S = 45.0  # the probe answers within seconds (Python and Ray start, 3 tries); on a loaded machine, more
 SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": node address 127.0.0.1, servers on loopback
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+TOKEN_HINT = (
+    "give it the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; "
+    "`ray get-auth-token` on the head prints it)"
+)
 NO_AUTH_WARNING = (
     "warning: the Ray cluster at {address} admits clients without token authentication: anyone who "
     "can reach its ports can run code on its nodes and read their data; restart it with "
@@ -59,6 +64,7 @@ def connect(cluster: ClusterSpec, log: Callable[[str], None] = print) -> None:
 def _join(address: str, log: Callable[[str], None]) -> None:
     import ray
     from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
@@ -68,46 +74,63 @@ def _join(address: str, log: Callable[[str], None]) -> None:
             f"cluster.address {address!r}: cannot reach a Ray cluster there ({one_line(exc)}); "
             "start one with `ray start --head` or fix the address"
         ) from None
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    probe = _join_without_token(address)
+    # The client's mode must be the cluster's: a driver in token mode on a cluster without it
+    # cannot start actors there. So first learn whether the cluster admits a client without one.
+    probe = _probe(address)
+    if probe == ProbeResult.ADMITTED:
+        os.environ[AUTH_MODE_ENV] = "disabled"
+        log(NO_AUTH_WARNING.format(address=address))
+    else:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # as `ray start` does on a node
+        if probe == ProbeResult.REFUSED and not is_token_auth_enabled():
+            raise HarnessError(
+                f"cluster.address {address!r}: the cluster requires token authentication and this machine "
+                f"has no token: {TOKEN_HINT}"
+            )
     try:
         with _stderr_muted():  # Ray's core logs each refused try there; what went wrong is said once, below
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     except Exception as exc:
         if _refused_for_auth(exc):
             raise HarnessError(
-                f"cluster.address {address!r}: the cluster refused this client's token authentication; "
-                "set RAY_AUTH_MODE=token and give it the cluster's token (RAY_AUTH_TOKEN, "
-                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+                f"cluster.address {address!r}: the cluster refused this machine's token: {TOKEN_HINT}"
             ) from None
         raise HarnessError(f"cluster.address {address!r}: could not join ({one_line(exc)})") from None
-    finally:
-        admitted = _wait(probe)
-    if admitted:
-        log(NO_AUTH_WARNING.format(address=address))
 
 
-def _join_without_token(address: str) -> subprocess.Popen[bytes]:
-    """A second process that tries to join `address` with authentication off and exits 0 if it could."""
+class ProbeResult(enum.IntEnum):
+    """How a client without a token fared (the probe process's exit code)."""
+
+    ADMITTED = 0
+    REFUSED = 3  # the cluster asked for a token
+    FAILED = 4  # something else went wrong: not known
+
+
+def _probe(address: str) -> ProbeResult:
+    """Try to join `address` without a token, in a second process (a process joins Ray once)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
     # a refused client is retried once a second for 20 s by default: 3 tries tell
     env |= {AUTH_MODE_ENV: "disabled", "RAY_gcs_server_port_wait_time_s": "3"}
-    code = (
-        "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False); ray.shutdown()"
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", code, address], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-def _wait(probe: subprocess.Popen[bytes]) -> bool:
-    """Whether the probe joined (no answer within AUTH_PROBE_S: not known, so no warning)."""
+    code = "import sys; from harness.cluster import probe_main; sys.exit(probe_main(sys.argv[1]))"
     try:
-        return probe.wait(timeout=AUTH_PROBE_S) == 0
+        done = subprocess.run(
+            [sys.executable, "-c", code, address], env=env, capture_output=True, timeout=AUTH_PROBE_S, check=False
+        )
     except subprocess.TimeoutExpired:
-        probe.kill()
-        probe.wait()
-        return False
+        return ProbeResult.FAILED
+    return ProbeResult(done.returncode) if done.returncode in set(ProbeResult) else ProbeResult.FAILED
+
+
+def probe_main(address: str) -> int:
+    """The probe process: join `address` as the environment says, and exit with a `ProbeResult`."""
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except Exception as exc:
+        return ProbeResult.REFUSED if _refused_for_auth(exc) else ProbeResult.FAILED
+    ray.shutdown()
+    return ProbeResult.ADMITTED
 
 
 def _refused_for_auth(exc: BaseException) -> bool:

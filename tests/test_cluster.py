@@ -70,3 +70,49 @@ def test_mediatek_work_goes_to_the_node_advertising_the_board(tiny_artifacts, mo
         assert utts["error"].isna().all()
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_a_node_removed_mid_run_costs_only_retries(
+    tiny_artifacts, models_root, reference_tokens, embedded_utterances, tmp_path
+):
+    """Two worker nodes (the head offers no CPU: it holds the driver's artifact server); once the
+    first shard is in, one node is removed, raylet and workers with it. Its shards are retried on
+    the other node: exactly one row per (model, utterance), the retries recorded, the tokens those
+    of an undisturbed decode."""
+    import json
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    out, limit = tmp_path / "results", 8
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "harness", "run", str(ROOT / "jobs" / "librispeech_tiny_en.yaml"), "--limit",
+             str(limit), "--address", cluster.address, "--out", str(out), "--models", str(models_root),
+             "--no-progress"],
+            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 600
+        while not list(out.glob("*/*/raw/*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        cluster.remove_node(nodes[1], allow_graceful=False)
+        _, err = proc.communicate(timeout=900)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 0, err[-3000:]
+    (run_dir,) = (out / "librispeech_tiny_en").iterdir()
+    utts = pd.read_parquet(run_dir / "utterances.parquet")
+    assert len(utts) == 2 * limit and not utts.duplicated(["target", "utt_id"]).any()
+    assert (utts["status"] == "ok").all() and (utts["attempt"] >= 1).any()
+    assert {n.split("/")[1] for n in utts.loc[utts["attempt"] >= 1, "node"]} == {nodes[0].node_id[:8]}
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["failures"] and all(f["node"].endswith(nodes[1].node_id[:8]) for f in info["failures"])
+    expected = {u.utt_id: list(reference_tokens(u)) for u in embedded_utterances[:limit]}
+    for target, group in utts.groupby("target"):
+        got = {r.utt_id: list(r.hyp_tokens) for r in group.itertuples()}
+        assert got == expected, target  # tiny.en fp32 torchscript-mtk decodes as the reference on these
