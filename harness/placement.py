@@ -116,7 +116,8 @@ class Nodes:
         node.failures += 1
         if node.failures >= NODE_FAILURES_TO_SET_ASIDE and not node.set_aside:
             node.set_aside = True
-            self.log(f"node {node.host}: set aside for the rest of the run after {node.failures} worker deaths")
+            name = f"{node.host}/{node.node_id[:8]}"
+            self.log(f"node {name}: set aside for the rest of the run after {node.failures} worker deaths")
         return node.host
 
     def host(self, node_id: str) -> str:

@@ -269,7 +269,7 @@ class Scheduler:
         """A worker process (or its node) died: its shard's remaining utterances go back in the queue."""
         label, reason = worker.work.cell.label, worker_error(exc)
         host = self.nodes.failed(worker.node_id)
-        self.failures.append({"model": label, "node": host, "reason": reason, "at": _now()})
+        self.failures.append({"model": label, "node": host, "node_id": worker.node_id, "reason": reason, "at": _now()})
         task = worker.task
         self._end(actor)
         if task is None:  # died while loading: the model may still load elsewhere
