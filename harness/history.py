@@ -19,7 +19,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,35 @@ class History:
         if found != str(SCHEMA):
             self.close()
             raise HarnessError(f"history {display(self.where)}: schema {found}, this harness writes schema {SCHEMA}")
+        self._add_new_columns()
+
+    def _add_new_columns(self) -> None:
+        """Add the columns a newer harness declares and this store lacks (older runs: NULL there).
+        An added column is not a new schema: every reader of the old columns reads them as before."""
+        if not self._missing_columns(self._query):
+            return
+        with self._transaction() as cur:
+            if self.postgres:
+                cur.execute("SELECT pg_advisory_xact_lock(7246168)")
+
+            def query(sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:  # under the lock: checked again
+                cur.execute(self._sql(sql), tuple(params))
+                return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description], dtype=object)
+
+            for table, column in self._missing_columns(query):
+                kind = TABLES[table][column]
+                cur.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {"TEXT" if kind == JSON else kind}')
+
+    def _missing_columns(self, query: Callable[..., pd.DataFrame]) -> list[tuple[str, str]]:
+        missing = []
+        for table, columns in TABLES.items():
+            if self.postgres:
+                sql = "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+                have = set(query(sql + "AND table_name = ?", (table,))["column_name"])
+            else:
+                have = set(query("SELECT name FROM pragma_table_info(?)", (table,))["name"])
+            missing += [(table, c) for c in columns if c not in have]
+        return missing
 
     def _has_schema(self) -> bool:
         if self.postgres:  # pg_tables, read with this statement's snapshot: to_regclass may answer from

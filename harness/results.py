@@ -39,7 +39,7 @@ RAW_COLUMNS: dict[str, str] = {
     "audio_s": "float64", "hyp_text": "string", "hyp_tokens": "object", "frontend_ms": "float64",
     "encode_ms": "float64", "decode_ms": "float64", "n_steps": "Int64", "n_windows": "Int64", "decoding": "string",
     "node": "string",
-    "cpu": "string",
+    "cpu": "string", "runtime": "string",
     "status": "string", "error": "string", "attempt": "Int64",
 }  # fmt: skip
 

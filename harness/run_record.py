@@ -33,7 +33,7 @@ MODEL_COLUMNS = {
 }  # fmt: skip
 _UTTERANCE_TYPES = {
     **dict.fromkeys(("run_id", "utt_id", "size", "target", "quant", "ref_text", "hyp_text", "ref_norm",
-                     "hyp_norm", "node", "cpu", "status", "error", "decoding"), TEXT),
+                     "hyp_norm", "node", "cpu", "runtime", "status", "error", "decoding"), TEXT),
     **dict.fromkeys(("hyp_tokens", "reference_tokens"), JSON),
     **dict.fromkeys(("wer_errors", "substitutions", "deletions", "insertions", "ref_words", "cer_errors",
                      "ref_chars", "first_divergence", "n_steps", "n_windows", "n_tokens", "attempt"), INT),

@@ -19,8 +19,8 @@ from harness.core.target import REFERENCE
 
 # 2: `cpu`; 3: `status` (a harness.core.status.Status value) beside `error`, the reason, and
 # `attempt`; 4: `n_windows` (30 s windows decoded: 1 in short form) and `decoding` (short or long
-# form, and how)
-SCHEMA_VERSION = 4
+# form, and how); 5: `runtime` per row (what executed it: a board's NPU, a CPU interpreter, …)
+SCHEMA_VERSION = 5
 
 # The declared schema of utterances.parquet, in column order.
 UTTERANCE_COLUMNS = [
@@ -28,7 +28,7 @@ UTTERANCE_COLUMNS = [
     "hyp_tokens", "reference_tokens", "wer_errors", "substitutions", "deletions", "insertions",
     "ref_words", "cer_errors", "ref_chars", "exact_match", "first_divergence", "token_edit_rate",
     "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_windows", "n_tokens", "total_ms", "decoding",
-    "node", "cpu", "attempt", "status", "error",
+    "node", "cpu", "runtime", "attempt", "status", "error",
 ]  # fmt: skip
 
 

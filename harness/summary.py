@@ -53,8 +53,9 @@ def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tu
 def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | None = None) -> pd.DataFrame:
     """One row per (size, target, quant) over the utterances table.
 
-    `models` adds facts from each artifact's manifest: `runtime` (what executed it, e.g. a CPU
-    emulation of an NPU) and `artifact_mb`; its order is the order of the rows (the job's).
+    `models` adds facts from each artifact's manifest: `runtime` (what executes it, e.g. a CPU
+    emulation of an NPU; the rows' own `runtime`, where workers said, comes first) and
+    `artifact_mb`; its order is the order of the rows (the job's).
     `status` is "ok", or the status of the utterances without a transcript, and `reason` why.
     """
     rows = []
@@ -91,7 +92,7 @@ def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | Non
                 "enc_p50_ms": _pct(ok["encode_ms"].astype(float), 50),
                 "dec_ms_per_tok": float(ok["decode_ms"].sum() / ok["n_steps"].sum()) if len(ok) else float("nan"),
                 "rtfx": rtfx(float(ok["audio_s"].sum()), float(total.sum())),
-                "runtime": (models or {}).get((size, target, quant), {}).get("runtime", ""),
+                "runtime": _runtime(ok, (models or {}).get((size, target, quant), {}).get("runtime", "")),
                 "artifact_mb": (models or {}).get((size, target, quant), {}).get("artifact_mb", float("nan")),
                 **_status(g[g["status"] != Status.OK]),
             }
@@ -103,6 +104,12 @@ def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | Non
         rank = [order.get(key, len(order)) for key in keys]
         summary = summary.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
     return summary
+
+
+def _runtime(ok: pd.DataFrame, label: str) -> str:
+    """What executed a model's rows (each worker says, e.g. a board's NPU), else its artifact's label."""
+    seen = sorted(ok["runtime"].dropna().unique()) if "runtime" in ok else []
+    return " + ".join(seen) or label
 
 
 def _status(failed: pd.DataFrame) -> dict[str, str]:

@@ -60,7 +60,9 @@ class ModelWorker:
         prepare_worker_threads(setup.threads)
         artifact = materialise(setup.artifact)  # into this node's cache, or reused there: checksums checked
         self.setup = setup
-        self.runner = get_target(artifact.target).runner(artifact, setup.threads)
+        target = get_target(artifact.target)
+        self.runner = target.runner(artifact, setup.threads)
+        self.runtime = self.runner.runtime or artifact.manifest.get("runtime") or target.runtime
         self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
         self.node = f"{socket.gethostname()}/{_ray_node_id()[:8]}"
         self.cpu = cpu_description()
@@ -76,7 +78,8 @@ class ModelWorker:
 
     def run_shard(self, shard: Shard, skip: int = 0, attempt: int = 0) -> Iterator[dict[str, Any]]:
         """One row per utterance of `shard`, after the first `skip` (a retry's rows already in)."""
-        cell, where = self.setup.cell, {"node": self.node, "cpu": self.cpu, "attempt": attempt}
+        cell = self.setup.cell
+        where = {"node": self.node, "cpu": self.cpu, "runtime": self.runtime, "attempt": attempt}
         for utt in read_shard(self.setup.dataset, Shard(shard.index, shard.start + skip, shard.stop)):
             if utt.audio is None:
                 yield row(cell, utt.utt_id, utt.text, Status.ERROR, utt.error, **where)

@@ -24,6 +24,7 @@ import pytest
 
 from harness.cli import main
 from harness.history import History
+from harness.run_record import read_run
 from harness.scoring import UTTERANCE_COLUMNS
 from harness.thresholds import ThresholdsSpec
 from tests.nightly_runs import derive_run, harness
@@ -121,6 +122,7 @@ import sys, time
 from pathlib import Path
 from harness.history import History
 from harness.run_record import read_run
+from harness.run_record import read_run
 
 history = History(sys.argv[1])
 insert = history._insert
@@ -186,3 +188,17 @@ def test_two_writers_at_once(store, nightly_run, tmp_path):
 def test_an_unusable_history_is_one_error_line(where):
     code, _, err = _cli("history", "--history", where)
     assert code == 2 and err.startswith("error: history ") and err.count("\n") == 1, err
+
+
+def test_a_store_from_before_a_new_column_gets_it_and_keeps_its_runs(store, nightly_run):
+    """A column a newer harness declares (here `runtime`, schema 5 of utterances.parquet) is added
+    to an existing store; the runs already there read back with it empty."""
+    run_dir = nightly_run["run_dir"]
+    with History(store) as history:
+        history.add(read_run(run_dir))
+        history._conn.execute('ALTER TABLE "utterances" DROP COLUMN "runtime"')  # as a store of schema 4 had it
+        history._conn.execute('ALTER TABLE "models" DROP COLUMN "runtime"')
+    with History(store) as history:
+        old = history.utterances(run_dir.name)
+        assert old["runtime"].isna().all() and len(old) == 12
+        assert history.models(run_dir.name)["runtime"].isna().all()

@@ -82,6 +82,10 @@ class Runner(ABC):
 
     One sequence at a time: a `None` cache starts a new one."""
 
+    # what executes the artifact, where the runner chooses when it loads (a board's NPU, or the
+    # CPU); None: the artifact's own label (its manifest's `runtime`, else the target's)
+    runtime: str | None = None
+
     @abstractmethod
     def encode(self, mel: np.ndarray) -> Any:
         """mel float32 [1, n_mels, N_FRAMES] → audio features, in whatever form `step` takes."""
