@@ -123,6 +123,54 @@ class Graph:
         return {n: self.from_tensor(n, self.interpreter.get_tensor(i)) for n, i in self.outputs.items()}
 
 
+class CompiledGraph:
+    """One .tflite file on LiteRT's CompiledModel API, the API that reaches a board's NPU (through
+    the vendor's dispatch library) and also runs on the CPU, with `Graph`'s interface.
+
+    Inputs live in host arrays; an input changed since the last run (a cache row written, say) is
+    copied into its TensorBuffer before the next. Float I/O only: the MediaTek form's quantizations
+    keep float activations at the graph's edges.
+    """
+
+    def __init__(self, path: Path, accelerators: Any, threads: int = DEFAULT_THREADS, environment: Any = None) -> None:
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.options import CpuOptions, Options
+
+        options = Options(hardware_accelerators=accelerators, cpu_options=CpuOptions(num_threads=threads))
+        self.model = CompiledModel.from_file(str(path), environment=environment, options=options)
+        (self.signature,) = self.model.get_signature_list()
+        inputs = self.model.get_input_tensor_details(self.signature)
+        self.shapes = {n: d["shape"] for n, d in self.model.get_output_tensor_details(self.signature).items()}
+        if integer := sorted(n for n, d in inputs.items() if d["dtype"] != "float32"):
+            raise Unavailable(f"{path.name}: integer tensors at the graph's edge ({', '.join(integer)})")
+        self.arrays = {n: np.zeros(d["shape"], np.float32) for n, d in inputs.items()}
+        self.inputs = {n: self.model.create_input_buffer_by_name(self.signature, n) for n in inputs}
+        self.outputs = {n: self.model.create_output_buffer_by_name(self.signature, n) for n in self.shapes}
+        self.changed = set(inputs)
+        self.fully_accelerated = self.model.is_fully_accelerated()
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        self.write(name, ..., value)
+
+    def write(self, name: str, key: Any, value: np.ndarray | float) -> None:
+        self.arrays[name][key] = value
+        self.changed.add(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.arrays[name].copy()
+
+    def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        for name, value in inputs.items():
+            self.set(name, value)
+        for name in self.changed:
+            self.inputs[name].write(self.arrays[name])
+        self.changed.clear()
+        self.model.run_by_name(self.signature, self.inputs, self.outputs)
+        return {
+            n: self.outputs[n].read(int(np.prod(shape)), np.float32).reshape(shape) for n, shape in self.shapes.items()
+        }
+
+
 class Runner(StaticCacheRunner):
     """Encoder, then the decoder one token at a time against the static cache.
 
@@ -133,19 +181,23 @@ class Runner(StaticCacheRunner):
     io_names = IO_NAMES
 
     def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
+        self.encoder, self.cross_kv, self.decoder = self.load(artifact, threads)
+        slots = artifact.manifest["io"][DECODER]["inputs"]["mask"]["shape"][-1]
+        # the precomputed additive causal mask: row p lets position p see slots 0 .. p-1
+        self.mask = np.where(np.arange(slots)[None] < np.arange(slots)[:, None], 0.0, MASKED).astype(np.float32)
+
+    def load(self, artifact: Artifact, threads: int) -> tuple[Graph | CompiledGraph, ...]:
+        """The encoder, cross-K/V and decoder graphs, on the interpreter the environment selects."""
         interpreter = os.environ.get(INTERPRETER_ENV, INTERPRETERS[0])
         reason = interpreter_unavailable(interpreter) or interpreter_refusal(
             interpreter, artifact.quant, artifact.manifest.get("toolchain", {})
         )
         if reason:
             raise Unavailable(reason)
-        self.encoder, self.cross_kv, self.decoder = (
+        return tuple(
             Graph(artifact.file(name), interpreter, self.io_names[name], threads)
             for name in (ENCODER, CROSS_KV, DECODER)
         )
-        slots = artifact.manifest["io"][DECODER]["inputs"]["mask"]["shape"][-1]
-        # the precomputed additive causal mask: row p lets position p see slots 0 .. p-1
-        self.mask = np.where(np.arange(slots)[None] < np.arange(slots)[:, None], 0.0, MASKED).astype(np.float32)
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
         return self.encoder.run(mel=mel)["audio_features"]

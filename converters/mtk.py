@@ -19,8 +19,11 @@ Quantizations (ai-edge-quantizer on the float graphs, the rules of `converters.l
 fp16 weights; int8 = int8 weights per channel with float activations (the NPU's W8 mode).
 Full-integer int8 of Whisper is the `tflite` target's `int8-static`, measured there.
 
-Runner: no board here, so the same CPU-runnable .tflite files run on the LiteRT CPU interpreter,
-an emulation of the NPU's arithmetic (the manifest's `runtime` says so).
+Runner: on a board (a node whose environment names its SoC in `HARNESS_MTK_SOC`) the graphs run on
+the NPU through LiteRT's CompiledModel API: the SoC's ahead-of-time files when the artifact has
+them, else compiled on the device. Elsewhere the CPU-runnable .tflite files run on the LiteRT CPU
+interpreter, an emulation of the NPU's arithmetic, or (`HARNESS_MTK_ACCELERATOR=cpu`) on the
+CompiledModel path with the CPU accelerator. Every row's `runtime` says which.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ from converters import litert_build, litert_graphs, litert_runtime, litert_targe
 from harness.core.checkpoint import Checkpoint
 from harness.core.target import DEFAULT_THREADS, Artifact, Target, Unavailable
 
-SOC_ENV = "HARNESS_MTK_SOC"
+SOC_ENV = "HARNESS_MTK_SOC"  # on the driver: build for this SoC ahead of time; on a board: the SoC it is
+ACCELERATOR_ENV = "HARNESS_MTK_ACCELERATOR"  # on a node: what runs the graphs (`execution`)
+ACCELERATORS = ("npu", "cpu", "interpreter")
+DISPATCH_ENV = "HARNESS_MTK_DISPATCH_DIR"
 _SOC = os.environ.get(SOC_ENV, "").strip().upper()
 RECIPE_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-weight"}  # ai-edge-quantizer recipe per quant
 EMBEDDING, POSITIONS = "token_embedding.npy", "positional_embedding.npy"
@@ -177,10 +183,73 @@ def convert(
     return {**facts, "path": path, "runtime": "litert-cpu (MediaTek emulation)"}
 
 
+def dispatch_library() -> Path | None:
+    """The folder of the MediaTek NPU dispatch library LiteRT loads (`HARNESS_MTK_DISPATCH_DIR`, else
+    the one `ai-edge-litert` ships for MediaTek), or None when this machine has none."""
+    import ai_edge_litert
+
+    given = os.environ.get(DISPATCH_ENV)
+    where = Path(given) if given else Path(ai_edge_litert.__file__).parent / "vendors" / "mediatek" / "dispatch"
+    return where if any(where.glob("libLiteRtDispatch_*.so")) else None
+
+
+def execution(artifact: Artifact) -> tuple[str, Any, list[str]] | None:
+    """How this node runs `artifact` on LiteRT's CompiledModel: (runtime label, accelerators, graph
+    files), or None for the LiteRT CPU interpreter (the default emulation).
+
+    - A board says what it is: `HARNESS_MTK_SOC` in the environment of its `ray start`. The NPU then
+      runs the graphs compiled ahead of time for that SoC when the artifact has them, else the CPU
+      graphs that LiteRT compiles for the NPU on the device. No dispatch library: unavailable,
+      never a silent CPU fallback.
+    - `HARNESS_MTK_ACCELERATOR=cpu` runs the same CompiledModel path with the CPU accelerator: the
+      board's code path, checked where there is no board.
+    """
+    from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+
+    soc = os.environ.get(SOC_ENV, "").strip().upper()
+    accelerator = os.environ.get(ACCELERATOR_ENV, "npu" if soc else "interpreter").strip().lower()
+    if accelerator not in ACCELERATORS:
+        raise Unavailable(f"{ACCELERATOR_ENV}={accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    if accelerator == "interpreter":
+        return None
+    if accelerator == "cpu":
+        return "litert-compiled-cpu (MediaTek emulation)", HardwareAccelerator.CPU, list(IO_NAMES)
+    if not soc:
+        raise Unavailable(f"{ACCELERATOR_ENV}=npu needs the node's SoC in {SOC_ENV} (e.g. MT6989)")
+    if dispatch_library() is None:
+        raise Unavailable(f"no MediaTek NPU dispatch library on this node (set {DISPATCH_ENV} to its folder)")
+    compiled = [f"{Path(name).stem}.{soc.lower()}.tflite" for name in IO_NAMES]
+    if all(name in artifact.manifest["files"] for name in compiled):
+        return f"litert-npu:{soc} (ahead-of-time)", HardwareAccelerator.NPU | HardwareAccelerator.CPU, compiled
+    return (
+        f"litert-npu:{soc} (compiled on the device)",
+        HardwareAccelerator.NPU | HardwareAccelerator.CPU,
+        list(IO_NAMES),
+    )
+
+
 class Runner(litert_runtime.Runner):
-    """The `tflite` Runner with the MediaTek decoder's host-side embedding lookups."""
+    """The `tflite` Runner with the MediaTek decoder's host-side embedding lookups, on a board's NPU
+    (or the CompiledModel CPU path) where `execution` says so."""
 
     io_names = IO_NAMES
+
+    def load(self, artifact: Artifact, threads: int) -> tuple[Any, ...]:
+        chosen = execution(artifact)
+        if chosen is None:
+            return super().load(artifact, threads)
+        from ai_edge_litert.environment import Environment
+
+        label, accelerators, files = chosen
+        dispatch = dispatch_library()
+        environment = Environment.create(dispatch_library_path=str(dispatch) if dispatch else "")
+        graphs = tuple(
+            litert_runtime.CompiledGraph(artifact.file(name), accelerators, threads, environment) for name in files
+        )
+        partly = [name for name, graph in zip(files, graphs, strict=True) if not graph.fully_accelerated]
+        # what executed, per row: where the NPU could not take a whole graph, the CPU ran the rest
+        self.runtime = label + (f" + cpu for part of {', '.join(partly)}" if partly and "npu" in label else "")
+        return graphs
 
     def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
         super().__init__(artifact, threads)

@@ -124,6 +124,7 @@ def test_wer_delta_is_the_difference_with_a_paired_interval(tiny_run):
     files = tiny_run.utterances  # artifact size comes from the manifest's file sizes
     assert mtk["artifact_mb"] > 100 and len(files) == 140
     assert mtk["runtime"] == "torch"
+    assert (files["runtime"] == "torch").all()  # each row says what executed it
 
 
 def test_more_models_than_cpus_all_run(ray_local, tiny_artifacts, models_root, tmp_path):

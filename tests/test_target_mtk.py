@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import litert_build, litert_graphs, mtk, parity
+from converters import litert_build, litert_graphs, litert_runtime, mtk, parity
 from converters.registry import TARGETS, get_target
 from converters.store import ensure, load_artifact
 from harness.core.errors import HarnessError
@@ -150,3 +150,39 @@ def test_embedded_tokens_match_the_reference(tiny_checkpoint, models_root, exact
         rates[quant], ms[quant] = exact_match(mtk.Runner(artifact), embedded_utterances)
     print(f"mtk utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95 and rates["fp16"] >= 0.9 and rates["int8"] >= 0.5
+
+
+def test_the_board_path_with_the_cpu_accelerator_decodes_as_the_interpreter(
+    fp32, embedded_utterances, tiny_dims, monkeypatch
+):
+    """No board here: the CompiledModel path a board's NPU is reached through runs with LiteRT's CPU
+    accelerator (HARNESS_MTK_ACCELERATOR=cpu) and says so; it decodes as the interpreter does."""
+    from harness.core.audio import log_mel
+    from harness.core.decoding import DecodingOptions, build_prompt, greedy_decode
+
+    prompt = build_prompt(tiny_dims, DecodingOptions())
+    interpreter = mtk.Runner(fp32)
+    assert interpreter.runtime is None  # the artifact's label: litert-cpu (MediaTek emulation)
+    monkeypatch.setenv(mtk.ACCELERATOR_ENV, "cpu")
+    compiled = mtk.Runner(fp32)
+    assert compiled.runtime == "litert-compiled-cpu (MediaTek emulation)"
+    assert all(isinstance(g, litert_runtime.CompiledGraph) for g in (compiled.encoder, compiled.decoder))
+    mel = log_mel(embedded_utterances[0].audio, tiny_dims.n_mels)
+    a, b = interpreter.encode(mel), compiled.encode(mel)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    tokens = list(prompt.tokens)
+    np.testing.assert_allclose(interpreter.step(tokens, a, None)[0], compiled.step(tokens, b, None)[0], atol=1e-3)
+    for utt in embedded_utterances[:2]:
+        assert greedy_decode(compiled, utt.audio, tiny_dims, prompt).tokens == (
+            greedy_decode(interpreter, utt.audio, tiny_dims, prompt).tokens
+        )
+
+
+def test_a_board_without_a_dispatch_library_or_with_an_unknown_accelerator_is_unavailable(fp32, monkeypatch, tmp_path):
+    monkeypatch.setenv(mtk.SOC_ENV, "MT6989")  # a board says what it is
+    monkeypatch.setenv(mtk.DISPATCH_ENV, str(tmp_path))  # a folder without the library
+    with pytest.raises(Unavailable, match="no MediaTek NPU dispatch library on this node"):
+        mtk.Runner(fp32)
+    monkeypatch.setenv(mtk.ACCELERATOR_ENV, "gpu")
+    with pytest.raises(Unavailable, match="HARNESS_MTK_ACCELERATOR='gpu' is not one of npu, cpu, interpreter"):
+        mtk.Runner(fp32)
