@@ -252,4 +252,4 @@ def _compare(args: argparse.Namespace) -> int:
     thresholds = load_job(args.thresholds).thresholds if args.thresholds else None
     with History(location(args.history, Path("results")), create=False) as history:
         baseline, candidate = resolve_pair(history, args.baseline, args.candidate, args.job)
-        return gate(history, baseline, candidate, thresholds)
+        return gate(history, baseline, candidate, thresholds, requested=args.baseline)
