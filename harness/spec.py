@@ -185,7 +185,12 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
     if errors or dataset is None or models is None or decoding is None or cluster is None or thresholds is None:
         return None
     return JobSpec(
-        name=name, dataset=dataset, models=models, decoding=decoding, cluster=cluster, thresholds=thresholds,
+        name=name,
+        dataset=dataset,
+        models=models,
+        decoding=decoding,
+        cluster=cluster,
+        thresholds=thresholds,
         report=report,
     )
 
