@@ -9,6 +9,7 @@ Every string from data is HTML-escaped (texts come from datasets others assemble
 
 from __future__ import annotations
 
+import json
 import time
 from html import escape
 from pathlib import Path
@@ -38,13 +39,14 @@ def find_run(results_root: Path, which: str, job: str | None = None) -> Path:
     folder = Path(which)
     if folder.is_dir():
         return _complete(folder)
-    runs = [r for r in list_runs(results_root, job) if all((r.path / f).is_file() for f in RUN_FILES)]
+    runs = list_runs(results_root, job)
     of_job = f" of job '{job}'" if job else ""
     if which == "latest":
-        if not runs:
+        complete = [r for r in runs if all((r.path / f).is_file() for f in RUN_FILES)]
+        if not complete:
             raise HarnessError(f"latest: no complete run{of_job} in {results_root}")
-        return runs[-1].path
-    named = [r for r in list_runs(results_root, job) if r.run_id == which]
+        return complete[-1].path
+    named = [r for r in runs if r.run_id == which]
     if not named:
         raise HarnessError(f"{which}: no run{of_job} with that id in {results_root} (`python -m harness runs`)")
     return _complete(named[-1].path)
@@ -61,13 +63,12 @@ def write_report(run_dir: Path, history: str, out: Path | None = None) -> Path:
     """Write the run's report (default: report.html in its folder), atomically; returns its path."""
     path = out or run_dir / REPORT_FILE
     page = render(run_dir, history)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
 
 
 def render(run_dir: Path, history: str) -> str:
-    import json
-
     info = json.loads((run_dir / "run.json").read_text())
     summary = pd.read_csv(run_dir / "summary.csv", keep_default_na=False, na_values=[""])
     utts = pd.read_parquet(run_dir / "utterances.parquet")
@@ -87,7 +88,7 @@ def render(run_dir: Path, history: str) -> str:
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; \
-script-src 'unsafe-inline'; img-src data:">
+script-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)}</title>
 <style>
