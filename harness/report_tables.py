@@ -142,7 +142,8 @@ def _divergence(row: dict[str, Any]) -> str:
         rest = str(row.get(f"{side}_continuation") or "")
         rest = rest if len(rest) <= CLIP else rest[:CLIP] + "…"
         top5 = row.get(f"{side}_top5")
-        ranked = "" if top5 is None else "".join(f"<li>{escape(fmt(t))}</li>" for t in top5)
+        listed = isinstance(top5, (list, tuple, np.ndarray))  # a missing list reads as None or NaN
+        ranked = "".join(f"<li>{escape(fmt(t))}</li>" for t in top5) if listed else ""
         sides.append(
             f'<div><h4>{label}</h4><p class="text">{escape(prefix)}<mark>{escape(rest)}</mark></p>'
             + (f'<ol class="top5">{ranked}</ol>' if ranked else "")

@@ -7,8 +7,6 @@ sorting and the filter working."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -22,7 +20,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.cli import main
 from harness.exit_codes import ExitCode
 from harness.gate import compare
 from harness.history import History
@@ -31,7 +28,7 @@ from harness.report import TREND_RUNS, write_report
 from harness.run_record import read_run
 from harness.verdict import read_verdict, verdict_lines
 from tests.conftest import EMBEDDED, embedded_ray
-from tests.nightly_runs import MTK, derive_run, drop_words
+from tests.nightly_runs import MTK, derive_run, drop_words, in_process
 from tests.report_runs import HOSTILE, later_night, synthetic_run, write_divergence
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,13 +41,6 @@ report: true
 """
 
 
-def _cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(map(str, args)))
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def nights(nightly_run, models_root, tmp_path_factory) -> dict:
     results = tmp_path_factory.mktemp("report")
@@ -61,7 +51,7 @@ def nights(nightly_run, models_root, tmp_path_factory) -> dict:
     job = results / "job.yaml"
     job.write_text(JOB.format(data=EMBEDDED))
     embedded_ray()
-    code, stdout, _ = _cli(
+    code, stdout, _ = in_process(
         "run", job, "--limit", 6, "--out", results, "--models", models_root, "--no-progress",
         "--history", history, "--baseline", "previous",
     )  # fmt: skip
@@ -74,9 +64,9 @@ def nights(nightly_run, models_root, tmp_path_factory) -> dict:
     (third / "run.json").write_text(json.dumps(info))
     with History(history) as store:
         store.add(read_run(third))
-    gated = _cli("compare", "previous", third.name, "--history", history)
+    gated = in_process("compare", "previous", third.name, "--history", history)
     write_divergence(third)
-    reported = _cli("report", third, "--history", history)
+    reported = in_process("report", third, "--history", history)
     return {
         "results": results, "history": history, "runs": (first, second, third), "run": (code, stdout),
         "gated": gated, "reported": reported,
@@ -182,16 +172,19 @@ def test_the_report_command_finds_runs_and_refuses_others(nights, tmp_path):
     results, history = nights["results"], nights["history"]
     _, second, _ = nights["runs"]
     (second / "report.html").unlink()
-    code, out, _ = _cli("report", "latest", "--results", results, "--history", history)
+    code, out, _ = in_process("report", "latest", "--results", results, "--history", history)
     assert (code, out.strip()) == (0, f"report: {second / 'report.html'}")
-    code, out, _ = _cli("report", second.name, "--results", results, "--out", tmp_path / "r.html")
-    assert code == 0 and (tmp_path / "r.html").is_file()
-    code, _, err = _cli("report", "20990101-000000-ffffff", "--results", results)
+    code, out, _ = in_process("report", second.name, "--results", results, "--out", tmp_path / "r.html")
+    assert code == 0 and (tmp_path / "r.html").is_file() and 'id="chart-trends"' in (tmp_path / "r.html").read_text()
+    code, _, _ = in_process("report", second, "--history", tmp_path / "none.sqlite", "--out", tmp_path / "s.html")
+    assert code == 0 and "no trends: history " in (tmp_path / "s.html").read_text()  # nothing else missing
+    assert not (tmp_path / "none.sqlite").exists()
+    code, _, err = in_process("report", "20990101-000000-ffffff", "--results", results)
     assert code == ExitCode.BAD_INPUT and err.startswith("error: 20990101-000000-ffffff: no run with that id")
     half = tmp_path / "job" / "half"
     half.mkdir(parents=True)
     (half / "run.json").write_text("{}")
-    code, _, err = _cli("report", half)
+    code, _, err = in_process("report", half)
     assert code == ExitCode.BAD_INPUT and "not a complete run (no summary.csv, utterances.parquet)" in err
     assert len(err.splitlines()) == 1
 
