@@ -13,7 +13,7 @@ import pandas as pd
 from harness.core.status import Status
 
 DIVERGENCE_CSV, DIVERGENCE_PARQUET = "divergence.csv", "divergence.parquet"
-DIVERGENCE_HINT = "the job's divergence: setting"
+DIVERGENCE_HINT = "analysis: {divergence: true} in the job"
 MAX_DIVERGENCES = 50  # shown per model, the earliest divergences first
 MAX_UTTERANCE_ROWS = 5000  # of utterances.parquet, in the per-utterance view
 OPEN_UP_TO = 12  # divergent utterances in all: each model's list starts open when there are no more
@@ -54,7 +54,8 @@ def cell(value: Any, text: str | None = None, cls: str = "", title: str = "") ->
     when it is a number (`data-v`; empty for a missing one, which sorts last)."""
     attrs = ""
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
-        attrs = ' data-v=""' if np.isnan(value) else f' data-v="{float(value):.10g}"'
+        number = float(value)  # an infinite SNR (identical encoders) sorts as JavaScript's Infinity
+        attrs = ' data-v=""' if np.isnan(number) else f' data-v="{number:.10g}"'.replace("inf", "Infinity")
     if cls:
         attrs += f' class="{cls}"'
     if title:
@@ -93,8 +94,8 @@ def divergence_section(run_dir: Path) -> str:
     per_model, per_utterance = run_dir / DIVERGENCE_CSV, run_dir / DIVERGENCE_PARQUET
     if not per_model.is_file() and not per_utterance.is_file():
         return (
-            f'<p class="muted">not run (enable with {escape(DIVERGENCE_HINT)}: teacher-forced decoding, encoder '
-            "SNR and hybrid models, which cost extra decoding)</p>"
+            f'<p class="muted">not run (enable with <code>{escape(DIVERGENCE_HINT)}</code>: teacher-forced '
+            "decoding, encoder SNR and hybrid models, which cost extra decoding)</p>"
         )
     parts = []
     if per_model.is_file():
@@ -114,9 +115,10 @@ def _divergent_utterances(rows: pd.DataFrame) -> str:
     for model, group in rows.groupby("model", sort=False):
         bad = group[diverged[group.index]].sort_values("first_divergence", na_position="last")
         shown = bad.head(MAX_DIVERGENCES)
-        count = f"{len(bad)} of {len(group)} utterances diverge" + (
-            f" (the first {len(shown)} shown)" if len(shown) < len(bad) else ""
-        )
+        failed = int((bad["status"] != Status.OK).sum())
+        count = f"{len(bad) - failed} of {len(group)} utterances diverge"
+        count += f", {failed} not analysed" if failed else ""
+        count += f" (the first {len(shown)} shown)" if len(shown) < len(bad) else ""
         items = "\n".join(_divergence(row) for row in shown.to_dict("records"))
         opened = " open" if diverged.sum() <= OPEN_UP_TO else ""
         parts.append(f"<details{opened}><summary>{escape(model)}: {count}</summary>\n{items}\n</details>")
@@ -132,8 +134,8 @@ def _divergence(row: dict[str, Any]) -> str:
     head = f"<b>{escape(str(row['utt_id']))}</b> · {escape(str(row['status']))}"
     if fmt(where) != "-":
         head += (
-            f" · first divergent token #{int(where)}: <code>{escape(fmt(row.get('ref_token')))}</code> → "
-            f"<code>{escape(fmt(row.get('cand_token')))}</code>"
+            f" · first divergent token #{int(where)}: <code>{escape(_token(row.get('ref_token')))}</code> → "
+            f"<code>{escape(_token(row.get('cand_token')))}</code>"
         )
     prefix = str(row.get("common_prefix_text") or "")
     prefix = prefix if len(prefix) <= CLIP else "…" + prefix[-CLIP:]
@@ -143,17 +145,35 @@ def _divergence(row: dict[str, Any]) -> str:
         rest = rest if len(rest) <= CLIP else rest[:CLIP] + "…"
         top5 = row.get(f"{side}_top5")
         listed = isinstance(top5, (list, tuple, np.ndarray))  # a missing list reads as None or NaN
-        ranked = "".join(f"<li>{escape(fmt(t))}</li>" for t in top5) if listed else ""
+        ranked = "".join(f"<li>{escape(_choice(t))}</li>" for t in top5) if listed else ""
         sides.append(
             f'<div><h4>{label}</h4><p class="text">{escape(prefix)}<mark>{escape(rest)}</mark></p>'
             + (f'<ol class="top5">{ranked}</ol>' if ranked else "")
             + "</div>"
         )
     error = f'<p class="bad">{escape(str(row["error"]))}</p>' if fmt(row.get("error")) != "-" else ""
+    note = f'<p class="muted">{escape(str(row["note"]))}</p>' if fmt(row.get("note")) != "-" else ""
     return (
         f'<div class="divergence"><p>{head}</p><p class="muted">{escape(" · ".join(facts))}</p>'
-        f'<div class="sides">{"".join(sides)}</div>{error}</div>'
+        f'<div class="sides">{"".join(sides)}</div>{error}{note}</div>'
     )
+
+
+def _token(value: Any) -> str:
+    """A token's text quoted, so its leading space shows (' the' is not 'the')."""
+    return repr(value) if isinstance(value, str) else fmt(value)
+
+
+def _choice(choice: Any) -> str:
+    """One of a top-5: {id, token, p} as `' the' p=0.912 #262`; any other shape as `fmt` writes it."""
+    if isinstance(choice, dict) and "token" in choice:
+        p, ident = choice.get("p"), choice.get("id")
+        return (
+            _token(choice["token"])
+            + (f" p={fmt(p)}" if p is not None else "")
+            + (f" #{ident}" if ident is not None else "")
+        )
+    return fmt(choice)
 
 
 def utterance_section(utts: pd.DataFrame, summary: pd.DataFrame) -> str:

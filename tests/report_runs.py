@@ -106,13 +106,14 @@ def later_night(folder: Path, night: int, slower: float) -> Path:
     return copy
 
 
-def _token(tokens, at: int) -> str:
-    """The token at a divergence; past a sequence's end, the end of text its decoder emitted there."""
-    return f"token {tokens[at]}" if at < len(tokens) else "<|endoftext|>"
+def _token(words: list[str], at: int) -> str:
+    """The word at a divergence as a token's text reads (its leading space); past the end, EOT."""
+    return f" {words[at]}" if at < len(words) else "<|endoftext|>"
 
 
-def _top5(words: list[str]) -> list[str]:
-    return [f"'{w}' {-0.3 * k:.2f}" for k, w in enumerate(words)]
+def _top5(words: list[str]) -> list[dict]:
+    """As the analysis writes a top-5: likeliest first, each its id, text and probability."""
+    return [{"id": zlib.crc32(w.encode()) % 50000, "token": f" {w}", "p": 0.9 / (k + 1)} for k, w in enumerate(words)]
 
 
 def write_divergence(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -131,13 +132,15 @@ def write_divergence(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append(
             {
                 **{k: u[k] for k in ("run_id", "utt_id", "size", "target", "quant", "status", "error")},
-                "encoder_snr_db": 38.0 - i % 7, "tf_steps": u["n_steps"], "tf_top1_agreement": 1 - (i % 5) / 50,
+                "note": "hybrids not run: the runner's features cannot be swapped" if i == 1 else None,
+                "encoder_snr_db": float("inf") if i == 2 else 38.0 - i % 7, "tf_steps": u["n_steps"],
+                "tf_top1_agreement": 1 - (i % 5) / 50,
                 "tf_max_abs_dlogit": 0.1 * (1 + i % 4), "tf_mean_kl": 1e-4 * (1 + i % 3),
                 "tf_max_kl": 1e-3 * (1 + i % 3),
                 "exact_match": u["exact_match"], "hybrid_cand_encoder_exact": bool(i % 2),
                 "hybrid_cand_decoder_exact": u["exact_match"], "first_divergence": div,
-                "ref_token": None if pd.isna(div) else _token(u["reference_tokens"], div),
-                "cand_token": None if pd.isna(div) else _token(u["hyp_tokens"], div),
+                "ref_token": None if pd.isna(div) else _token(ref_words, at),
+                "cand_token": None if pd.isna(div) else _token(cand_words, at),
                 "ref_top5": None if pd.isna(div) else _top5(ref_words[at : at + 5]),
                 "cand_top5": None if pd.isna(div) else _top5(cand_words[at : at + 5]),
                 # as text decoded from tokens reads: a continuation starts with its word's space
@@ -153,13 +156,13 @@ def write_divergence(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             n=("utt_id", "size"), encoder_snr_mean_db=("encoder_snr_db", "mean"),
             encoder_snr_min_db=("encoder_snr_db", "min"), tf_top1_agreement=("tf_top1_agreement", "mean"),
             tf_max_abs_dlogit=("tf_max_abs_dlogit", "max"), tf_mean_kl=("tf_mean_kl", "mean"),
-            exact_full=("exact_match", "mean"), exact_cand_encoder=("hybrid_cand_encoder_exact", "mean"),
+            exact_match=("exact_match", "mean"), exact_cand_encoder=("hybrid_cand_encoder_exact", "mean"),
             exact_cand_decoder=("hybrid_cand_decoder_exact", "mean"),
         )
         .reset_index()
     )  # fmt: skip
-    exact = per_model["exact_full"].astype(float)
-    per_model["verdict"] = np.where(exact.isna(), "not run", np.where(exact < 1, "decoder diverges", "same tokens"))
+    exact = per_model["exact_match"].astype(float)
+    per_model["verdict"] = np.where(exact.isna(), "-", np.where(exact < 1, "decoder", "none"))
     per_model.to_csv(folder / "divergence.csv", index=False)
     per_utt.to_parquet(folder / "divergence.parquet", index=False)
     return per_model, per_utt

@@ -121,7 +121,7 @@ def test_run_writes_the_report_after_its_gate(nights):
         assert verdict.comparison == compare(store, first.name, second.name)
     html = page.read_text()
     assert '<p class="verdict ok">gate: ok, 2 models within thresholds</p>' in html
-    assert "not run (enable with the job&#x27;s divergence: setting" in html
+    assert "not run (enable with <code>analysis: {divergence: true} in the job</code>" in html
     assert f"<code>previous</code>, gated {verdict.gated}" in html
 
 
@@ -164,8 +164,9 @@ def test_the_regression_the_trends_and_the_divergence_are_shown(nights):
         for side in ("ref", "cand"):
             marked = f"{escape(row['common_prefix_text'])}<mark>{escape(row[f'{side}_continuation'])}</mark>"
             assert marked in html
-        assert f"first divergent token #{row['first_divergence']}:" in html
-        assert all(f"<li>{escape(t)}</li>" in html for t in row["cand_top5"])
+        tokens = f"<code>{escape(repr(row['ref_token']))}</code> → <code>{escape(repr(row['cand_token']))}</code>"
+        assert f"first divergent token #{row['first_divergence']}: {tokens}" in html
+        assert all(f"<li>{escape(repr(t['token']))} p=" in html for t in row["cand_top5"])
 
 
 def test_the_report_command_finds_runs_and_refuses_others(nights, tmp_path):
