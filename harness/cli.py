@@ -1,4 +1,4 @@
-"""`python -m harness run|runs|validate|convert|history|compare`: the command line, and the one place
+"""`python -m harness run|runs|validate|convert|history|compare|report`: the command line, and the one place
 errors become exit codes (`harness.exit_codes.ExitCode`)."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   python -m harness history --job nightly_base --last 10
   python -m harness history pin 20250101-020000-1a2b3c --tag release-1.4
   python -m harness compare release-1.4 latest --job nightly_base
+  python -m harness report latest --job nightly_base      # results/nightly_base/<run id>/report.html
 """
 
 
@@ -104,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
         "--thresholds", type=Path, metavar="JOB", help="a job file whose thresholds: apply (default: the candidate's)"
     )
     _history_option(compare, "$HARNESS_HISTORY or results/history.sqlite")
+    report = sub.add_parser("report", help="write a run's self-contained HTML report (report.html in its folder)")
+    report.add_argument("run", metavar="RUN_ID", help="a run id, latest (the newest complete run) or a run folder")
+    report.add_argument("--job", help="only this job's runs (for latest)")
+    report.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
+    report.add_argument("--out", type=Path, help="the HTML file to write (default: report.html in the run folder)")
+    _history_option(report, "$HARNESS_HISTORY or history.sqlite in the run's results root")
     return parser
 
 
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             return _history(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "report":
+            return _report(args)
         return _run(args)
     except HarnessError as exc:
         from harness.execute import Interrupted
@@ -201,7 +210,13 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(format_summary(result.summary))
     print(f"\nresults: {result.run_dir}")
-    if record_and_gate(result.run_dir, location(args.history, args.out), args.baseline) == ExitCode.REGRESSION:
+    where = location(args.history, args.out)
+    gated = record_and_gate(result.run_dir, where, args.baseline)
+    if spec.report:  # after the gate, so its verdict is in the report
+        from harness.report import write_report
+
+        print(f"report: {write_report(result.run_dir, where)}")
+    if gated == ExitCode.REGRESSION:
         return ExitCode.REGRESSION
     return ExitCode.OK if (result.utterances["status"] == "ok").all() else ExitCode.INCOMPLETE
 
@@ -252,4 +267,14 @@ def _compare(args: argparse.Namespace) -> int:
     thresholds = load_job(args.thresholds).thresholds if args.thresholds else None
     with History(location(args.history, Path("results")), create=False) as history:
         baseline, candidate = resolve_pair(history, args.baseline, args.candidate, args.job)
-        return gate(history, baseline, candidate, thresholds)
+        return gate(history, baseline, candidate, thresholds, requested=args.baseline)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from harness.history import location
+    from harness.report import find_run, write_report
+
+    run_dir = find_run(args.results, args.run, args.job)
+    # the history a run appended to: in its results root, unless given (as `history add` finds it)
+    print(f"report: {write_report(run_dir, location(args.history, run_dir.parent.parent), args.out)}")
+    return ExitCode.OK

@@ -11,12 +11,16 @@ Per model (size/target/quant), over the utterances both runs decoded:
   before them (`latency_drift`), so a slow drift is caught, not only a one-night jump.
 A model the baseline decoded that the candidate lacks, or could not run, is a regression.
 The limits come from the job's `thresholds:` (`thresholds.ThresholdsSpec`).
+
+The verdict (`harness.verdict`) is kept with the candidate run, as `gate.json` in its folder when
+that folder is on this machine, for the report (`harness.report`) to show.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +33,9 @@ from harness.history import History, display
 from harness.run_record import read_run
 from harness.summary import paired_bootstrap, wer_delta
 from harness.thresholds import ThresholdsSpec, thresholds_from_dict
+from harness.verdict import Comparison, Drift, ModelCheck, Verdict, format_comparison, pct, save_verdict
 
 MAD_SCALE = 1.4826  # MAD * this estimates a normal distribution's standard deviation
-
-
-@dataclass(frozen=True)
-class Drift:
-    """Latency change point: the median of the last `recent_runs` runs against the earlier ones'."""
-
-    recent: float
-    earlier: float
-    limit: float  # earlier + max(drift_mads * scaled MAD, (drift_min_ratio - 1) * earlier)
-    recent_runs: int
-    earlier_runs: int
-
-    @property
-    def flagged(self) -> bool:
-        return self.recent > self.limit
 
 
 def latency_drift(values: list[float], window: int, mads: float, min_ratio: float) -> Drift | None:
@@ -73,30 +63,6 @@ def latency_ratio(candidate_ms: np.ndarray, baseline_ms: np.ndarray) -> tuple[fl
     return paired_bootstrap(lambda c, b: c.sum(axis=-1) / b.sum(axis=-1), candidate_ms, baseline_ms)
 
 
-@dataclass(frozen=True)
-class ModelCheck:
-    model: str
-    paired: int = 0
-    wer_delta: tuple[float, float, float] | None = None
-    no_worse: float | None = None
-    exact_match: tuple[float, float] | None = None  # (baseline, candidate) over paired utterances
-    latency: tuple[float, float, float] | None = None
-    drift: Drift | None = None
-    regressions: tuple[str, ...] = ()  # what, and by how much
-    notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Comparison:
-    baseline: dict[str, Any]
-    candidate: dict[str, Any]
-    checks: tuple[ModelCheck, ...]
-
-    @property
-    def regressed(self) -> list[ModelCheck]:
-        return [c for c in self.checks if c.regressions]
-
-
 def compare(
     history: History, baseline_id: str, candidate_id: str, thresholds: ThresholdsSpec | None = None
 ) -> Comparison:
@@ -120,7 +86,7 @@ def compare(
         for key in _keys(cand_models)
         if key not in set(_keys(base_models))
     ]
-    return Comparison(baseline, candidate, tuple(checks))
+    return Comparison(baseline, candidate, tuple(checks), thresholds)
 
 
 def _status_lines(models: pd.DataFrame) -> list[str]:
@@ -170,7 +136,7 @@ def _check(
         check["wer_delta"] = delta
         if delta[2] > limits.max_wer_delta:
             regressions.append(
-                f"ΔWER {_pct(delta[0])} [95% CI {_pct(delta[1])}, {_pct(delta[2])}] above {_pct(limits.max_wer_delta)}"
+                f"ΔWER {pct(delta[0])} [95% CI {pct(delta[1])}, {pct(delta[2])}] above {pct(limits.max_wer_delta)}"
             )
     if len(paired):
         share = no_worse_share(*(paired[f"wer_errors_{s}"].to_numpy(dtype=float) for s in "cb"))
@@ -214,58 +180,39 @@ def _check(
     return ModelCheck(model, **check, regressions=tuple(regressions), notes=tuple(notes))
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:+.2f}%"
-
-
 def _names(cpus: set[str]) -> str:
     return " + ".join(sorted(cpus)) or "an unrecorded CPU"
 
 
-def format_comparison(comparison: Comparison) -> str:
-    """The table of every model's numbers, then one line per regressed model, then the verdict."""
-    from tabulate import tabulate
-
-    def interval(v: tuple[float, float, float] | None, fmt) -> str:
-        return "-" if v is None else f"{fmt(v[0])} [{fmt(v[1])}, {fmt(v[2])}]"
-
-    rows = [
-        {
-            "model": c.model,
-            "paired": c.paired,
-            "Δwer [95% CI]": interval(c.wer_delta, _pct),
-            "no worse": "-" if c.no_worse is None else f"{c.no_worse:.1%}",
-            "exact match": "-" if c.exact_match is None else f"{c.exact_match[0]:.1%} → {c.exact_match[1]:.1%}",
-            "latency ratio [95% CI]": interval(c.latency, lambda x: f"{x:.2f}"),
-            "p50 drift": "-" if c.drift is None else f"{c.drift.recent:.0f} vs {c.drift.earlier:.0f} ms",
-            "verdict": "REGRESSION" if c.regressions else "ok",
-        }
-        for c in comparison.checks
-    ]
-    b, c = comparison.baseline, comparison.candidate
-    lines = [
-        f"baseline:  {b['run_id']} ({b['job']}, {b['started']}, commit {str(b['git_commit'])[:10]})",
-        f"candidate: {c['run_id']} ({c['job']}, {c['started']}, commit {str(c['git_commit'])[:10]})",
-        "",
-        tabulate(rows, headers="keys", tablefmt="github"),
-        "",
-    ]
-    lines += [f"note {check.model}: {note}" for check in comparison.checks for note in check.notes]
-    lines += [f"REGRESSION {check.model}: {'; '.join(check.regressions)}" for check in comparison.regressed]
-    n, bad = len(comparison.checks), len(comparison.regressed)
-    lines.append(
-        f"gate: {bad} of {n} models regressed (exit {ExitCode.REGRESSION.value})"
-        if bad
-        else f"gate: ok, {n} models within thresholds"
-    )
-    return "\n".join(lines)
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def gate(history: History, baseline_id: str, candidate_id: str, thresholds: ThresholdsSpec | None = None) -> int:
-    """Compare, print, and give the exit code: OK within thresholds, REGRESSION otherwise."""
+def _local_folder(run: dict[str, Any]) -> Path | None:
+    """The run's folder when it is on this machine (a history may hold runs made elsewhere)."""
+    folder = Path(str(run.get("run_dir") or ""))
+    info = folder / "run.json"
+    if run.get("run_dir") and info.is_file() and json.loads(info.read_text()).get("run_id") == run["run_id"]:
+        return folder
+    return None
+
+
+def gate(
+    history: History,
+    baseline_id: str,
+    candidate_id: str,
+    thresholds: ThresholdsSpec | None = None,
+    requested: str | None = None,
+) -> int:
+    """Compare, print, keep the verdict in the candidate's folder (`requested`: the baseline as the
+    user named it), and give the exit code: OK within thresholds, REGRESSION otherwise."""
     comparison = compare(history, baseline_id, candidate_id, thresholds)
     print(format_comparison(comparison))
-    return ExitCode.REGRESSION if comparison.regressed else ExitCode.OK
+    code = ExitCode.REGRESSION if comparison.regressed else ExitCode.OK
+    folder = _local_folder(comparison.candidate)
+    if folder is not None:
+        save_verdict(Verdict(requested or baseline_id, comparison, int(code), _now()), folder)
+    return code
 
 
 def record_and_gate(run_dir: Path, where: str, baseline: str | None) -> int:
@@ -280,9 +227,11 @@ def record_and_gate(run_dir: Path, where: str, baseline: str | None) -> int:
             return 0
         baseline_id = history.resolve(baseline, candidate=record.run_id)
         if baseline_id is None:
-            print(f"gate: no earlier run of {record.job} in the history: nothing to compare with ({baseline})")
+            note = f"gate: no earlier run of {record.job} in the history: nothing to compare with ({baseline})"
+            print(note)
+            save_verdict(Verdict(baseline, None, int(ExitCode.OK), _now(), note), run_dir)
             return 0
-        return gate(history, baseline_id, record.run_id)
+        return gate(history, baseline_id, record.run_id, requested=baseline)
 
 
 def resolve_pair(history: History, baseline: str, candidate: str, job: str | None) -> tuple[str, str]:

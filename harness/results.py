@@ -92,7 +92,8 @@ def job_fingerprint(spec: JobSpec) -> dict[str, Any]:
     """The parts of a job that decide its results: not where or how fast it runs (cluster), nor the
     dataset's location (the dataset fingerprint names its contents)."""
     job = asdict(replace(spec, source_file=None))
-    for part in ("cluster", "dataset", "thresholds"):  # thresholds judge results, they do not make them
+    # thresholds judge results and the report shows them: neither makes them
+    for part in ("cluster", "dataset", "thresholds", "report"):
         job.pop(part)
     return {**job, "shard_size": spec.cluster.shard_size}
 

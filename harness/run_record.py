@@ -67,16 +67,13 @@ def read_run(run_dir: Path) -> RunRecord:
     utts = pd.read_parquet(files["utterances.parquet"])
     summary = pd.read_csv(files["summary.csv"])
     job = info["job"]
-    dataset = job["dataset"]
-    where = dataset["path"] if dataset.get("path") else f"hub:{dataset['hub']}"
-    where += "".join(f" {k}={dataset[k]}" for k in ("config", "split", "limit") if dataset.get(k) is not None)
     run = {
         "run_id": info["run_id"],
         "job": job["name"],
         "started": info["started"],
         "finished": info.get("finished"),
         "git_commit": info.get("git_commit"),
-        "dataset": where,
+        "dataset": dataset_label(job["dataset"]),
         "utterances": info.get("utterances"),
         "cpu": info.get("host", {}).get("cpu"),
         "hostname": info.get("host", {}).get("hostname"),
@@ -117,6 +114,12 @@ def read_run(run_dir: Path) -> RunRecord:
             for i, u in enumerate(utts[UTTERANCE_COLUMNS].to_dict("records"))
         ],
     )
+
+
+def dataset_label(dataset: dict[str, Any]) -> str:
+    """How the history names a run's dataset (run.json's job.dataset): runs on the same one compare."""
+    where = dataset["path"] if dataset.get("path") else f"hub:{dataset['hub']}"
+    return where + "".join(f" {k}={dataset[k]}" for k in ("config", "split", "limit") if dataset.get(k) is not None)
 
 
 _KEY_SUFFIX = re.compile(r"-([0-9a-f]{16})$")  # converters.store.artifact_dir: <target>-<quant>-<key>

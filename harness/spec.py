@@ -96,6 +96,7 @@ class JobSpec:
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     thresholds: ThresholdsSpec = field(default_factory=ThresholdsSpec)
+    report: bool = False  # write report.html into the run folder once the run is recorded and gated
     source_file: Path | None = None
 
     def with_overrides(
@@ -144,7 +145,7 @@ def load_job(path: str | Path) -> JobSpec:
     return replace(spec, source_file=path.resolve())
 
 
-_SECTIONS = {"name", "dataset", "models", "decoding", "cluster", "thresholds"}
+_SECTIONS = {"name", "dataset", "models", "decoding", "cluster", "thresholds", "report"}
 
 
 def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
@@ -178,9 +179,20 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
             if value is not None and value < 1:
                 errors.append(f"cluster.{key}: expected a positive integer, got {quote(value)}")
     thresholds = parse_thresholds(raw.get("thresholds", {}), "thresholds", errors)
+    report = raw.get("report", False)
+    if not isinstance(report, bool):
+        errors.append(f"report: expected true or false, got {quote(report)}")
     if errors or dataset is None or models is None or decoding is None or cluster is None or thresholds is None:
         return None
-    return JobSpec(name=name, dataset=dataset, models=models, decoding=decoding, cluster=cluster, thresholds=thresholds)
+    return JobSpec(
+        name=name,
+        dataset=dataset,
+        models=models,
+        decoding=decoding,
+        cluster=cluster,
+        thresholds=thresholds,
+        report=report,
+    )
 
 
 def _dataset(raw: Any, base: Path, errors: list[str]) -> DatasetSpec | None:

@@ -16,6 +16,7 @@ from harness.core.target import REFERENCE
 from harness.timing import rtfx
 
 BOOTSTRAP_SAMPLES = 1000
+DELTA_COLUMN = "Δwer [95% CI]"  # the shown column of wer_delta and its interval
 
 
 def paired_bootstrap(
@@ -125,31 +126,40 @@ def _pct(values: pd.Series, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def format_summary(summary: pd.DataFrame) -> str:
-    from tabulate import tabulate
-
+def summary_cells(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary as every table shows it (`run`'s, the report's): rates and times as strings, Δwer with
+    its interval in one column, the reason left out (the tables list it under themselves)."""
     shown = summary.copy()
     shown.insert(
         shown.columns.get_loc("wer") + 1,
-        "Δwer [95% CI]",
+        DELTA_COLUMN,
         [
             f"{100 * d:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]" if d == d else "-"
             for d, lo, hi in zip(shown["wer_delta"], shown["wer_delta_lo"], shown["wer_delta_hi"], strict=True)
         ],
     )
-    shown = shown.drop(columns=["wer_delta", "wer_delta_lo", "wer_delta_hi"])
+    shown = shown.drop(columns=["wer_delta", "wer_delta_lo", "wer_delta_hi", "reason"])
     for col in ("wer", "cer", "exact_match", "token_edit_rate"):
         shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%" if v == v else "-")
     for col in ("mean_first_div", "p50_ms", "p90_ms", "p99_ms", "enc_p50_ms", "dec_ms_per_tok", "rtfx", "artifact_mb"):
         shown[col] = shown[col].map(lambda v: f"{v:.1f}" if v == v else "-")
-    # the table keeps the status; the whole reason goes under it, once per model
-    shown = shown.drop(columns="reason")
-    notes = [
-        f"- {size}/{target}/{quant}: {status}: {reason}"
+    return shown
+
+
+def status_notes(summary: pd.DataFrame) -> list[str]:
+    """One line per model that is not `ok`: its status and the whole reason."""
+    return [
+        f"{size}/{target}/{quant}: {status}: {reason}"
         for size, target, quant, status, reason in zip(
             summary["size"], summary["target"], summary["quant"], summary["status"], summary["reason"], strict=True
         )
         if status != Status.OK
     ]
-    table = tabulate(shown, headers="keys", tablefmt="github", showindex=False)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    from tabulate import tabulate
+
+    notes = [f"- {note}" for note in status_notes(summary)]
+    table = tabulate(summary_cells(summary), headers="keys", tablefmt="github", showindex=False)
     return table + ("\n\n" + "\n".join(notes) if notes else "")

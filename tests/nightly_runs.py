@@ -9,6 +9,8 @@ schema-valid, every number recomputed by the harness's own scoring.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -24,6 +26,16 @@ from harness.summary import format_summary, summarize
 
 MTK = ("tiny.en", "torchscript-mtk", "fp32")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def in_process(*args: object) -> tuple[int, str, str]:
+    """`python -m harness ARGS` in this process: its exit status and what it printed."""
+    from harness.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(map(str, args)))
+    return code, out.getvalue(), err.getvalue()
 
 
 def harness(*args: str, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:

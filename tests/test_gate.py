@@ -6,8 +6,6 @@ against values worked out by hand."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -15,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.cli import main
 from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
 from harness.gate import compare, latency_drift, latency_ratio, no_worse_share, record_and_gate
@@ -23,7 +20,18 @@ from harness.history import History
 from harness.run_record import read_run
 from harness.spec import load_job
 from harness.summary import wer_delta
-from tests.nightly_runs import MTK, derive_run, drop_words, failed, harness, of_model, on_cpu, slower, without
+from tests.nightly_runs import (
+    MTK,
+    derive_run,
+    drop_words,
+    failed,
+    harness,
+    in_process,
+    of_model,
+    on_cpu,
+    slower,
+    without,
+)
 
 MODEL = "/".join(MTK)
 
@@ -48,14 +56,6 @@ def _history(where: str, *run_dirs: Path) -> str:
         for run_dir in run_dirs:
             history.add(read_run(run_dir))
     return where
-
-
-def _cli(*args) -> tuple[int, str, str]:
-    """`python -m harness ARGS` in this process: its exit status and what it printed."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(map(str, args)))
-    return code, out.getvalue(), err.getvalue()
 
 
 def _rows(run_dir: Path) -> pd.DataFrame:
@@ -89,7 +89,7 @@ def test_equivalent_runs_pass(nights, tmp_path):
 
 def test_a_model_missing_from_the_candidate_is_a_regression(nights, tmp_path):
     store = _history(str(tmp_path / "h.sqlite"), nights["base"], nights["missing"])
-    code, out, err = _cli("compare", nights["base"].name, nights["missing"].name, "--history", store)
+    code, out, err = in_process("compare", nights["base"].name, nights["missing"].name, "--history", store)
     assert code == 3, out + err
     assert f"REGRESSION {MODEL}: missing from the candidate (the baseline decoded 6)" in out.splitlines()
 
@@ -126,9 +126,9 @@ def test_thresholds_come_from_the_job(nights, tmp_path):
         job.read_text().replace("../data", str(job.parents[1] / "data"))
         + "thresholds: {max_wer_delta: 0.5, min_no_worse_share: 0.3, max_exact_match_drop: 0.7}\n"
     )
-    assert _cli("compare", "previous", "latest", "--history", store, "--thresholds", loose)[0] == 0
+    assert in_process("compare", "previous", "latest", "--history", store, "--thresholds", loose)[0] == 0
     loose.write_text(loose.read_text().replace("max_wer_delta: 0.5", "max_wer_delta: half"))
-    code, _, err = _cli("compare", "previous", "latest", "--history", store, "--thresholds", loose)
+    code, _, err = in_process("compare", "previous", "latest", "--history", store, "--thresholds", loose)
     assert code == 2 and err == f"error: {loose}: thresholds.max_wer_delta: expected a number, got 'half'\n"
 
 
@@ -196,7 +196,7 @@ def test_run_baseline_gates_each_new_run(nights, tmp_path, capsys):
     assert record_and_gate(nights["base"], store, "previous") == 0  # a first night
     assert record_and_gate(nights["degraded"], store, "previous") == ExitCode.REGRESSION
     assert f"REGRESSION {MODEL}: ΔWER" in capsys.readouterr().out
-    assert _cli("history", "pin", nights["base"].name, "--tag", "stable", "--history", store)[0] == 0
+    assert in_process("history", "pin", nights["base"].name, "--tag", "stable", "--history", store)[0] == 0
     assert record_and_gate(nights["same"], store, "stable") == 0  # the pinned run, not the degraded one
     assert f"baseline:  {nights['base'].name}" in capsys.readouterr().out
     with pytest.raises(HarnessError, match="'release-9': no such run id or tag of job librispeech_tiny_en"):

@@ -7,8 +7,6 @@ from its rows and re-scored by the harness (tests/nightly_runs.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -22,12 +20,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.cli import main
 from harness.history import History
 from harness.run_record import read_run
 from harness.scoring import UTTERANCE_COLUMNS
 from harness.thresholds import ThresholdsSpec
-from tests.nightly_runs import derive_run, harness
+from tests.nightly_runs import derive_run, harness, in_process
 
 
 def _plain(value):
@@ -75,34 +72,28 @@ def test_a_run_appends_itself_and_a_first_night_passes(nightly_run):
         assert [_plain(v) for v in stored[col]] == [_plain(v) for v in written[col]], col
 
 
-def _cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(map(str, args)))
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_history_command_adds_lists_and_pins(nightly_run, tmp_path, monkeypatch):
     monkeypatch.delenv("HARNESS_HISTORY", raising=False)
     run_dir, run_id = nightly_run["run_dir"], nightly_run["run_dir"].name
     second = derive_run(run_dir, tmp_path / "results", 1)
     store = tmp_path / "h.sqlite"
-    assert _cli("history", "add", run_dir, second, "--history", store)[:2] == (
+    assert in_process("history", "add", run_dir, second, "--history", store)[:2] == (
         0,
         f"{run_id}: appended to {store}\n{second.name}: appended to {store}\n",
     )
-    assert _cli("history", "add", run_dir, "--history", store)[1] == f"{run_id}: already in {store}\n"
+    assert in_process("history", "add", run_dir, "--history", store)[1] == f"{run_id}: already in {store}\n"
     # without --history: the history in the run's own results root, where `run` appended it
-    assert _cli("history", "add", run_dir)[1] == f"{run_id}: already in {nightly_run['history']}\n"
+    assert in_process("history", "add", run_dir)[1] == f"{run_id}: already in {nightly_run['history']}\n"
     monkeypatch.setenv("HARNESS_HISTORY", str(store))
-    assert _cli("history", "pin", second.name, "--tag", "stable")[1] == f"stable -> {second.name}\n"
-    assert _cli("history", "pin", run_id, "--tag", "stable")[1] == f"stable -> {run_id} (moved from {second.name})\n"
-    code, listed, _ = _cli("history", "--job", "librispeech_tiny_en", "--last", "1")
+    assert in_process("history", "pin", second.name, "--tag", "stable")[1] == f"stable -> {second.name}\n"
+    moved = in_process("history", "pin", run_id, "--tag", "stable")[1]
+    assert moved == f"stable -> {run_id} (moved from {second.name})\n"
+    code, listed, _ = in_process("history", "--job", "librispeech_tiny_en", "--last", "1")
     newest = max((run_dir, second), key=lambda d: json.loads((d / "run.json").read_text())["started"])
     assert code == 0 and [line for line in listed.splitlines() if line.startswith("| 2")] == [
         line for line in listed.splitlines() if newest.name in line
     ]
-    everything = _cli("history", "--last", "0")[1].splitlines()
+    everything = in_process("history", "--last", "0")[1].splitlines()
     rows = {d.name: next(line for line in everything if d.name in line) for d in (run_dir, second)}
     assert "stable" in rows[run_id] and "stable" not in rows[second.name]
     for args, message in (
@@ -111,7 +102,7 @@ def test_history_command_adds_lists_and_pins(nightly_run, tmp_path, monkeypatch)
         (("history", "--history", tmp_path / "none.sqlite"), "error: history"),
         (("history", "add", tmp_path), f"error: {tmp_path}: not a complete run folder (no run.json"),
     ):
-        code, _, err = _cli(*args)
+        code, _, err = in_process(*args)
         assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
 
 
@@ -186,7 +177,7 @@ def test_two_writers_at_once(store, nightly_run, tmp_path):
 
 @pytest.mark.parametrize("where", ["mysql://host/db", "/"])
 def test_an_unusable_history_is_one_error_line(where):
-    code, _, err = _cli("history", "--history", where)
+    code, _, err = in_process("history", "--history", where)
     assert code == 2 and err.startswith("error: history ") and err.count("\n") == 1, err
 
 

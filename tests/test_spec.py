@@ -36,6 +36,7 @@ models:
 decodng: {}
 cluster:
   slots: two
+report: always
 """
 
 
@@ -55,6 +56,7 @@ def test_bad_job_reports_every_problem_with_its_path(tmp_path):
         "models.targets.torchscript-mtk: quantization 'int3' is not offered",
         "decodng: unknown key (did you mean 'decoding'?)",
         "cluster.slots: expected int or None, got 'two'",
+        "report: expected true or false, got 'always'",
     ):
         assert expected in msg
 
@@ -66,6 +68,11 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_job(job)
     with pytest.raises(HarnessError, match="no such job file"):
         load_job(tmp_path / "absent.yaml")
+
+
+def test_the_report_is_written_when_the_job_asks():
+    assert load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml").report is False  # the default
+    assert load_job(ROOT / "jobs" / "nightly_base.yaml").report is True
 
 
 def test_overrides_are_validated(tmp_path):
