@@ -89,6 +89,15 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class AnalysisSpec:
+    """Analyses beyond the main pass, each opt-in: they cost extra decoding."""
+
+    # per candidate model and utterance: encoder SNR, teacher-forced logits, hybrid runs, the first
+    # divergent token (harness.divergence); divergence.parquet/csv/md in the run directory
+    divergence: bool = False
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     dataset: DatasetSpec
@@ -96,6 +105,7 @@ class JobSpec:
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     thresholds: ThresholdsSpec = field(default_factory=ThresholdsSpec)
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     source_file: Path | None = None
 
     def with_overrides(
@@ -144,7 +154,7 @@ def load_job(path: str | Path) -> JobSpec:
     return replace(spec, source_file=path.resolve())
 
 
-_SECTIONS = {"name", "dataset", "models", "decoding", "cluster", "thresholds"}
+_SECTIONS = {"name", "dataset", "models", "decoding", "cluster", "thresholds", "analysis"}
 
 
 def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
@@ -178,9 +188,19 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
             if value is not None and value < 1:
                 errors.append(f"cluster.{key}: expected a positive integer, got {quote(value)}")
     thresholds = parse_thresholds(raw.get("thresholds", {}), "thresholds", errors)
-    if errors or dataset is None or models is None or decoding is None or cluster is None or thresholds is None:
+    analysis = simple(AnalysisSpec, raw.get("analysis", {}), "analysis", errors)
+    parts = (dataset, models, decoding, cluster, thresholds, analysis)
+    if errors or any(part is None for part in parts):
         return None
-    return JobSpec(name=name, dataset=dataset, models=models, decoding=decoding, cluster=cluster, thresholds=thresholds)
+    return JobSpec(
+        name=name,
+        dataset=dataset,
+        models=models,
+        decoding=decoding,
+        cluster=cluster,
+        thresholds=thresholds,
+        analysis=analysis,
+    )
 
 
 def _dataset(raw: Any, base: Path, errors: list[str]) -> DatasetSpec | None:
