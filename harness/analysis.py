@@ -263,15 +263,22 @@ def run_divergence(
         ray.kill(server)
 
 
-def write_divergence(run: RunDir) -> pd.DataFrame:
+def write_divergence(run: RunDir, candidates: Sequence[ModelCell], n_rows: int) -> pd.DataFrame:
     """divergence.parquet (every analysis row, with the run id), divergence.csv and .md (per model);
-    returns the per-model table."""
+    returns the per-model table. Exactly one row per (candidate, utterance), or it raises: a
+    scheduling bug must never pass as a result."""
     from harness.divergence import format_divergence
 
-    files = (run.path / DIVERGENCE).is_dir() and any((run.path / DIVERGENCE).iterdir())
-    rows = (run.read_raw(DIVERGENCE) if files else divergence_frame([])).assign(run_id=run.run_id)[DIVERGENCE_COLUMNS]
-    if rows.duplicated(["size", "target", "quant", "utt_id"]).any():
-        raise RuntimeError("divergence rows repeat a (model, utterance)")
+    folder = run.path / DIVERGENCE
+    rows = run.read_raw(DIVERGENCE) if any(folder.glob("*.parquet")) else divergence_frame([])  # no candidates
+    rows = rows.assign(run_id=run.run_id)[DIVERGENCE_COLUMNS]
+    counts = rows.groupby(["size", "target", "quant"]).size()
+    if (
+        rows.duplicated(["size", "target", "quant", "utt_id"]).any()
+        or sorted(counts.index) != sorted(c.as_tuple() for c in candidates)
+        or (counts != n_rows).any()
+    ):
+        raise RuntimeError(f"divergence rows per model differ from {n_rows} utterances: {counts.to_dict()}")
     summary = summarize_divergence(rows)
     write_parquet_atomic(rows, run.path / "divergence.parquet")
     summary.to_csv(run.path / "divergence.csv", index=False)

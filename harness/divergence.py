@@ -242,6 +242,12 @@ def verdict(full_exact: Sequence[bool], cand_encoder_exact: Sequence[bool], cand
 
 
 HYBRIDS = ("hybrid_cand_encoder_exact", "hybrid_cand_decoder_exact")
+# divergence.csv's columns, one row per candidate model
+SUMMARY_COLUMNS = [
+    "size", "target", "quant", "n", "analysed", "encoder_snr_mean_db", "encoder_snr_min_db", "tf_steps",
+    "tf_top1_agreement", "tf_max_abs_dlogit", "tf_mean_kl", "tf_max_kl", "exact_match", "exact_cand_encoder",
+    "exact_cand_decoder", "verdict", "reason",
+]  # fmt: skip
 
 
 def summarize_divergence(rows: pd.DataFrame) -> pd.DataFrame:
@@ -283,7 +289,7 @@ def summarize_divergence(rows: pd.DataFrame) -> pd.DataFrame:
                 "reason": f"{len(failed)} not analysed, e.g. {reasons.index[0]}" if len(failed) else "",
             }
         )
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
 
 def _max(values: pd.Series) -> float:

@@ -30,7 +30,7 @@ from harness.data import Shard
 from harness.placement import Nodes
 from harness.results import row
 from harness.spec import ModelCell
-from harness.worker import ModelWorker, WorkerSetup, worker_error
+from harness.worker import ModelWorker, worker_error
 
 PROGRESS_EVERY_S = 30.0  # one line of progress this often when stderr is not a terminal
 
@@ -39,7 +39,7 @@ PROGRESS_EVERY_S = 30.0  # one line of progress this often when stderr is not a 
 class Work:
     """One model to evaluate and the shards it still has to do."""
 
-    setup: WorkerSetup | Any  # what a worker is made with: a WorkerSetup, or an analysis pass's (has .cell)
+    setup: Any  # what its worker is made with: a WorkerSetup, or the analysis pass's setup; has `.cell`
     shards: tuple[Shard, ...]
     resource: str | None  # a board resource its workers need (None: any CPU)
 

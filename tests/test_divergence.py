@@ -149,6 +149,35 @@ def test_summary_by_hand():
     assert s["reason"] == "1 not analysed, e.g. decoded in long form"
 
 
+def test_what_is_not_analysed_says_why():
+    """From the main pass's rows: an utterance either model did not transcribe, or decoded in long
+    form, gets its reason; the others their tokens."""
+    from harness.analysis import Transcripts, transcripts_of
+    from harness.core.decoding import LONG_FORM, SHORT_FORM
+    from harness.results import raw_frame, row
+    from harness.spec import ModelCell
+
+    ref, cand = ModelCell("tiny.en", "reference", "fp32"), ModelCell("tiny.en", "onnx", "int8")
+    ok = Status.OK
+    raw = raw_frame(
+        [
+            row(ref, "a", "", ok, hyp_tokens=[1, 2], decoding=SHORT_FORM),
+            row(cand, "a", "", ok, hyp_tokens=[1, 3], decoding=SHORT_FORM),
+            row(ref, "b", "", ok, hyp_tokens=[1], decoding=LONG_FORM),
+            row(cand, "b", "", ok, hyp_tokens=[1], decoding=LONG_FORM),
+            row(ref, "c", "", Status.ERROR, "cannot decode audio"),
+            row(cand, "c", "", Status.ERROR, "cannot decode audio"),
+            row(ref, "d", "", ok, hyp_tokens=[4], decoding=SHORT_FORM),
+            row(cand, "d", "", Status.WORKER_FAILED, "HarnessError: sha256 differs"),
+        ]
+    )
+    got = transcripts_of(raw, cand)
+    assert got["a"] == Transcripts((1, 2), (1, 3))
+    assert got["b"].startswith("decoded in long form")
+    assert got["c"] == "the reference has no transcript of it (error: cannot decode audio)"
+    assert got["d"] == "the candidate has no transcript of it (worker failed: HarnessError: sha256 differs)"
+
+
 # -- real tiny.en runners on real audio ------------------------------------------------------------
 
 # short utterances (2-3.5 s): two tiny.en's int8 forms transcribe as the reference does, and two
