@@ -209,6 +209,11 @@ def _run(args: argparse.Namespace) -> int:
     result = run_job(spec, args.out, args.models, progress=not args.no_progress, resume=args.resume)
     print()
     print(format_summary(result.summary))
+    if result.divergence is not None:
+        from harness.divergence import format_divergence
+
+        print("\ndivergence from the reference (divergence.parquet has every utterance):\n")
+        print(format_divergence(result.divergence))
     print(f"\nresults: {result.run_dir}")
     where = location(args.history, args.out)
     gated = record_and_gate(result.run_dir, where, args.baseline)

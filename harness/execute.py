@@ -25,10 +25,12 @@ import pandas as pd
 from converters.matrix import prepare_cells
 from converters.registry import get_target
 from converters.store import Prepared
+from harness.analysis import run_divergence, write_divergence
 from harness.cluster import connect
 from harness.core.decoding import Dims, build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
+from harness.core.target import REFERENCE
 from harness.data import Shard, calibration_source, check_dataset, plan_shards, read_index
 from harness.node_cache import publish, start_server
 from harness.results import RunDir, RunState, fingerprint, raw_frame, row, write_json_atomic, write_parquet_atomic
@@ -64,6 +66,7 @@ class RunResult:
     run_dir: Path
     utterances: pd.DataFrame
     summary: pd.DataFrame
+    divergence: pd.DataFrame | None = None  # per candidate model, when the job asks (harness.analysis)
 
 
 class Interrupted(HarnessError):
@@ -109,11 +112,15 @@ def run_job(
         report = _execute(spec, prepared, shards, run, progress, log)
         raw = run.read_raw()
         _check_one_row_each(raw, prepared, dataset.n_rows)
+        if spec.analysis.divergence:  # needs every reference row, so after the main pass
+            report["divergence_pass"] = run_divergence(spec, prepared, run, raw, progress, log)
         utts = score_rows(raw.assign(run_id=run.run_id))
         summary = summarize(utts, {p.cell.as_tuple(): p.facts for p in prepared})
         write_parquet_atomic(utts, run.path / "utterances.parquet")
         summary.to_csv(run.path / "summary.csv", index=False)
         (run.path / "summary.md").write_text(format_summary(summary) + "\n")
+        candidates = [p.cell for p in prepared if p.cell.target != REFERENCE]
+        divergence = write_divergence(run, candidates, dataset.n_rows) if spec.analysis.divergence else None
         info = _run_info(spec, run, prepared, dataset.n_rows, started, report)
         write_json_atomic(info, run.path / "run.json")
         run.complete()
@@ -123,7 +130,7 @@ def run_job(
     except BaseException as exc:
         run.stop(RunState.FAILED, one_line(exc))
         raise
-    return RunResult(run.path, utts, summary)
+    return RunResult(run.path, utts, summary, divergence)
 
 
 def _execute(

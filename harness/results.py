@@ -92,8 +92,9 @@ def job_fingerprint(spec: JobSpec) -> dict[str, Any]:
     """The parts of a job that decide its results: not where or how fast it runs (cluster), nor the
     dataset's location (the dataset fingerprint names its contents)."""
     job = asdict(replace(spec, source_file=None))
-    # thresholds judge results and the report shows them: neither makes them
-    for part in ("cluster", "dataset", "thresholds", "report"):
+    # thresholds judge results and the report shows them: neither makes them; analyses only add
+    # their own tables (a resumed run makes those its job asks for)
+    for part in ("cluster", "dataset", "thresholds", "report", "analysis"):
         job.pop(part)
     return {**job, "shard_size": spec.cluster.shard_size}
 
@@ -159,17 +160,19 @@ class RunDir:
                 )
         self._write_state(RunState.RUNNING, resumed=[*state.get("resumed", []), _now()])
 
-    def shard_file(self, cell: ModelCell, shard_index: int) -> Path:
-        return self.path / RAW / f"{cell.label.replace('/', '__')}-shard{shard_index:05d}.parquet"
+    # `folder`: RAW for the main pass's rows, or an analysis's own folder (harness.analysis)
+    def shard_file(self, cell: ModelCell, shard_index: int, folder: str = RAW) -> Path:
+        return self.path / folder / f"{cell.label.replace('/', '__')}-shard{shard_index:05d}.parquet"
 
-    def done(self, cell: ModelCell, shard_index: int) -> bool:
-        return self.shard_file(cell, shard_index).is_file()
+    def done(self, cell: ModelCell, shard_index: int, folder: str = RAW) -> bool:
+        return self.shard_file(cell, shard_index, folder).is_file()
 
-    def write_shard(self, cell: ModelCell, shard_index: int, rows: pd.DataFrame) -> None:
-        write_parquet_atomic(rows, self.shard_file(cell, shard_index))
+    def write_shard(self, cell: ModelCell, shard_index: int, rows: pd.DataFrame, folder: str = RAW) -> None:
+        (self.path / folder).mkdir(exist_ok=True)
+        write_parquet_atomic(rows, self.shard_file(cell, shard_index, folder))
 
-    def read_raw(self) -> pd.DataFrame:
-        files = sorted((self.path / RAW).glob("*.parquet"))
+    def read_raw(self, folder: str = RAW) -> pd.DataFrame:
+        files = sorted((self.path / folder).glob("*.parquet"))
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
     def stop(self, state: RunState, reason: str) -> None:

@@ -30,7 +30,7 @@ from harness.data import Shard
 from harness.placement import Nodes
 from harness.results import row
 from harness.spec import ModelCell
-from harness.worker import ModelWorker, WorkerSetup, worker_error
+from harness.worker import ModelWorker, worker_error
 
 PROGRESS_EVERY_S = 30.0  # one line of progress this often when stderr is not a terminal
 
@@ -39,7 +39,7 @@ PROGRESS_EVERY_S = 30.0  # one line of progress this often when stderr is not a 
 class Work:
     """One model to evaluate and the shards it still has to do."""
 
-    setup: WorkerSetup
+    setup: Any  # what its worker is made with: a WorkerSetup, or the analysis pass's setup; has `.cell`
     shards: tuple[Shard, ...]
     resource: str | None  # a board resource its workers need (None: any CPU)
 
@@ -81,6 +81,12 @@ class Worker:
 
 
 ShardDone = Callable[[ModelCell, Shard, list[dict[str, Any]]], None]
+# the row of an utterance no worker decoded: (model, utt id, reference text, status, reason, attempt)
+FailureRow = Callable[[ModelCell, str, str, Status, str, int], dict[str, Any]]
+
+
+def raw_failure_row(cell: ModelCell, utt_id: str, text: str, status: Status, reason: str, attempt: int) -> dict:
+    return row(cell, utt_id, text, status, reason, attempt=attempt)
 
 
 class Scheduler:
@@ -92,11 +98,17 @@ class Scheduler:
         index: Callable[[], tuple[list[str], list[str]]],
         progress: bool,
         log: Callable[[str], None] = print,
+        worker: type = ModelWorker,
+        failure_row: FailureRow = raw_failure_row,
     ) -> None:
+        """`worker`: the actor class, made with a `Work.setup`, with `ready`, `peak_rss_mb` and a
+        `run_shard(shard, skip, attempt)` generator of rows; `failure_row` makes its kind of row
+        for the utterances it could not do."""
         import ray
 
         self.ray = ray
         self.options, self.on_shard, self.index, self.log = options, on_shard, index, log
+        self.failure_row = failure_row
         self.work = {w.cell.label: w for w in work}
         self.pending = {w.cell.label: deque(Task(s) for s in w.shards) for w in work}
         self.remaining = {w.cell.label: sum(s.stop - s.start for s in w.shards) for w in work}
@@ -105,7 +117,7 @@ class Scheduler:
         self.failures: list[dict[str, Any]] = []
         self.finished_workers: list[dict[str, Any]] = []
         self.nodes = Nodes(options.threads, options.slots, log)
-        self.remote = ray.remote(ModelWorker)
+        self.remote = ray.remote(worker)
         self.progress = progress
         self.bars = self._bars(progress)
         self.last_line = time.monotonic()
@@ -326,7 +338,8 @@ class Scheduler:
         start = task.shard.start + len(task.rows)
         cell = self.work[label].cell
         rows = task.rows + [
-            row(cell, ids[i], texts[i], status, reason, attempt=task.attempt) for i in range(start, task.shard.stop)
+            self.failure_row(cell, ids[i], texts[i], status, reason, task.attempt)
+            for i in range(start, task.shard.stop)
         ]
         self.remaining[label] -= task.shard.stop - start
         self.on_shard(cell, task.shard, rows)

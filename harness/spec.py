@@ -89,6 +89,15 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class AnalysisSpec:
+    """Analyses beyond the main pass, each opt-in: they cost extra decoding."""
+
+    # per candidate model and utterance: encoder SNR, teacher-forced logits, hybrid runs, the first
+    # divergent token (harness.divergence); divergence.parquet/csv/md in the run directory
+    divergence: bool = False
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     dataset: DatasetSpec
@@ -97,6 +106,7 @@ class JobSpec:
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     thresholds: ThresholdsSpec = field(default_factory=ThresholdsSpec)
     report: bool = False  # write report.html into the run folder once the run is recorded and gated
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     source_file: Path | None = None
 
     def with_overrides(
@@ -145,7 +155,7 @@ def load_job(path: str | Path) -> JobSpec:
     return replace(spec, source_file=path.resolve())
 
 
-_SECTIONS = {"name", "dataset", "models", "decoding", "cluster", "thresholds", "report"}
+_SECTIONS = {"name", "dataset", "models", "decoding", "cluster", "thresholds", "report", "analysis"}
 
 
 def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
@@ -182,7 +192,9 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
     report = raw.get("report", False)
     if not isinstance(report, bool):
         errors.append(f"report: expected true or false, got {quote(report)}")
-    if errors or dataset is None or models is None or decoding is None or cluster is None or thresholds is None:
+    analysis = simple(AnalysisSpec, raw.get("analysis", {}), "analysis", errors)
+    parts = (dataset, models, decoding, cluster, thresholds, analysis)
+    if errors or any(part is None for part in parts):
         return None
     return JobSpec(
         name=name,
@@ -192,6 +204,7 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
         cluster=cluster,
         thresholds=thresholds,
         report=report,
+        analysis=analysis,
     )
 
 

@@ -21,7 +21,7 @@ from harness.core.decoding import DecodingOptions, Dims, Prompt, TooLong, tokeni
 from harness.core.errors import one_line
 from harness.core.longform import transcribe
 from harness.core.status import Status
-from harness.core.target import DEFAULT_THREADS, Unavailable
+from harness.core.target import DEFAULT_THREADS, Runner, Unavailable
 from harness.data import Shard, read_shard
 from harness.node_cache import PublishedArtifact, materialise
 from harness.results import row
@@ -52,22 +52,11 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if os.uname().sysname == "Darwin" else 2**10)
 
 
-class ModelWorker:
-    """Wrapped with ray.remote by the driver; plain class so it is testable without Ray."""
+class Loaded:
+    """What the scheduler asks of every kind of worker once it has loaded its models."""
 
-    def __init__(self, setup: WorkerSetup) -> None:
-        started = time.perf_counter()
-        prepare_worker_threads(setup.threads)
-        artifact = materialise(setup.artifact)  # into this node's cache, or reused there: checksums checked
-        self.setup = setup
-        target = get_target(artifact.target)
-        self.runner = target.runner(artifact, setup.threads)
-        self.runtime = self.runner.runtime or artifact.manifest.get("runtime") or target.runtime
-        self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
-        self.node = f"{socket.gethostname()}/{_ray_node_id()[:8]}"
-        self.cpu = cpu_description()
-        warm_up(self.runner, setup.dims, setup.prompt)
-        self.load_s = time.perf_counter() - started
+    node: str  # host/Ray node
+    load_s: float  # seconds spent loading
 
     def ready(self) -> dict[str, Any]:
         """What the driver records of a loaded worker (model load cost, memory, where it runs)."""
@@ -76,10 +65,39 @@ class ModelWorker:
     def peak_rss_mb(self) -> float:
         return round(peak_rss_mb())
 
+
+def load_runner(published: PublishedArtifact, threads: int) -> Runner:
+    """The artifact's runner on this node: fetched into its cache, or reused there (checksums checked)."""
+    artifact = materialise(published)
+    target = get_target(artifact.target)
+    runner = target.runner(artifact, threads)
+    # what executes it, said in every row: the runner's choice (a board's NPU), else the artifact's label
+    runner.runtime = runner.runtime or artifact.manifest.get("runtime") or target.runtime
+    return runner
+
+
+def node_name() -> str:
+    return f"{socket.gethostname()}/{_ray_node_id()[:8]}"
+
+
+class ModelWorker(Loaded):
+    """Wrapped with ray.remote by the driver; plain class so it is testable without Ray."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        started = time.perf_counter()
+        prepare_worker_threads(setup.threads)
+        self.setup = setup
+        self.runner = load_runner(setup.artifact, setup.threads)
+        self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
+        self.node = node_name()
+        self.cpu = cpu_description()
+        warm_up(self.runner, setup.dims, setup.prompt)
+        self.load_s = time.perf_counter() - started
+
     def run_shard(self, shard: Shard, skip: int = 0, attempt: int = 0) -> Iterator[dict[str, Any]]:
         """One row per utterance of `shard`, after the first `skip` (a retry's rows already in)."""
         cell = self.setup.cell
-        where = {"node": self.node, "cpu": self.cpu, "runtime": self.runtime, "attempt": attempt}
+        where = {"node": self.node, "cpu": self.cpu, "runtime": self.runner.runtime, "attempt": attempt}
         for utt in read_shard(self.setup.dataset, Shard(shard.index, shard.start + skip, shard.stop)):
             if utt.audio is None:
                 yield row(cell, utt.utt_id, utt.text, Status.ERROR, utt.error, **where)

@@ -37,6 +37,8 @@ decodng: {}
 cluster:
   slots: two
 report: always
+analysis:
+  divergense: true
 """
 
 
@@ -57,8 +59,25 @@ def test_bad_job_reports_every_problem_with_its_path(tmp_path):
         "decodng: unknown key (did you mean 'decoding'?)",
         "cluster.slots: expected int or None, got 'two'",
         "report: expected true or false, got 'always'",
+        "analysis.divergense: unknown key (did you mean 'divergence'?)",
     ):
         assert expected in msg
+
+
+def test_analysis_is_opt_in_and_checked(tmp_path):
+    spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml")
+    assert spec.analysis.divergence is False
+    job = tmp_path / "job.yaml"
+    data = ROOT / "data" / "librispeech-eval"
+    job.write_text(f"name: j\ndataset: {{path: {data}}}\nanalysis: {{divergence: true}}\n")
+    assert load_job(job).analysis.divergence is True
+    for bad, expected in (
+        ("{divergence: 'yes'}", "analysis.divergence: expected bool, got 'yes'"),
+        ("true", "analysis: expected a mapping, got bool"),
+    ):
+        job.write_text(f"name: j\ndataset: {{path: {data}}}\nanalysis: {bad}\n")
+        with pytest.raises(HarnessError, match=expected):
+            load_job(job)
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):

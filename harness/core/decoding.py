@@ -165,11 +165,27 @@ def greedy_decode(runner: Runner, audio: np.ndarray, dims: Dims, prompt: Prompt)
     t1 = time.perf_counter()
     features = runner.encode(mel)
     t2 = time.perf_counter()
+    tokens, steps = decode_features(runner, features, prompt)
+    return Decoded(tokens, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3, steps)
+
+
+def decode_features(runner: Runner, features: Any, prompt: Prompt) -> tuple[tuple[int, ...], int]:
+    """Greedy decoding of one window's audio features: the shared loop, or the engine's own
+    `generate` under the same prompt. Returns the sampled tokens (prompt and EOT stripped) and the
+    decoder steps taken."""
     if isinstance(runner, SelfDecodingRunner):
-        text_tokens, steps = runner.generate(features, prompt)
-        return Decoded(tuple(text_tokens), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3, steps)
+        tokens, steps = runner.generate(features, prompt)
+        return tuple(tokens), steps
     out = sample(runner, features, prompt)
-    return Decoded(out.tokens, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3, out.n_steps)
+    return out.tokens, out.n_steps
+
+
+def suppress(logits: np.ndarray, prompt: Prompt, first_step: bool) -> None:
+    """Mask, in place, what the prompt never samples, and at the first sampled step also what it
+    never samples first (blank, EOT)."""
+    if first_step:
+        logits[np.asarray(prompt.suppress_at_begin)] = -np.inf
+    logits[np.asarray(prompt.suppress)] = -np.inf
 
 
 def sample(runner: Runner, features: Any, prompt: Prompt) -> Sampled:
@@ -179,8 +195,6 @@ def sample(runner: Runner, features: Any, prompt: Prompt) -> Sampled:
     import torch.nn.functional as F
 
     tokens = list(prompt.tokens)
-    suppress = np.array(prompt.suppress)
-    suppress_at_begin = np.array(prompt.suppress_at_begin)
     cache = first_logits = None
     steps = 0
     # whisper.decoding.GreedyDecoder's float32 sum, read by long form's no-speech rule
@@ -191,9 +205,7 @@ def sample(runner: Runner, features: Any, prompt: Prompt) -> Sampled:
         logits = np.array(raw, dtype=np.float32, copy=True)
         if first_logits is None:  # kept unmasked; a copy, since a runner may reuse its output buffer
             first_logits = logits.copy()
-        if len(tokens) == len(prompt.tokens):
-            logits[suppress_at_begin] = -np.inf
-        logits[suppress] = -np.inf
+        suppress(logits, prompt, first_step=len(tokens) == len(prompt.tokens))
         if prompt.timestamps is not None:
             apply_timestamp_rules(logits, tokens[len(prompt.tokens) :], prompt.timestamps)
         token = int(logits.argmax())
