@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 from harness.core.errors import HarnessError, one_line
@@ -47,6 +49,13 @@ def connect(cluster: ClusterSpec, log: Callable[[str], None] = print) -> None:
 
     if ray.is_initialized():
         return
+    with _sigterm_kept():
+        _start_or_join(cluster, log)
+
+
+def _start_or_join(cluster: ClusterSpec, log: Callable[[str], None]) -> None:
+    import ray
+
     if cluster.address is None:
         with _single_host():
             # "local": a cluster of its own, never one another process started on this machine
@@ -142,6 +151,19 @@ def _refused_for_auth(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """ray.init replaces the process's SIGTERM handler with one that exits at once; the caller's
+    (the CLI stops a run on SIGTERM as on Ctrl-C, keeping its work) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,10 @@ class NodeInfo:
     def board_free(self, resource: str) -> bool:
         return self.boards_used.get(resource, 0) < self.resources.get(resource, 0)
 
+    def boards_free(self, resources: set[str]) -> int:
+        """Units of `resources` on this node no worker holds."""
+        return sum(int(self.resources.get(r, 0)) - self.boards_used.get(r, 0) for r in resources)
+
 
 class Nodes:
     def __init__(self, threads: int, slots: int | None, log: Callable[[str], None]) -> None:
@@ -83,12 +87,16 @@ class Nodes:
             return f"no node of the cluster has a CPU for a {self.threads}-thread worker"
         return None
 
-    def place(self, resource: str | None) -> NodeInfo | None:
-        """The freest node a new worker may go to (a board's node when it needs one and one exists)."""
+    def place(self, resource: str | None, wanted: set[str] = frozenset()) -> NodeInfo | None:
+        """The freest node a new worker may go to: a board's node when it needs one and one exists.
+        Slots a board node needs for the boards of `wanted` resources (models waiting for one) are
+        kept for them, so a CPU model cannot take the only slot of a board a board model waits for."""
         candidates = [n for n in self.nodes.values() if not n.set_aside and n.used < n.slots]
         if resource and self.has_board(resource):
             candidates = [n for n in candidates if n.board_free(resource)]
-        return max(candidates, key=lambda n: n.slots - n.used, default=None)
+            return max(candidates, key=lambda n: n.slots - n.used, default=None)
+        spare = {n.node_id: n.slots - n.used - n.boards_free(wanted) for n in candidates}
+        return max((n for n in candidates if spare[n.node_id] > 0), key=lambda n: spare[n.node_id], default=None)
 
     def take(self, node: NodeInfo, resource: str | None) -> dict[str, float]:
         """Book a slot (and a board) on `node`; the Ray resources the worker asks for."""

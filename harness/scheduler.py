@@ -160,11 +160,14 @@ class Scheduler:
             ]
             if not waiting:
                 return
-            label = max(waiting, key=lambda m: self._work_left(m) / (1 + self._workers_of(m)))
-            node = self.nodes.place(self.work[label].resource)
-            if node is None:
-                return
-            self._start(label, node)
+            # boards that models with work waiting need: a CPU model does not take their slots
+            wanted = {r for m in waiting if (r := self.work[m].resource) and self.nodes.has_board(r)}
+            for label in sorted(waiting, key=lambda m: self._work_left(m) / (1 + self._workers_of(m)), reverse=True):
+                if node := self.nodes.place(self.work[label].resource, wanted):
+                    self._start(label, node)
+                    break
+            else:
+                return  # no waiting model fits a free slot
 
     def _unclaimed(self, label: str) -> int:
         """Pending shards of a model beyond those its idle-or-loading workers will take next."""

@@ -15,13 +15,15 @@ from harness.cluster import NO_AUTH_WARNING
 from tests.conftest import ROOT
 
 EMBEDDED = """
-import os, sys
+import os, signal, sys
 from harness.cluster import connect
 from harness.spec import ClusterSpec
+signal.signal(signal.SIGTERM, signal.default_int_handler)  # as `run` does: SIGTERM stops a run as Ctrl-C
 connect(ClusterSpec())
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 print("token", is_token_auth_enabled())
 print("pid", os.getpid())
+print("sigterm", signal.getsignal(signal.SIGTERM) is signal.default_int_handler)
 sys.stdout.flush()
 sys.stdin.read()  # stay up until the test has read the sockets
 """
@@ -86,17 +88,19 @@ def _descendants(root: int) -> set[int]:
     return family
 
 
-def test_the_embedded_cluster_listens_on_loopback_only_with_token_auth():
+def test_the_embedded_cluster_listens_on_loopback_only_with_token_auth_and_sigterm_stays_ours():
     proc = subprocess.Popen(
         [sys.executable, "-c", EMBEDDED], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
     try:
         assert proc.stdout is not None
         token, pid = proc.stdout.readline().split()[1], int(proc.stdout.readline().split()[1])
+        sigterm = proc.stdout.readline().split()[1]
         sockets = _listening(_descendants(pid))
     finally:
         proc.communicate("", timeout=60)
     assert token == "True"
+    assert sigterm == "True"  # ray.init's own SIGTERM handler (exit at once) did not stay
     assert len(sockets) >= 3, sockets  # GCS, raylet, workers: what is checked was found
     assert all(s.startswith("127.0.0.1:") for s in sockets), sockets
 

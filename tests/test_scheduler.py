@@ -192,3 +192,24 @@ def test_a_board_target_no_node_offers_is_unavailable_at_once(ray_local, tiny_ar
     assert time.monotonic() - started < 60 and not report["workers"]
     assert len(rows) == LIMIT and {r["status"] for r in rows} == {"unavailable"}
     assert "no node advertises the 'mediatek' resource" in rows[0]["error"]
+
+
+def test_a_cpu_model_leaves_a_board_node_its_slot_while_a_board_model_waits():
+    """A board node with one CPU and one `mediatek` unit: while an mtk model waits for it, the CPU
+    models go elsewhere (or wait); once the board's model holds the board, its node's spare CPUs
+    are anyone's."""
+    from harness.placement import NodeInfo, Nodes
+
+    nodes = Nodes.__new__(Nodes)  # the placement rules alone, on nodes described by hand
+    head = NodeInfo("head", "host", {"CPU": 1}, slots=1)
+    board = NodeInfo("board", "host", {"CPU": 2, "mediatek": 1}, slots=2)
+    nodes.nodes = {"head": head, "board": board}
+    wanted = {"mediatek"}
+    assert nodes.place(None, wanted) is head  # the freest node would be the board's
+    nodes.take(head, None)
+    assert nodes.place(None, wanted) is board  # 2 slots, 1 kept for the board's model
+    nodes.take(board, None)
+    assert nodes.place(None, wanted) is None  # the last slot is the board model's
+    assert nodes.place("mediatek", wanted) is board
+    nodes.take(board, "mediatek")
+    assert nodes.place(None, set()) is None and board.boards_used == {"mediatek": 1}
