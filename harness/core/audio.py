@@ -24,9 +24,14 @@ FULL_AUDIO_CTX = N_FRAMES // 2
 FRAMES_PER_POSITION = N_FRAMES // FULL_AUDIO_CTX
 
 
+def mel_frames(audio_ctx: int) -> int:
+    """Mel frames the encoder takes at `audio_ctx` (N_FRAMES at the full 1500)."""
+    return audio_ctx * FRAMES_PER_POSITION
+
+
 def window_samples(audio_ctx: int) -> int:
     """Samples of audio the encoder sees at `audio_ctx` (N_SAMPLES at the full 1500)."""
-    return audio_ctx * FRAMES_PER_POSITION * HOP_LENGTH
+    return mel_frames(audio_ctx) * HOP_LENGTH
 
 
 def decode_audio(source: str | io.BytesIO) -> np.ndarray:
@@ -51,7 +56,7 @@ def log_mel(audio: np.ndarray, n_mels: int, audio_ctx: int = FULL_AUDIO_CTX) -> 
     import whisper
 
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), n_mels)
-    return np.ascontiguousarray(mel.numpy()[None, :, : audio_ctx * FRAMES_PER_POSITION])
+    return np.ascontiguousarray(mel.numpy()[None, :, : mel_frames(audio_ctx)])
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ class Runner(ABC):
 
     @abstractmethod
     def encode(self, mel: np.ndarray) -> Any:
-        """mel float32 [1, n_mels, N_FRAMES] → audio features, in whatever form `step` takes."""
+        """mel float32 [1, n_mels, 2 x audio_ctx] (3000 frames at the full context) → audio
+        features, in whatever form `step` takes."""
 
     @abstractmethod
     def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
@@ -125,11 +126,11 @@ Converter = Callable[["Checkpoint", "Whisper", str, Path, Sequence[np.ndarray]],
 
 
 def encoder_io(dims: Any, mel: str = "mel", features: str = "audio_features") -> dict[str, Any]:
-    """The manifest's description of an encoder: mel [1, n_mels, N_FRAMES] → [1, n_audio_ctx, d]."""
-    from harness.core.audio import N_FRAMES
+    """The manifest's description of an encoder: mel [1, n_mels, 2 x n_audio_ctx] → [1, n_audio_ctx, d]."""
+    from harness.core.audio import mel_frames
 
     return {
-        "inputs": {mel: [1, dims.n_mels, N_FRAMES]},
+        "inputs": {mel: [1, dims.n_mels, mel_frames(dims.n_audio_ctx)]},
         "outputs": {features: [1, dims.n_audio_ctx, dims.n_audio_state]},
     }
 
