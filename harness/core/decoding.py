@@ -135,8 +135,12 @@ class Detection:
 def detect_language(runner: Runner, features: Any, dims: Dims) -> Detection:
     """whisper's `Whisper.detect_language` on any runner, with its own decoder: the logits of one
     `step` on `<|startoftranscript|>`, every token but the languages masked, the most likely
-    language and its softmax probability (computed in torch, as whisper does)."""
+    language and its softmax probability (computed in torch, as whisper does). An engine that
+    decodes by itself detects by its own means (`SelfDecodingRunner.detect_language`)."""
     import torch
+
+    if isinstance(runner, SelfDecodingRunner):
+        return Detection(*runner.detect_language(features))
 
     tok = tokenizer_for(dims, DecodingOptions(language=AUTO))
     raw, _ = runner.step([tok.sot], features, None)

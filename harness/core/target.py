@@ -94,7 +94,14 @@ class Runner(ABC):
 
 class SelfDecodingRunner(Runner):
     """An engine that decodes only by itself (e.g. CTranslate2): `generate` under the `Prompt`'s
-    rules; its `step` (teacher-forced logits) serves the parity check only."""
+    rules, `detect_language` by its own means; its `step` (teacher-forced logits) serves the
+    parity check only."""
+
+    @abstractmethod
+    def detect_language(self, audio_features: Any) -> tuple[str, float]:
+        """The most likely spoken language (whisper's code) and its probability, as whisper's
+        `detect_language` defines them, by the engine's own detection: such an engine's `step`
+        need not score language tokens (CTranslate2 masks them)."""
 
     @abstractmethod
     def generate(self, audio_features: Any, prompt: Prompt) -> tuple[list[int], int]:
