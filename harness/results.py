@@ -86,6 +86,8 @@ class RunState(str, Enum):
 def dataset_fingerprint(spec: DatasetSpec, n_rows: int) -> dict[str, Any]:
     """What identifies the utterances a run evaluates: their metadata's bytes, or the hub id."""
     facts: dict[str, Any] = {"split": spec.split, "limit": spec.limit, "rows": n_rows}
+    if spec.language_column is not None:  # it decides what each utterance is decoded in
+        facts["language_column"] = spec.language_column
     if spec.path is not None:
         meta = next(p for p in (spec.path / "metadata.jsonl", spec.path / "metadata.csv") if p.is_file())
         facts["metadata_sha256"] = file_sha256(meta)

@@ -18,6 +18,7 @@ from harness.core.decoding import DecodingOptions, Dims, TooLong, build_prompt, 
 from harness.core.errors import HarnessError
 from harness.core.longform import transcribe
 from harness.spec import load_job
+from tests.conftest import language_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,15 +129,17 @@ def test_sweep_job_makes_a_model_per_context():
 
 @pytest.fixture(scope="module")
 def sweep_run(tiny_artifacts, models_root, tmp_path_factory):
-    """The sweep on tiny.en (reference and torchscript-mtk at 1500 and 750), three utterances."""
+    """The sweep on tiny.en (reference and torchscript-mtk at 1500 and 750) over three utterances
+    whose dataset names their languages: en, English and de (which English-only tiny.en refuses)."""
     from harness.execute import run_job
     from tests.conftest import embedded_ray
 
     embedded_ray()
     out = tmp_path_factory.mktemp("sweep")
+    data = language_folder(tmp_path_factory.mktemp("data"), ["en", "English", "de"])
     job = out / "sweep.yaml"
     job.write_text(
-        f"name: sweep\ndataset: {{path: {ROOT / 'data' / 'librispeech-eval'}, limit: 3}}\n"
+        f"name: sweep\ndataset: {{path: {data}, language_column: lang}}\n"
         "models: {sizes: [tiny.en], targets: {torchscript-mtk: [fp32]}}\n"
         "decoding: {audio_ctx: [1500, 750]}\ncluster: {shard_size: 3}\n"
     )
@@ -158,8 +161,15 @@ def test_every_table_carries_the_audio_context(sweep_run, tmp_path):
     assert set(raw["audio_ctx"]) == {750, 1500}
     # every row at 750 compared with the reference at 1500: its tokens are the divergence's reference
     full = utts[(utts["target"] == "reference") & (utts["audio_ctx"] == 1500)].set_index("utt_id")["hyp_tokens"]
-    for _, row in utts[utts["audio_ctx"] == 750].iterrows():
+    for _, row in utts[(utts["audio_ctx"] == 750) & (utts["status"] == "ok")].iterrows():
         assert list(row["reference_tokens"]) == list(full[row["utt_id"]])
+    # the dataset's languages: decoded in English, the German one refused by English-only tiny.en
+    german = utts["ref_language"] == "de"
+    assert set(utts.loc[german, "status"]) == {"unavailable"}
+    assert set(utts.loc[german, "error"]) == {"tiny.en is English-only: it cannot take language 'de'"}
+    assert set(utts.loc[~german, "ref_language"]) == {"en"} and set(utts.loc[~german, "language"]) == {"en"}
+    assert utts["detected_language"].isna().all() and set(utts["scoring_language"]) == {"en", "de"}
+    assert list(summary["errors"]) == [1, 1, 1, 1]
     with History(str(tmp_path / "h.sqlite")) as history:  # the models table is keyed on audio_ctx
         history.add(read_run(sweep_run.run_dir))
         models = history.models(sweep_run.run_dir.name)
@@ -191,3 +201,16 @@ def test_a_model_at_750_is_never_gated_against_its_1500_baseline(nightly_run, tm
     assert checks["tiny.en/torchscript-mtk/fp32"].regressions[0].startswith("missing from the candidate")
     assert checks["tiny.en/torchscript-mtk/fp32@ctx750"].notes == ("new: not in the baseline",)
     assert checks["tiny.en/reference/fp32"].regressions == ()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "target", ["torchscript", "onnx", "torchscript-mtk", "transformers", "ctranslate2", "mtk", "coreml"]
+)
+def test_every_converted_target_is_built_for_750(target, tiny_checkpoint, models_root):
+    """Each converted form at 750 (tflite: above): its own key, the trimmed dims, parity passed
+    against the reference at 750 (Core ML's measured in PyTorch off macOS)."""
+    artifact, _ = ensure(tiny_checkpoint, "tiny.en", target, "fp32", models_root, audio_ctx=750)
+    assert artifact.manifest["key"] != artifact_key(tiny_checkpoint, target, "fp32")[0]
+    assert artifact.manifest["dims"]["n_audio_ctx"] == 750 and artifact.manifest["status"] == "ok"
+    assert artifact.manifest["parity"]["top1_agreement"] == 1.0

@@ -8,8 +8,6 @@ the shipped English LibriSpeech audio: detection must say English, with high pro
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import jiwer
@@ -26,6 +24,7 @@ from harness.results import RAW_COLUMNS, raw_frame
 from harness.scoring import CER_LANGUAGES, headline, normalize, score_rows
 from harness.spec import load_job
 from harness.summary import summarize
+from tests.conftest import language_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = ("1089-134686-0001", "1089-134691-0000", "1089-134691-0001")  # three short test-clean clips
@@ -75,12 +74,7 @@ def test_language_column_is_read_and_checked(tmp_path):
     from harness.data import check_dataset, count_rows, plan_shards, read_shard
     from harness.spec import DatasetSpec
 
-    src = ROOT / "data" / "librispeech-eval"
-    rows = [json.loads(line) for line in (src / "metadata.jsonl").read_text().splitlines()[:4]]
-    for row, language in zip(rows, ["en", "English", "xx", None], strict=True):
-        shutil.copy(src / row["file_name"], tmp_path / Path(row["file_name"]).name)
-        row.update(file_name=Path(row["file_name"]).name, lang=language)
-    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    language_folder(tmp_path, ["en", "English", "xx", None])
     spec = DatasetSpec(path=tmp_path, language_column="lang")
     check = check_dataset(spec)
     assert len(check.unreadable) == 2 and "language 'xx' in column 'lang'" in check.unreadable[0]

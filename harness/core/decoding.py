@@ -48,7 +48,6 @@ class DecodingOptions:
 
 
 AUTO = "auto"  # decoding.language: detect each utterance's language and decode in it
-ENGLISH_ONLY = "English-only"
 
 
 def english_only_refusal(options: DecodingOptions) -> str | None:
@@ -56,10 +55,9 @@ def english_only_refusal(options: DecodingOptions) -> str | None:
     or task tokens, so it neither detects, nor transcribes another language, nor translates."""
     from whisper.tokenizer import TO_LANGUAGE_CODE
 
-    language = TO_LANGUAGE_CODE.get(options.language.lower(), options.language.lower())
     if options.language == AUTO:
         return "language auto (detection)"
-    if language != "en":
+    if TO_LANGUAGE_CODE.get(options.language.lower(), options.language.lower()) != "en":
         return f"language {options.language!r}"
     if options.task != "transcribe":
         return f"task {options.task!r}"
@@ -117,7 +115,7 @@ def tokenizer_for(dims: Dims, options: DecodingOptions):  # -> whisper.tokenizer
 
     if not dims.multilingual:
         if refused := english_only_refusal(options):
-            raise HarnessError(f"decoding: an {ENGLISH_ONLY} model cannot take {refused}")
+            raise HarnessError(f"decoding: an English-only model cannot take {refused}")
         return get_tokenizer(False, num_languages=dims.num_languages)
     # `auto` before detection (the tokens every language shares: SOT, the language table)
     language = "en" if options.language == AUTO else options.language
