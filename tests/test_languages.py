@@ -231,3 +231,18 @@ def test_english_only_model_records_no_detection(reference, tiny_dims, embedded_
     out = transcribe(reference, embedded_utterances[0].audio, tiny_dims, DecodingOptions())
     assert out.costs()["language"] == "en" and out.detection is None
     assert pd.isna(out.costs()["detected_language"])
+
+
+@pytest.mark.slow
+def test_long_form_auto_equals_whisper_transcribe(base):
+    """Long form detects once, on the file's first window, as whisper.transcribe(language=None)."""
+    import whisper
+
+    from harness.data import Shard, read_shard
+    from harness.spec import DatasetSpec
+
+    (utt,) = read_shard(DatasetSpec(path=ROOT / "data" / "librispeech-longform"), Shard(0, 0, 1))
+    ours = transcribe(base["runner"], utt.audio, base["dims"], DecodingOptions(language=AUTO))
+    theirs = whisper.transcribe(base["model"], utt.audio, temperature=0.0, condition_on_previous_text=True, fp16=False)
+    assert list(ours.tokens) == [t for segment in theirs["segments"] for t in segment["tokens"]]
+    assert ours.language == theirs["language"] == "en" and ours.n_windows > 1
