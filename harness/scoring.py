@@ -73,7 +73,7 @@ def scoring_language(task: object, ref_language: object, reference_language: obj
     """Whose rules score an utterance: English for a translation (its output is English), else the
     dataset's language, else the language the size's reference decoded it in (so every model of a
     size normalises the same reference text), else its own, else English."""
-    if task == "translate":
+    if isinstance(task, str) and task == "translate":  # rows a failed worker left have none
         return ENGLISH
     for language in (ref_language, reference_language, own):
         if isinstance(language, str) and language:
