@@ -85,8 +85,8 @@ class ModelWorker:
         cell, dims = self.setup.cell, self.setup.dims
         for utt in read_shard(self.setup.dataset, Shard(shard.index, shard.start + skip, shard.stop)):
             options = self.options_for(utt.language)
-            where = {"node": self.node, "cpu": self.cpu, "attempt": attempt, "ref_language": utt.language}
-            where["task"] = options.task
+            where = {"node": self.node, "cpu": self.cpu, "attempt": attempt}
+            where.update(ref_language=utt.language, task=options.task)
             if utt.audio is None:
                 yield row(cell, utt.utt_id, utt.text, Status.ERROR, utt.error, **where)
                 continue
