@@ -30,7 +30,7 @@ from whisper.model import Whisper
 from converters import parity
 from converters.ane_host import AneHost, TorchAneRunner
 from converters.ane_model import WhisperANE, from_whisper, vocab_chunks
-from harness.core.audio import N_FRAMES
+from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.decoding import Dims, build_prompt
 from harness.core.target import DEFAULT_THREADS, Artifact, Target, Tolerance, Unavailable
@@ -54,7 +54,7 @@ def runtime_unavailable() -> str | None:
 
 def _example_inputs(ane: WhisperANE) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     d = ane.dims
-    mel = torch.zeros(1, d.n_mels, N_FRAMES)
+    mel = torch.zeros(1, d.n_mels, mel_frames(d.n_audio_ctx))
     cache = torch.zeros(d.n_text_layer, d.n_text_state, 1, d.n_text_ctx)
     cross = torch.zeros(d.n_text_layer, d.n_text_state, 1, d.n_audio_ctx)
     token, position = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)

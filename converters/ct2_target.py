@@ -171,6 +171,13 @@ class CTranslate2Runner(SelfDecodingRunner):
         # unless the length limit stopped it first
         return tokens, min(len(tokens) + 1, limit)
 
+    def detect_language(self, audio_features: Any) -> tuple[str, float]:
+        """CTranslate2's own detection (whisper's: a softmax over the language tokens' logits
+        after SOT); its `generate`, and so `step`, gives every language token the same masked
+        logit after SOT, so the shared step-based detection cannot run on it."""
+        ((token, probability), *_), *_ = self.model.detect_language(audio_features)
+        return token.removeprefix("<|").removesuffix("|>"), float(probability)
+
     def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
         # no suppression: parity compares raw logits
         result = self._generate(

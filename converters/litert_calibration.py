@@ -51,14 +51,16 @@ def calibration_sets(
     dims = Dims.of(model_dims)
     prompt = build_prompt(dims)
     recorder = _recording(runner)(float_artifact)
+    # inputs, not transcripts, are wanted: of a long utterance, the part the encoder sees
+    audio = [a[: dims.window_samples] for a in audio]
 
     def encoder() -> Iterator[list[dict]]:
         for a in audio:
-            yield [{"mel": log_mel(a, dims.n_mels)}]
+            yield [{"mel": log_mel(a, dims.n_mels, dims.n_audio_ctx)}]
 
     def cross_kv() -> Iterator[list[dict]]:
         for a in audio:
-            yield [{"audio_features": recorder.encode(log_mel(a, dims.n_mels))}]
+            yield [{"audio_features": recorder.encode(log_mel(a, dims.n_mels, dims.n_audio_ctx))}]
 
     def decoder() -> Iterator[list[dict]]:
         for a in audio:

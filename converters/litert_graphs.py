@@ -1,6 +1,7 @@
 """The LiteRT forms' graphs: fixed shapes throughout, a static self-attention cache the host owns.
 
-- `encoder.tflite`: mel [1, n_mels, N_FRAMES] → audio_features [1, n_audio_ctx, d];
+- `encoder.tflite`: mel [1, n_mels, 2 x n_audio_ctx] → audio_features [1, n_audio_ctx, d] (fixed:
+  an artifact per `decoding.audio_ctx`, each with its own store key);
 - `cross_kv.tflite`: audio_features → every layer's cross-attention keys (prescaled) and values,
   computed once per utterance instead of once per token;
 - `decoder.tflite`: one token per call against a static self-attention KV cache of n_text_ctx
@@ -20,7 +21,7 @@ from torch import nn
 from whisper.model import Whisper
 
 from converters.blocks import CrossKV, DecoderBlock
-from harness.core.audio import N_FRAMES
+from harness.core.audio import mel_frames
 
 ENCODER, CROSS_KV, DECODER = "encoder.tflite", "cross_kv.tflite", "decoder.tflite"
 CACHE_INPUTS = ("mask", "k_cache", "v_cache", "cross_k", "cross_v")
@@ -113,7 +114,7 @@ def audio_parts(model: Whisper) -> dict[str, Part]:
     """The encoder and cross-attention graphs, the same in every LiteRT form."""
     d = model.dims
     return {
-        ENCODER: (EncoderGraph(model), {"mel": torch.zeros(1, d.n_mels, N_FRAMES)}),
+        ENCODER: (EncoderGraph(model), {"mel": torch.zeros(1, d.n_mels, mel_frames(d.n_audio_ctx))}),
         CROSS_KV: (CrossKVGraph(model), {"audio_features": torch.zeros(1, d.n_audio_ctx, d.n_audio_state)}),
     }
 

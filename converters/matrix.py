@@ -14,6 +14,7 @@ import pandas as pd
 
 from converters.registry import TARGETS, get_target
 from converters.store import Cell, Prepared, prepare
+from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.checkpoint import OFFICIAL_NAMES, Checkpoint, WeightsError, resolve_checkpoint
 from harness.core.errors import HarnessError, did_you_mean
 from harness.core.status import Status
@@ -35,13 +36,19 @@ def expand(sizes: str, targets: str, quants: str) -> list[Cell]:
     return [(s, t, q) for s in size_list for t in target_list for q in TARGETS[t].quants if q in quant_list]
 
 
+# a cell at an audio context (`decoding.audio_ctx`): (size, target, quant, audio_ctx)
+ContextCell = tuple[str, str, str, int]
+
+
 def prepare_cells(
-    cells: Iterable[Cell], root: Path, calibration: CalibrationSource | None = None
+    cells: Iterable[Cell | ContextCell], root: Path, calibration: CalibrationSource | None = None
 ) -> Iterator[tuple[Cell, Prepared]]:
-    """Each cell's artifact, built or reused, in order; weights are resolved once per size, and a
-    size whose weights cannot be had makes its cells unavailable."""
+    """Each cell's artifact, built or reused, in order (at its audio context, when it names one);
+    weights are resolved once per size, and a size whose weights cannot be had makes its cells
+    unavailable."""
     checkpoints: dict[str, Checkpoint | WeightsError] = {}
-    for size, target, quant in cells:
+    for size, target, quant, *context in cells:
+        audio_ctx = context[0] if context else FULL_AUDIO_CTX
         if size not in checkpoints:
             try:
                 checkpoints[size] = resolve_checkpoint(size)
@@ -51,7 +58,7 @@ def prepare_cells(
         if isinstance(ckpt, WeightsError):
             yield (size, target, quant), Prepared(None, Status.UNAVAILABLE, f"weights: {ckpt}")
         else:
-            yield (size, target, quant), prepare(ckpt, (size, target, quant), root, calibration)
+            yield (size, target, quant), prepare(ckpt, (size, target, quant), root, calibration, audio_ctx)
 
 
 def build(

@@ -26,7 +26,7 @@ import torch
 from whisper.model import Whisper
 
 from converters.cached_step import TransposedVocab, modules
-from harness.core.audio import N_FRAMES
+from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.target import DEFAULT_THREADS, Artifact, Runner, Target, Tolerance, needs, require
 
@@ -58,7 +58,7 @@ def export_fp32(model: Whisper, out: Path) -> None:
 
     d = model.dims
     encoder, cross_kv, step = modules(model, TransposedVocab)
-    mel = torch.zeros(1, d.n_mels, N_FRAMES)
+    mel = torch.zeros(1, d.n_mels, mel_frames(d.n_audio_ctx))
     with torch.inference_mode(False), torch.no_grad(), disable_sdpa():
         # explicit attention in the encoder too: the exporter decomposes SDPA anyway (measured:
         # same onnxruntime speed), and the plain graph exports in about half the time

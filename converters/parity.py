@@ -28,8 +28,9 @@ def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 def measure(reference: Runner, runner: Runner, dims: Dims, prompt: Prompt) -> dict[str, Any]:
-    """Compare `runner` with the reference runner step by step."""
-    mel = log_mel(decode_audio(str(PARITY_AUDIO)), dims.n_mels)
+    """Compare `runner` with the reference runner step by step, at the audio context of `dims`
+    (the reference slices its encoder to it; the runner was built for it)."""
+    mel = log_mel(decode_audio(str(PARITY_AUDIO)), dims.n_mels, dims.n_audio_ctx)
     ref_features = reference.encode(mel)
     features = runner.encode(mel)
     ref_enc, enc = np.asarray(ref_features, dtype=np.float32), np.asarray(features, dtype=np.float32)

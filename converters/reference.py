@@ -1,7 +1,9 @@
 """The reference: openai-whisper's own PyTorch model, with its own kv-cache hooks.
 
 It writes no files: its "artifact" is the checkpoint itself, recorded in a manifest so every
-model, reference included, is addressed the same way.
+model, reference included, is addressed the same way. It takes any audio context at run time
+(`decoding.audio_ctx`): the encoder's positional embedding is sliced to the mel it is given, so one
+reference serves every setting, and the full 1500 runs whisper's model exactly as it is.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from whisper.model import Whisper
 
+from harness.core.audio import FRAMES_PER_POSITION
 from harness.core.checkpoint import Checkpoint, load_model
 from harness.core.target import DEFAULT_THREADS, REFERENCE, Artifact, Runner, Target, Tolerance, always_available
 
@@ -28,9 +31,15 @@ class ReferenceRunner(Runner):
         # whisper's own hooks, installed once: the same incremental computation as whisper.decode,
         # so the reference is bit-for-bit what openai-whisper produces
         self._cache, self._hooks = self.model.install_kv_cache_hooks()
+        self._positions = self.model.encoder.positional_embedding  # all 1500 rows, kept for slicing
 
     @torch.inference_mode()
     def encode(self, mel: np.ndarray) -> torch.Tensor:
+        # whisper's encoder asserts that the mel's positions equal its embedding's: a trimmed
+        # context (2 x audio_ctx frames) gets the embedding's first audio_ctx rows
+        positions = mel.shape[-1] // FRAMES_PER_POSITION
+        if self.model.encoder.positional_embedding.shape[0] != positions:
+            self.model.encoder.register_buffer("positional_embedding", self._positions[:positions])
         return self.model.encoder(torch.from_numpy(mel))
 
     @torch.inference_mode()

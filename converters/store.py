@@ -1,7 +1,9 @@
 """The content-addressed artifact store under `models/`.
 
 An artifact's key hashes everything that could change its bytes: the source weights' tensor
-sha256, target, quantization, the target's recipe and its toolchain versions. A folder is
+sha256, target, quantization, the target's recipe and its toolchain versions, and the audio
+context it was built for when that is not the full 1500 (`decoding.audio_ctx`: every converted
+form is built for one context, its graphs' shapes fixed to it; the reference slices at run time). A folder is
 written under a temporary name and renamed into place, so the store never holds half an artifact;
 every load re-checks that the folder holds exactly the files its manifest lists, with their checksums.
 
@@ -29,7 +31,8 @@ from typing import Any
 
 from converters import parity
 from converters.registry import get_target
-from harness.core.checkpoint import Checkpoint, load_model
+from harness.core.audio import FULL_AUDIO_CTX
+from harness.core.checkpoint import Checkpoint, load_model, with_audio_ctx
 from harness.core.decoding import Dims, build_prompt
 from harness.core.errors import HarnessError, one_line, quote, some
 from harness.core.files import write_atomic
@@ -54,13 +57,24 @@ def toolchain(target: Target) -> dict[str, str]:
     return versions
 
 
-def artifact_key(checkpoint: Checkpoint, target: str, quant: str) -> tuple[str, dict[str, Any]]:
+def built_audio_ctx(target: str, audio_ctx: int) -> int:
+    """The audio context an artifact of `target` is built for: the reference (no files, any
+    context at run time) always the full one; every converted form the one asked for."""
+    return FULL_AUDIO_CTX if target == REFERENCE else audio_ctx
+
+
+def artifact_key(
+    checkpoint: Checkpoint, target: str, quant: str, audio_ctx: int = FULL_AUDIO_CTX
+) -> tuple[str, dict[str, Any]]:
     t = get_target(target)
+    settings: dict[str, Any] = {"recipe": t.recipe}
+    if (ctx := built_audio_ctx(target, audio_ctx)) != FULL_AUDIO_CTX:  # the full context keeps the keys it had
+        settings["audio_ctx"] = ctx
     recipe = {
         "source_sha256": checkpoint.sha256,
         "target": target,
         "quant": quant,
-        "settings": {"recipe": t.recipe},
+        "settings": settings,
         "toolchain": toolchain(t),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16], recipe
@@ -115,8 +129,9 @@ def ensure(
     quant: str,
     root: Path,
     calibration: CalibrationSource | None = None,
+    audio_ctx: int = FULL_AUDIO_CTX,
 ) -> tuple[Artifact, Status]:
-    """The artifact for (checkpoint, target, quant): reused if present and intact, else built.
+    """The artifact for (checkpoint, target, quant) at `audio_ctx`: reused if present and intact, else built.
 
     Returns the artifact and BUILT or REUSED. A built artifact that fails its parity gate is kept
     (with status "failed" and the numbers) so the failure is reported, not rebuilt each time.
@@ -124,7 +139,7 @@ def ensure(
     another building the same key waits for it, then reuses its artifact (or reads its refusal).
     """
     get_target(target).check_quant(quant)  # an unknown quantization never builds something else
-    key, recipe = artifact_key(checkpoint, target, quant)
+    key, recipe = artifact_key(checkpoint, target, quant, audio_ctx)
     final = artifact_dir(root, size, target, quant, key)
     # no lock to read: a folder appears whole (a rename), and a read-only store stays usable
     if (artifact := _stored(final)) is not None:
@@ -266,17 +281,23 @@ class Prepared:
 Cell = tuple[str, str, str]  # (size, target, quant)
 
 
-def prepare(checkpoint: Checkpoint, cell: Cell, root: Path, calibration: CalibrationSource | None = None) -> Prepared:
+def prepare(
+    checkpoint: Checkpoint,
+    cell: Cell,
+    root: Path,
+    calibration: CalibrationSource | None = None,
+    audio_ctx: int = FULL_AUDIO_CTX,
+) -> Prepared:
     """`ensure`, with every outcome a user must see turned into a status instead of an exception."""
     size, target, quant = cell
     try:
-        artifact, how = ensure(checkpoint, size, target, quant, root, calibration)
+        artifact, how = ensure(checkpoint, size, target, quant, root, calibration, audio_ctx)
     except Unavailable as exc:
         return Prepared(None, Status.UNAVAILABLE, str(exc))
     except HarnessError:
         raise  # a corrupt artifact in the store: the user must act, so the run stops with its line
     except Exception as exc:  # a toolchain crashed: report the cell and go on with the others
-        key, _ = artifact_key(checkpoint, target, quant)
+        key, _ = artifact_key(checkpoint, target, quant, audio_ctx)
         log = failed_log_path(artifact_dir(root, size, target, quant, key))
         where = f" (log: {log})" if log.is_file() else ""
         return Prepared(None, Status.FAILED, f"build error: {one_line(exc)}{where}")
@@ -300,7 +321,8 @@ def _build(
 ) -> None:
     """Convert into `out` and write the manifest, parity measured and gated."""
     started = time.time()
-    model = load_model(checkpoint)
+    audio_ctx = recipe["settings"].get("audio_ctx", FULL_AUDIO_CTX)
+    model = with_audio_ctx(load_model(checkpoint), audio_ctx)  # converters build for model.dims.n_audio_ctx
     audio = []
     if quant in target.calibrated:
         if calibration is None:
@@ -335,7 +357,7 @@ def _build(
         if "parity" not in manifest:  # measured in the target's own runtime
             if reason := target.unavailable():
                 raise Unavailable(f"cannot check parity: {reason}")
-            dims = Dims.of(model.dims)
+            dims = Dims.of(model.dims)  # at the artifact's audio context: the reference runs at it too
             reference = get_target(REFERENCE).runner(artifact)
             manifest["parity"] = parity.measure(reference, target.runner(artifact), dims, build_prompt(dims))
         manifest["parity_failures"] = parity.gate(target.tolerance(quant), manifest["parity"])

@@ -28,7 +28,7 @@ from torch import nn
 from whisper.model import Whisper
 
 from converters.cached_step import modules
-from harness.core.audio import N_FRAMES
+from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.target import DEFAULT_THREADS, Artifact, Runner, Target, Tolerance, always_available, encoder_io
 
@@ -55,7 +55,7 @@ def trace(model: Whisper, quant: str) -> tuple[torch.jit.ScriptModule, ...]:
     """The traced (encoder, cross_kv, decoder_step) of `model` in `quant`."""
     d = model.dims
     encoder, cross_kv, step = (_prepare(m, quant) for m in modules(model))
-    mel = torch.zeros(1, d.n_mels, N_FRAMES)
+    mel = torch.zeros(1, d.n_mels, mel_frames(d.n_audio_ctx))
     with torch.inference_mode(False), torch.no_grad():
         # the encoder keeps whisper's SDPA: it has no mask and a fixed length, so nothing in it is
         # symbolic, and on CPU it is ~1.6x faster than explicit attention over 1500 positions

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from whisper.model import Whisper
 
-from harness.core.audio import N_FRAMES
+from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.target import DEFAULT_THREADS, Artifact, Runner, Target, Tolerance, always_available, encoder_io
 
@@ -51,7 +51,7 @@ def _traced(model) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule, np.n
     from whisper.model import disable_sdpa
 
     dims = model.dims
-    mel = torch.zeros(1, dims.n_mels, N_FRAMES)
+    mel = torch.zeros(1, dims.n_mels, mel_frames(dims.n_audio_ctx))
     # whisper's encoder asserts its input shape: constant for the fixed [1, n_mels, 3000] input,
     # so the tracer's warning about it (and torch.jit's deprecation notice) is noise here
     with torch.inference_mode(False), torch.no_grad(), disable_sdpa(), warnings.catch_warnings():

@@ -26,7 +26,7 @@ import pandas as pd
 
 from converters.registry import get_target
 from harness.core.audio import log_mel
-from harness.core.decoding import LONG_FORM, DecodingOptions, Dims, Prompt, build_prompt, decode_features, tokenizer_for
+from harness.core.decoding import LONG_FORM, DecodingOptions, Dims, Prompt, build_prompt, decode_window, tokenizer_for
 from harness.core.errors import one_line
 from harness.core.status import Status
 from harness.core.target import REFERENCE, Runner
@@ -100,7 +100,7 @@ def _hybrid(decoder: Runner, features: Any, own: Any, prompt: Prompt, what: str)
             f"only a numpy array or torch tensor of the same shape can be swapped for the other's "
             f"({type(features).__name__})"
         )
-    return list(decode_features(decoder, swapped, prompt)[0]), None
+    return list(decode_window(decoder, swapped, prompt)[0]), None
 
 
 def analyse(

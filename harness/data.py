@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from harness.core.audio import SAMPLE_RATE, decode_audio
-from harness.core.errors import HarnessError, quote, some
+from harness.core.errors import HarnessError, did_you_mean, quote, some
 from harness.core.target import CalibrationSource
 from harness.spec import DatasetSpec
 
@@ -39,6 +39,7 @@ class Utterance:
     text: str
     audio: np.ndarray | None  # 16 kHz mono float32; None when it could not be decoded
     error: str | None = None
+    language: str | None = None  # whisper's code, from dataset.language_column
 
     @property
     def audio_s(self) -> float:
@@ -64,7 +65,7 @@ def _open(spec: DatasetSpec) -> Any:
             ds = datasets.load_dataset(builder, data_files=str(meta), split="train")
         except Exception as exc:  # datasets raises many types for a malformed file
             raise HarnessError(f"{meta}: cannot be read as {builder} ({type(exc).__name__}: {exc})") from None
-        missing = {"file_name", spec.text_column} - set(ds.column_names)
+        missing = {"file_name", spec.text_column, spec.language_column} - {None, *ds.column_names}
         if missing:
             raise HarnessError(f"{meta}: missing column(s) {sorted(missing)}; has {ds.column_names}")
         if spec.split is not None:
@@ -107,7 +108,7 @@ class DatasetCheck:
     @property
     def note(self) -> str:
         return (
-            f"{len(self.unreadable)} of {self.n_rows} utterances have a file_name that is refused "
+            f"{len(self.unreadable)} of {self.n_rows} utterances have a file_name or language that is refused "
             f"(a run reports each as an error row): {some(self.unreadable, LISTED)}"
         )
 
@@ -126,11 +127,13 @@ def check_dataset(spec: DatasetSpec) -> DatasetCheck:
     ids, unreadable = [], []
     for position, row in enumerate(ds):
         ids.append(_utt_id(spec, row, position))
-        if spec.path is not None:
-            try:
+        try:
+            if spec.path is not None:
                 audio_file(spec.path, row.get("file_name"))
-            except HarnessError as exc:
-                unreadable.append(f"utterance {quote(ids[-1])}: {exc}")
+            if spec.language_column is not None:
+                language_of(row.get(spec.language_column), spec.language_column)
+        except HarnessError as exc:
+            unreadable.append(f"utterance {quote(ids[-1])}: {exc}")
     repeated = [f"{quote(utt_id)} ({n} rows)" for utt_id, n in Counter(ids).items() if n > 1]
     if repeated:
         raise HarnessError(
@@ -161,6 +164,19 @@ def audio_file(folder: Path, file_name: object) -> Path:
     if not path.is_relative_to(root):
         raise HarnessError(f"{what}: resolves outside the dataset folder {root} (not opened)")
     return path
+
+
+def language_of(value: object, column: str) -> str:
+    """A language column's value (a whisper language code or name, any case) as whisper's code;
+    else a HarnessError saying why the utterance cannot be decoded in it."""
+    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+    if isinstance(value, str) and (code := value.lower()) in LANGUAGES:
+        return code
+    if isinstance(value, str) and value.lower() in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[value.lower()]
+    hint = did_you_mean(value, LANGUAGES) if isinstance(value, str) else ""
+    raise HarnessError(f"language {quote(value)} in column {quote(column)}: not a language Whisper knows{hint}")
 
 
 def read_index(spec: DatasetSpec) -> tuple[list[str], list[str]]:
@@ -198,20 +214,26 @@ def _utt_id(spec: DatasetSpec, row: dict, position: int) -> str:
 def _utterance(spec: DatasetSpec, row: dict, position: int) -> Utterance:
     utt_id = _utt_id(spec, row, position)
     text = str(row.get(spec.text_column) or "")
+    language = None
+    if spec.language_column is not None:
+        try:
+            language = language_of(row.get(spec.language_column), spec.language_column)
+        except HarnessError as exc:
+            return Utterance(utt_id, text, None, str(exc))
     if spec.path is not None:
         try:
             source: str | io.BytesIO = str(audio_file(spec.path, row.get("file_name")))
         except HarnessError as exc:
-            return Utterance(utt_id, text, None, str(exc))
+            return Utterance(utt_id, text, None, str(exc), language)
         where = source
     else:
         audio = row[spec.audio_column]
         source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"]
         where = audio.get("path") or f"row {position}"
     try:
-        return Utterance(utt_id, text, decode_audio(source))
+        return Utterance(utt_id, text, decode_audio(source), language=language)
     except Exception as exc:  # soundfile raises LibsndfileError, OSError, RuntimeError
-        return Utterance(utt_id, text, None, f"cannot decode audio {where}: {exc}")
+        return Utterance(utt_id, text, None, f"cannot decode audio {where}: {exc}", language)
 
 
 def calibration_source(folder: Path = CALIBRATION) -> CalibrationSource:

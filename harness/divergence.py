@@ -18,7 +18,7 @@ the models and hands them over), and the tables they make.
   `tf_max_abs_dlogit` over steps and vocabulary; `tf_mean_kl` / `tf_max_kl` over steps of
   KL(p_ref ‖ p_cand) = Σ p_ref·(log p_ref - log p_cand), softmax in float64, nats.
 - `exact_match`: the candidate's own transcript (the main pass's tokens) equals the reference's.
-- Hybrids, greedy through the shared loop (`harness.core.decoding.decode_features`; an engine that
+- Hybrids, greedy through the shared loop (`harness.core.decoding.decode_window`; an engine that
   decodes itself uses its own `generate` with the same `Prompt`): `hybrid_cand_encoder_*` =
   candidate encoder + reference decoder, `hybrid_cand_decoder_*` = reference encoder + candidate
   decoder; `_tokens` and `_exact` (equal to the reference's tokens), null (with a `note`) where a

@@ -15,7 +15,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,10 @@ class PreparedModel:
 
     @property
     def dims(self) -> Dims:
+        """The model's dims at the cell's audio context (a converted artifact was built for it;
+        the reference slices its encoder to it)."""
         assert self.prepared.artifact is not None
-        return Dims.of(self.prepared.artifact.manifest["dims"])
+        return replace(Dims.of(self.prepared.artifact.manifest["dims"]), n_audio_ctx=self.cell.audio_ctx)
 
 
 @dataclass(frozen=True)
@@ -182,10 +184,10 @@ def _execute(
 
 def _check_one_row_each(raw: pd.DataFrame, prepared: list[PreparedModel], n_rows: int) -> None:
     """Exactly one row per (model, utterance): a scheduling bug must never pass as a result."""
-    counts = raw.groupby(["size", "target", "quant"]).size()
-    wrong = {"/".join(k): int(v) for k, v in counts.items() if v != n_rows}
+    counts = raw.groupby(["size", "target", "quant", "audio_ctx"]).size()
+    wrong = {"/".join(map(str, k)): int(v) for k, v in counts.items() if v != n_rows}
     missing = [p.cell.label for p in prepared if p.cell.as_tuple() not in counts.index]
-    if wrong or missing or raw.duplicated(["size", "target", "quant", "utt_id"]).any():
+    if wrong or missing or raw.duplicated(["size", "target", "quant", "audio_ctx", "utt_id"]).any():
         raise RuntimeError(f"rows per model differ from {n_rows} utterances: {wrong}, missing {missing}")
 
 

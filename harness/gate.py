@@ -1,6 +1,7 @@
 """The regression gate: a candidate run against a baseline run, per model, with statistics.
 
-Per model (size/target/quant), over the utterances both runs decoded:
+Per model (size/target/quant at its audio context: a model at a trimmed `audio_ctx` is another
+model, never gated against the full one), over the utterances both runs decoded:
 - ΔWER = WER(candidate) - WER(baseline) with a 95% paired bootstrap interval
   (`scoring.wer_delta`, the same definition the summary's Δwer uses);
 - the share of utterances where the candidate has no more word errors than the baseline;
@@ -31,6 +32,7 @@ from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
 from harness.history import History, display
 from harness.run_record import read_run
+from harness.spec import ModelCell
 from harness.summary import paired_bootstrap, wer_delta
 from harness.thresholds import ThresholdsSpec, thresholds_from_dict
 from harness.verdict import Comparison, Drift, ModelCheck, Verdict, format_comparison, pct, save_verdict
@@ -82,7 +84,7 @@ def compare(
         for key, status in zip(_keys(base_models), _status_lines(base_models), strict=True)
     ]
     checks += [
-        ModelCheck("/".join(key), notes=("new: not in the baseline",))
+        ModelCheck(ModelCell(*key).label, notes=("new: not in the baseline",))
         for key in _keys(cand_models)
         if key not in set(_keys(base_models))
     ]
@@ -95,25 +97,25 @@ def _status_lines(models: pd.DataFrame) -> list[str]:
     return [f"{s}: {r}" if isinstance(r, str) and r else str(s) for s, r in zip(models["status"], reasons, strict=True)]
 
 
-def _keys(models: pd.DataFrame) -> list[tuple[str, str, str]]:
-    return list(zip(models["size"], models["target"], models["quant"], strict=True))
+def _keys(models: pd.DataFrame) -> list[tuple[str, str, str, int]]:
+    return list(zip(models["size"], models["target"], models["quant"], models["audio_ctx"].astype(int), strict=True))
 
 
-def _by_model(utts: pd.DataFrame) -> dict[tuple[str, str, str], pd.DataFrame]:
-    return {key: rows for key, rows in utts.groupby(["size", "target", "quant"], sort=False)}
+def _by_model(utts: pd.DataFrame) -> dict[tuple[str, str, str, int], pd.DataFrame]:
+    return {key: rows for key, rows in utts.groupby(["size", "target", "quant", "audio_ctx"], sort=False)}
 
 
 def _check(
     history: History,
     candidate: dict[str, Any],
-    key: tuple[str, str, str],
+    key: tuple[str, str, str, int],
     base: pd.DataFrame | None,
     cand: pd.DataFrame | None,
     base_status: str,
     cand_status: str | None,
     limits: ThresholdsSpec,
 ) -> ModelCheck:
-    model = "/".join(key)
+    model = ModelCell(*key).label
     base_ok = base[base["error"].isna()] if base is not None else pd.DataFrame()
     if base_ok.empty:  # nothing to hold the candidate to
         return ModelCheck(model, notes=(f"no baseline: the baseline decoded nothing ({base_status})",))

@@ -28,42 +28,12 @@ from urllib.parse import urlsplit, urlunsplit
 import pandas as pd
 
 from harness.core.errors import HarnessError
-from harness.run_record import (
-    BOOL,
-    INT,
-    JSON,
-    REAL,
-    RUN_COLUMNS,
-    TABLES,
-    UTTERANCE_HISTORY_COLUMNS,
-    RunRecord,
-)
+from harness.history_schema import SCHEMA, TABLES, create, migrate_1_to_2
+from harness.run_record import BOOL, INT, JSON, REAL, RUN_COLUMNS, UTTERANCE_HISTORY_COLUMNS, RunRecord
 
 HISTORY_ENV = "HARNESS_HISTORY"
 DEFAULT_FILE = "history.sqlite"
-SCHEMA = 1  # of the tables below; a store written by another schema is refused, not altered
 RESERVED_REFS = ("latest", "previous")
-
-
-def _ddl() -> list[str]:
-    """One schema for both databases: types both understand, every name quoted."""
-
-    def columns(table: str) -> str:
-        return ", ".join(f'"{c}" {"TEXT" if t == JSON else t}' for c, t in TABLES[table].items())
-
-    return [
-        'CREATE TABLE IF NOT EXISTS "meta" ("key" TEXT PRIMARY KEY, "value" TEXT NOT NULL)',
-        f'CREATE TABLE IF NOT EXISTS "runs" ({columns("runs")}, "added" TEXT NOT NULL, PRIMARY KEY ("run_id"))',
-        f'CREATE TABLE IF NOT EXISTS "models" ({columns("models")}, PRIMARY KEY ("run_id", "size", "target", '
-        '"quant"), FOREIGN KEY ("run_id") REFERENCES "runs" ("run_id"))',
-        # no primary key: a dataset may repeat an id, and the rows are kept as the run wrote them
-        f'CREATE TABLE IF NOT EXISTS "utterances" ({columns("utterances")}, '
-        'FOREIGN KEY ("run_id") REFERENCES "runs" ("run_id"))',
-        'CREATE INDEX IF NOT EXISTS "utterances_by_run" ON "utterances" ("run_id", "position")',
-        'CREATE INDEX IF NOT EXISTS "runs_by_job" ON "runs" ("job", "started")',
-        'CREATE TABLE IF NOT EXISTS "pins" ("job" TEXT NOT NULL, "tag" TEXT NOT NULL, '
-        '"run_id" TEXT NOT NULL REFERENCES "runs" ("run_id"), "pinned_at" TEXT NOT NULL, PRIMARY KEY ("job", "tag"))',
-    ]
 
 
 def location(explicit: str | None, results_root: Path) -> str:
@@ -174,10 +144,19 @@ class History:
                 # checked again under the lock: CREATE INDEX locks its table even when the index
                 # exists, which would deadlock against a writer that created the schema and appends
                 if not self._has_schema():
-                    for statement in _ddl():
+                    for statement in create():
                         cur.execute(statement)
                     cur.execute(self._sql('INSERT INTO "meta" VALUES (?, ?)'), ("schema", str(SCHEMA)))
-        found = self._query('SELECT "value" FROM "meta" WHERE "key" = ?', ("schema",))["value"].iloc[0]
+        found = self._schema()
+        if found == "1":
+            with self._transaction() as cur:
+                if self.postgres:  # one migrator at a time (the creator's lock)
+                    cur.execute("SELECT pg_advisory_xact_lock(7246168)")
+                cur.execute('SELECT "value" FROM "meta" WHERE "key" = \'schema\'')
+                if cur.fetchone()[0] == "1":  # checked again under the write lock: another may have migrated
+                    for statement in migrate_1_to_2():
+                        cur.execute(statement)
+            found = self._schema()
         if found != str(SCHEMA):
             self.close()
             raise HarnessError(f"history {display(self.where)}: schema {found}, this harness writes schema {SCHEMA}")
@@ -210,6 +189,9 @@ class History:
                 have = set(query("SELECT name FROM pragma_table_info(?)", (table,))["name"])
             missing += [(table, c) for c in columns if c not in have]
         return missing
+
+    def _schema(self) -> str:
+        return self._query('SELECT "value" FROM "meta" WHERE "key" = ?', ("schema",))["value"].iloc[0]
 
     def _has_schema(self) -> bool:
         if self.postgres:  # pg_tables, read with this statement's snapshot: to_regclass may answer from
@@ -302,14 +284,17 @@ class History:
                 df[col] = pd.to_numeric(df[col]).astype(float)
         return df
 
-    def latency_trend(self, run: dict[str, Any], size: str, target: str, quant: str, cpu: str) -> pd.Series:
+    def latency_trend(
+        self, run: dict[str, Any], size: str, target: str, quant: str, audio_ctx: int, cpu: str
+    ) -> pd.Series:
         """A model's median latency (p50_ms) in each run of `run`'s job and dataset on `cpu`, oldest
         first, up to and including `run`."""
         rows = self._query(
             'SELECT r."run_id", m."p50_ms" FROM "models" m JOIN "runs" r ON r."run_id" = m."run_id" '
             'WHERE r."job" = ? AND r."dataset" = ? AND m."size" = ? AND m."target" = ? AND m."quant" = ? '
-            'AND m."cpu" = ? AND m."p50_ms" IS NOT NULL AND r."started" <= ? ORDER BY r."started", r."run_id"',
-            (run["job"], run["dataset"], size, target, quant, cpu, run["started"]),
+            'AND m."audio_ctx" = ? AND m."cpu" = ? AND m."p50_ms" IS NOT NULL AND r."started" <= ? '
+            'ORDER BY r."started", r."run_id"',
+            (run["job"], run["dataset"], size, target, quant, int(audio_ctx), cpu, run["started"]),
         )
         return rows.set_index("run_id")["p50_ms"].astype(float)
 

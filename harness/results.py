@@ -34,10 +34,15 @@ STATE = "state.json"
 RAW = "raw"
 
 # The raw rows workers (and the driver, for models that produced nothing) write: name → dtype.
+# `language`: what it was decoded in; `detected_language`/`language_prob`: what the model itself
+# detected (multilingual models); `ref_language`: the dataset's language column; `audio_ctx`: the
+# encoder's audio context (harness.spec.ModelCell); `task`: transcribe or translate
 RAW_COLUMNS: dict[str, str] = {
-    "size": "string", "target": "string", "quant": "string", "utt_id": "string", "ref_text": "string",
-    "audio_s": "float64", "hyp_text": "string", "hyp_tokens": "object", "frontend_ms": "float64",
-    "encode_ms": "float64", "decode_ms": "float64", "n_steps": "Int64", "n_windows": "Int64", "decoding": "string",
+    "size": "string", "target": "string", "quant": "string", "audio_ctx": "Int64", "utt_id": "string",
+    "ref_text": "string", "ref_language": "string", "audio_s": "float64", "hyp_text": "string",
+    "hyp_tokens": "object", "frontend_ms": "float64", "encode_ms": "float64", "decode_ms": "float64",
+    "n_steps": "Int64", "n_windows": "Int64", "decoding": "string", "task": "string", "language": "string",
+    "detected_language": "string", "language_prob": "float64",
     "node": "string",
     "cpu": "string", "runtime": "string",
     "status": "string", "error": "string", "attempt": "Int64",
@@ -50,7 +55,8 @@ def row(cell: ModelCell, utt_id: str, text: str, status: Status, reason: str | N
     unknown = set(facts) - set(RAW_COLUMNS)
     assert not unknown, f"not raw columns: {unknown}"
     values = {c: None for c in RAW_COLUMNS}
-    values.update(size=cell.size, target=cell.target, quant=cell.quant, utt_id=utt_id, ref_text=text)
+    values.update(size=cell.size, target=cell.target, quant=cell.quant, audio_ctx=cell.audio_ctx)
+    values.update(utt_id=utt_id, ref_text=text)
     values.update({"audio_s": 0.0, "attempt": 0, **facts})
     values.update(status=Status(status).value, error=reason)
     return values
@@ -80,6 +86,8 @@ class RunState(str, Enum):
 def dataset_fingerprint(spec: DatasetSpec, n_rows: int) -> dict[str, Any]:
     """What identifies the utterances a run evaluates: their metadata's bytes, or the hub id."""
     facts: dict[str, Any] = {"split": spec.split, "limit": spec.limit, "rows": n_rows}
+    if spec.language_column is not None:  # it decides what each utterance is decoded in
+        facts["language_column"] = spec.language_column
     if spec.path is not None:
         meta = next(p for p in (spec.path / "metadata.jsonl", spec.path / "metadata.csv") if p.is_file())
         facts["metadata_sha256"] = file_sha256(meta)

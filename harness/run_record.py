@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.errors import HarnessError
 from harness.scoring import UTTERANCE_COLUMNS
+from harness.spec import ModelCell
 
 TEXT, INT, REAL, BOOL, JSON = "TEXT", "BIGINT", "DOUBLE PRECISION", "BOOLEAN", "JSON"  # JSON: stored as TEXT
 
@@ -24,7 +26,8 @@ RUN_COLUMNS = {
 }  # fmt: skip
 # per model: its place in the summary, its artifact (key, the toolchain that built it), summary.csv's columns
 MODEL_COLUMNS = {
-    "run_id": TEXT, "position": INT, "size": TEXT, "target": TEXT, "quant": TEXT, "artifact_key": TEXT,
+    "run_id": TEXT, "position": INT, "size": TEXT, "target": TEXT, "quant": TEXT, "audio_ctx": INT,
+    "language": TEXT, "headline": TEXT, "lang_agreement": REAL, "artifact_key": TEXT,
     "artifact": TEXT, "toolchain": JSON, "prepared": TEXT, "cpu": TEXT, "n": INT, "errors": INT, "wer": REAL,
     "wer_delta": REAL, "wer_delta_lo": REAL, "wer_delta_hi": REAL, "sub": INT, "del": INT, "ins": INT, "cer": REAL,
     "exact_match": REAL, "mean_first_div": REAL, "token_edit_rate": REAL, "p50_ms": REAL, "p90_ms": REAL,
@@ -33,12 +36,14 @@ MODEL_COLUMNS = {
 }  # fmt: skip
 _UTTERANCE_TYPES = {
     **dict.fromkeys(("run_id", "utt_id", "size", "target", "quant", "ref_text", "hyp_text", "ref_norm",
-                     "hyp_norm", "node", "cpu", "runtime", "status", "error", "decoding"), TEXT),
+                     "hyp_norm", "node", "cpu", "runtime", "status", "error", "decoding", "task", "language",
+                     "detected_language", "ref_language", "scoring_language"), TEXT),
     **dict.fromkeys(("hyp_tokens", "reference_tokens"), JSON),
     **dict.fromkeys(("wer_errors", "substitutions", "deletions", "insertions", "ref_words", "cer_errors",
-                     "ref_chars", "first_divergence", "n_steps", "n_windows", "n_tokens", "attempt"), INT),
-    **dict.fromkeys(("token_edit_rate", "audio_s", "frontend_ms", "encode_ms", "decode_ms", "total_ms"), REAL),
-    "exact_match": BOOL,
+                     "ref_chars", "first_divergence", "n_steps", "n_windows", "n_tokens", "attempt", "audio_ctx"), INT),
+    **dict.fromkeys(("token_edit_rate", "audio_s", "frontend_ms", "encode_ms", "decode_ms", "total_ms",
+                     "language_prob"), REAL),
+    **dict.fromkeys(("exact_match", "language_match"), BOOL),
 }  # fmt: skip
 # utterances.parquet's declared columns, each with its SQL type (a KeyError here: a new column needs one)
 UTTERANCE_HISTORY_COLUMNS = {c: _UTTERANCE_TYPES[c] for c in UTTERANCE_COLUMNS}
@@ -84,13 +89,21 @@ def read_run(run_dir: Path) -> RunRecord:
     }
     artifacts = {m["model"]: m for m in info.get("models", [])}
     for col in UTTERANCE_COLUMNS:  # a run from an older schema lacks newer columns (v1: no `cpu`)
-        if col not in utts:
-            utts[col] = None
+        if col not in utts:  # before v5 every model ran at the full audio context
+            utts[col] = FULL_AUDIO_CTX if col == "audio_ctx" else None
+    if "audio_ctx" not in summary:
+        summary["audio_ctx"] = FULL_AUDIO_CTX
     models = []
     for position, row in enumerate(summary.to_dict("records")):
-        label = f"{row['size']}/{row['target']}/{row['quant']}"
+        cell = ModelCell(row["size"], row["target"], row["quant"], int(row["audio_ctx"]))
+        label = cell.label
         key, toolchain = _artifact_facts(artifacts.get(label, {}).get("artifact"))
-        rows = utts[(utts["size"] == row["size"]) & (utts["target"] == row["target"]) & (utts["quant"] == row["quant"])]
+        rows = utts[
+            (utts["size"] == cell.size)
+            & (utts["target"] == cell.target)
+            & (utts["quant"] == cell.quant)
+            & (utts["audio_ctx"] == cell.audio_ctx)
+        ]
         cpus = rows.loc[rows["error"].isna(), "cpu"].dropna()
         models.append(
             {

@@ -1,46 +1,85 @@
 """Scoring, after inference and never on workers: normalise, WER/CER, token divergence, per utterance.
 
-Text is normalised with openai-whisper's `EnglishTextNormalizer`; corpus WER is
-Σ(S + D + I) / Σ reference words (never a mean of per-utterance rates), computed by jiwer, and
-the per-utterance counts are kept so anyone can recompute it from `utterances.parquet`.
+Each utterance is scored by the rules of its language (`scoring_language`): English text with
+openai-whisper's `EnglishTextNormalizer`, every other language with whisper's
+`BasicTextNormalizer` (punctuation and symbols to spaces, lower case, diacritics kept: whisper's
+default, and open_asr_leaderboard's multilingual normaliser). Languages written without spaces
+between words (`CER_LANGUAGES`) are normalised with `split_letters=True`, each grapheme cluster a
+"word", as whisper-based evaluations of Chinese and Japanese do: their word counts are then
+character counts, their CER is that error rate (spaces never count), and it is their headline
+figure — so ΔWER and the gate compare them in characters. Corpus WER is Σ(S + D + I) / Σ reference
+words (never a mean of per-utterance rates), computed by jiwer, and the per-utterance counts are
+kept so anyone can recompute it from `utterances.parquet`.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import jiwer
 import numpy as np
 import pandas as pd
 from rapidfuzz.distance import Levenshtein
 
+from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.status import Status
 from harness.core.target import REFERENCE
 
 # 2: `cpu`; 3: `status` (a harness.core.status.Status value) beside `error`, the reason, and
 # `attempt`; 4: `n_windows` (30 s windows decoded: 1 in short form) and `decoding` (short or long
-# form, and how); 5: `runtime` per row (what executed it: a board's NPU, a CPU interpreter, …)
+# form, and how); 5: `audio_ctx` (the encoder's audio context), `task`, `language` (decoded in),
+# `detected_language` and `language_prob` (the model's own detection), `ref_language` (the
+# dataset's), `scoring_language` (whose rules scored it) and `language_match` (detection equal to
+# the reference's); the reference every model is compared with is the one at the full context;
+# `runtime` per row (what executed it: a board's NPU, a CPU interpreter, …)
 SCHEMA_VERSION = 5
+
+# Languages written without spaces between words: CER is their headline figure. Chinese (and
+# Cantonese), Japanese, Thai, Lao, Burmese, Khmer, Tibetan; Korean separates its words, so WER.
+CER_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"})
+ENGLISH = "en"
 
 # The declared schema of utterances.parquet, in column order.
 UTTERANCE_COLUMNS = [
-    "run_id", "utt_id", "size", "target", "quant", "ref_text", "hyp_text", "ref_norm", "hyp_norm",
+    "run_id", "utt_id", "size", "target", "quant", "audio_ctx", "ref_text", "hyp_text", "ref_norm", "hyp_norm",
     "hyp_tokens", "reference_tokens", "wer_errors", "substitutions", "deletions", "insertions",
     "ref_words", "cer_errors", "ref_chars", "exact_match", "first_divergence", "token_edit_rate",
     "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_windows", "n_tokens", "total_ms", "decoding",
+    "task", "language", "detected_language", "language_prob", "ref_language", "scoring_language", "language_match",
     "node", "cpu", "runtime", "attempt", "status", "error",
 ]  # fmt: skip
 
 
-@lru_cache(maxsize=1)
-def normalizer():  # -> whisper.normalizers.EnglishTextNormalizer
-    from whisper.normalizers import EnglishTextNormalizer
-
-    return EnglishTextNormalizer()
+def headline(language: str) -> str:
+    """The error rate that leads for `language`: "cer" where words are not space-separated."""
+    return "cer" if language in CER_LANGUAGES else "wer"
 
 
-def normalize(text: str) -> str:
-    return normalizer()(text or "")
+@cache
+def normalizer(language: str = ENGLISH):  # -> a whisper.normalizers normaliser
+    """The one place that picks a language's text normaliser (see the module's rules)."""
+    from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
+
+    if language == ENGLISH:
+        return EnglishTextNormalizer()
+    return BasicTextNormalizer(split_letters=language in CER_LANGUAGES)
+
+
+def normalize(text: str, language: str = ENGLISH) -> str:
+    out = normalizer(language)(text or "")
+    return out if language == ENGLISH else out.strip()  # Basic leaves the space of a final "."
+
+
+def scoring_language(task: object, ref_language: object, reference_language: object, own: object) -> str:
+    """Whose rules score an utterance: English for a translation (its output is English), else the
+    dataset's language, else the language the size's reference decoded it in (so every model of a
+    size normalises the same reference text), else its own, else English."""
+    if isinstance(task, str) and task == "translate":  # rows a failed worker left have none
+        return ENGLISH
+    for language in (ref_language, reference_language, own):
+        if isinstance(language, str) and language:
+            return language
+    return ENGLISH
 
 
 def _edit_counts(ref: str, hyp: str) -> tuple[int, int, int, int]:
@@ -70,19 +109,40 @@ def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
     """Raw worker rows (all models) → the utterances table with every per-utterance metric."""
     df = raw.copy()
     ok = df["status"] == Status.OK
-    reference = df[(df["target"] == REFERENCE) & ok].set_index(["size", "utt_id"])["hyp_tokens"]
-    df["reference_tokens"] = [reference.get((s, u)) for s, u in zip(df["size"], df["utt_id"], strict=True)]
-    df["ref_norm"] = df["ref_text"].map(normalize)
-    df["hyp_norm"] = df["hyp_text"].where(ok, None).map(lambda t: normalize(t) if isinstance(t, str) else None)
+    is_reference = (df["target"] == REFERENCE) & (df["audio_ctx"] == FULL_AUDIO_CTX) & ok
+    reference = df[is_reference].set_index(["size", "utt_id"])
+    keys = list(zip(df["size"], df["utt_id"], strict=True))
+    df["reference_tokens"] = [reference["hyp_tokens"].get(k) for k in keys]
+    languages = [reference["language"].get(k) for k in keys]
+    df["scoring_language"] = [
+        scoring_language(*facts)
+        for facts in zip(df["task"], df["ref_language"], languages, df["language"], strict=True)
+    ]
+    detected = [reference["detected_language"].get(k) for k in keys]
+    df["language_match"] = pd.array(
+        [
+            a == b if isinstance(a, str) and isinstance(b, str) else None
+            for a, b in zip(df["detected_language"], detected, strict=True)
+        ],
+        dtype="boolean",
+    )
+    df["ref_norm"] = [normalize(t, lang) for t, lang in zip(df["ref_text"], df["scoring_language"], strict=True)]
+    df["hyp_norm"] = [
+        normalize(t, lang) if isinstance(t, str) and good else None
+        for t, lang, good in zip(df["hyp_text"], df["scoring_language"], ok, strict=True)
+    ]
     counts = [
         _edit_counts(r, h) if isinstance(h, str) else (None, None, None, len(r.split()))
         for r, h in zip(df["ref_norm"], df["hyp_norm"], strict=True)
     ]
     df[["substitutions", "deletions", "insertions", "ref_words"]] = pd.DataFrame(counts, index=df.index, dtype="Int64")
     df["wer_errors"] = df["substitutions"] + df["deletions"] + df["insertions"]
+    # CER languages' words are already characters (split_letters): their counts are the CER's
     chars = [
-        _char_errors(r, h) if isinstance(h, str) else (None, len(r))
-        for r, h in zip(df["ref_norm"], df["hyp_norm"], strict=True)
+        (e, w) if headline(lang) == "cer" else _char_errors(r, h) if isinstance(h, str) else (None, len(r))
+        for r, h, lang, e, w in zip(
+            df["ref_norm"], df["hyp_norm"], df["scoring_language"], df["wer_errors"], df["ref_words"], strict=True
+        )
     ]
     df[["cer_errors", "ref_chars"]] = pd.DataFrame(chars, index=df.index, dtype="Int64")
 

@@ -13,8 +13,9 @@ from typing import Any
 from converters.registry import TARGETS
 
 # every official name; any other size must be a path to an openai-whisper .pt
+from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.checkpoint import OFFICIAL_NAMES
-from harness.core.decoding import DecodingOptions
+from harness.core.decoding import AUTO, DecodingOptions, english_only_refusal
 from harness.core.errors import clip, did_you_mean, quote
 from harness.core.target import REFERENCE
 from harness.job_file import read_job_yaml
@@ -38,6 +39,9 @@ class DatasetSpec:
     id_column: str = "id"
     text_column: str = "text"
     audio_column: str = "audio"
+    # metadata column naming each utterance's language (code or name): decoded in it (unless
+    # decoding.language is auto) and scored by its rules
+    language_column: str | None = None
 
     @property
     def label(self) -> str:
@@ -51,13 +55,18 @@ class ModelCell:
     size: str
     target: str
     quant: str
+    audio_ctx: int = FULL_AUDIO_CTX  # the encoder's audio context (decoding.audio_ctx)
 
     @property
     def label(self) -> str:
-        return f"{self.size}/{self.target}/{self.quant}"
+        """`size/target/quant`, and `@ctx<n>` at a trimmed audio context: two settings of one
+        model never share a label (raw files, the scheduler, the history's rows)."""
+        context = f"@ctx{self.audio_ctx}" if self.audio_ctx != FULL_AUDIO_CTX else ""
+        return f"{self.size}/{self.target}/{self.quant}{context}"
 
-    def as_tuple(self) -> tuple[str, str, str]:
-        return self.size, self.target, self.quant
+    def as_tuple(self) -> tuple[str, str, str, int]:
+        """The model's key in tables: (size, target, quant, audio_ctx)."""
+        return self.size, self.target, self.quant, self.audio_ctx
 
 
 @dataclass(frozen=True)
@@ -66,12 +75,18 @@ class ModelsSpec:
     # target -> quantizations; the reference always runs, since every comparison is against it
     targets: tuple[tuple[str, tuple[str, ...]], ...] = ()
     evaluate_failed: bool = False  # also evaluate artifacts that failed their parity gate
+    # the job's decoding.audio_ctx: every model at each context; the reference at the full 1500
+    # always runs, the point every model is compared with
+    audio_ctx: tuple[int, ...] = (FULL_AUDIO_CTX,)
 
     def cells(self) -> tuple[ModelCell, ...]:
         out = []
         for size in self.sizes:
             out.append(ModelCell(size, REFERENCE, "fp32"))
-            out += [ModelCell(size, t, q) for t, quants in self.targets if t != REFERENCE for q in quants]
+            for ctx in self.audio_ctx:
+                if ctx != FULL_AUDIO_CTX:
+                    out.append(ModelCell(size, REFERENCE, "fp32", ctx))
+                out += [ModelCell(size, t, q, ctx) for t, quants in self.targets if t != REFERENCE for q in quants]
         return tuple(out)
 
 
@@ -168,20 +183,15 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
         errors.append(f"name: expected a name of at most 100 letters, digits, '.', '_' or '-', got {quote(name)}")
     dataset = _dataset(raw.get("dataset"), base, errors)
     models = _models(raw.get("models", {}), errors)
-    decoding = simple(DecodingOptions, raw.get("decoding", {}), "decoding", errors)
+    decoding_raw = raw.get("decoding") or {}
+    if isinstance(decoding_raw, dict):  # audio_ctx may be a list: one model row per value, not a decoding option
+        decoding_raw = dict(decoding_raw)
+        contexts = _audio_ctx(decoding_raw.pop("audio_ctx", FULL_AUDIO_CTX), errors)
+        if models is not None and contexts is not None:
+            models = replace(models, audio_ctx=contexts)
+    decoding = simple(DecodingOptions, decoding_raw, "decoding", errors)
     if decoding is not None:
-        if decoding.task not in ("transcribe", "translate"):
-            errors.append(f"decoding.task: expected 'transcribe' or 'translate', got {quote(decoding.task)}")
-        if isinstance(decoding.long_form, str) and decoding.long_form != "auto":
-            errors.append(f"decoding.long_form: expected auto, true or false, got {quote(decoding.long_form)}")
-        if decoding.max_new_tokens is not None and not 0 < decoding.max_new_tokens <= 448:
-            errors.append(f"decoding.max_new_tokens: expected 1..448, got {quote(decoding.max_new_tokens)}")
-        if decoding.language is not None:
-            from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-
-            if decoding.language not in LANGUAGES and decoding.language.lower() not in TO_LANGUAGE_CODE:
-                hint = did_you_mean(decoding.language, LANGUAGES)
-                errors.append(f"decoding.language: unknown language {quote(decoding.language)}{hint}")
+        decoding = _check_decoding(decoding, decoding_raw, models, dataset, errors)
     cluster = simple(ClusterSpec, raw.get("cluster", {}), "cluster", errors)
     if cluster is not None:
         for key in ("slots", "threads", "shard_size", "max_attempts", "stall_timeout_s"):
@@ -206,6 +216,67 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
         report=report,
         analysis=analysis,
     )
+
+
+def _audio_ctx(raw: Any, errors: list[str]) -> tuple[int, ...] | None:
+    """decoding.audio_ctx: one context or a list of them, each 1..1500."""
+    values = raw if isinstance(raw, list) else [raw]
+    wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= FULL_AUDIO_CTX]
+    if not values or wrong:
+        errors.append(
+            f"decoding.audio_ctx: expected an audio context 1..{FULL_AUDIO_CTX} (or a list of them), got {quote(raw)}"
+        )
+        return None
+    return tuple(dict.fromkeys(values))
+
+
+def _check_decoding(
+    decoding: DecodingOptions,
+    raw: dict[str, Any],
+    models: ModelsSpec | None,
+    dataset: DatasetSpec | None,
+    errors: list[str],
+) -> DecodingOptions:
+    """The decoding section's values, the language as whisper's code; and what a model cannot do."""
+    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+    if decoding.task not in ("transcribe", "translate"):
+        errors.append(f"decoding.task: expected 'transcribe' or 'translate', got {quote(decoding.task)}")
+    if isinstance(decoding.long_form, str) and decoding.long_form != "auto":
+        errors.append(f"decoding.long_form: expected auto, true or false, got {quote(decoding.long_form)}")
+    if decoding.max_new_tokens is not None and not 0 < decoding.max_new_tokens <= 448:
+        errors.append(f"decoding.max_new_tokens: expected 1..448, got {quote(decoding.max_new_tokens)}")
+    language = decoding.language
+    if language != AUTO:
+        code = language if language in LANGUAGES else TO_LANGUAGE_CODE.get(language.lower())
+        if code is None:
+            hint = did_you_mean(language, [*LANGUAGES, AUTO])
+            errors.append(f"decoding.language: unknown language {quote(language)}{hint}; or auto (detected)")
+        else:
+            decoding = replace(decoding, language=code)
+        column = dataset.language_column if dataset is not None else None
+        if "language" in raw and column is not None:
+            errors.append(
+                f"decoding.language: {quote(language)} and dataset.language_column {quote(column)} both give the "
+                "language; leave decoding.language out (each utterance in its own) or set it to auto"
+            )
+    if models is None:
+        return decoding
+    trimmed = [c for c in models.audio_ctx if c != FULL_AUDIO_CTX]
+    if decoding.long_form is True and trimmed:
+        errors.append(
+            f"decoding.long_form: true needs the full audio context ({FULL_AUDIO_CTX}): whisper.transcribe's "
+            f"windows are 30 s, and decoding.audio_ctx asks for {trimmed[0]}"
+        )
+    for size in models.sizes:  # official English-only names; a .pt's own dims are checked when decoding
+        refused = english_only_refusal(decoding) if size.endswith(".en") and size in OFFICIAL_NAMES else None
+        if refused:
+            field = "task" if refused.startswith("task") else "language"
+            errors.append(
+                f"decoding.{field}: {size} is English-only: it cannot take {refused} "
+                "(use a multilingual size such as base)"
+            )
+    return decoding
 
 
 def _dataset(raw: Any, base: Path, errors: list[str]) -> DatasetSpec | None:

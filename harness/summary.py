@@ -1,7 +1,10 @@
 """Aggregates over the utterances table, one row per model, and the table `run` prints.
 
-Corpus WER = Σ errors / Σ reference words over the utterances that decoded; ΔWER against the
-reference with a paired bootstrap interval; latency percentiles and RTFx (harness.timing).
+A model is (size, target, quant, audio_ctx). Corpus WER = Σ errors / Σ reference words over the
+utterances that decoded; ΔWER against the size's reference at the full audio context with a
+paired bootstrap interval; the languages that scored it and its headline figure (`scoring`:
+CER for languages without spaces); language-detection agreement with that reference; latency
+percentiles and RTFx (harness.timing).
 """
 
 from __future__ import annotations
@@ -11,9 +14,14 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.status import Status
 from harness.core.target import REFERENCE
+from harness.scoring import headline
 from harness.timing import rtfx
+
+MODEL_KEY = ["size", "target", "quant", "audio_ctx"]
+LISTED_LANGUAGES = 3  # a model scored in more languages shows their count
 
 BOOTSTRAP_SAMPLES = 1000
 DELTA_COLUMN = "Δwer [95% CI]"  # the shown column of wer_delta and its interval
@@ -51,8 +59,8 @@ def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tu
     return paired_bootstrap(delta, e_m, e_r, w, seed=seed)
 
 
-def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | None = None) -> pd.DataFrame:
-    """One row per (size, target, quant) over the utterances table.
+def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str, int], dict] | None = None) -> pd.DataFrame:
+    """One row per (size, target, quant, audio_ctx) over the utterances table.
 
     `models` adds facts from each artifact's manifest: `runtime` (what executes it, e.g. a CPU
     emulation of an NPU; the rows' own `runtime`, where workers said, comes first) and
@@ -60,10 +68,14 @@ def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | Non
     `status` is "ok", or the status of the utterances without a transcript, and `reason` why.
     """
     rows = []
-    for (size, target, quant), g in utts.groupby(["size", "target", "quant"], sort=False):
+    for (size, target, quant, audio_ctx), g in utts.groupby(MODEL_KEY, sort=False):
         ok = g[g["status"] == Status.OK]
-        reference = utts[(utts["size"] == size) & (utts["target"] == REFERENCE)]
-        delta, lo, hi = wer_delta(g, reference) if target != REFERENCE else (float("nan"),) * 3
+        is_reference = (utts["target"] == REFERENCE) & (utts["audio_ctx"] == FULL_AUDIO_CTX)
+        reference = utts[(utts["size"] == size) & is_reference]
+        compared = target != REFERENCE or audio_ctx != FULL_AUDIO_CTX
+        delta, lo, hi = wer_delta(g, reference) if compared else (float("nan"),) * 3
+        facts = (models or {}).get((size, target, quant, audio_ctx), {})
+        matched = ok["language_match"].dropna()
         words = int(ok["ref_words"].sum())
         errors = int(ok["wer_errors"].sum())
         chars = int(ok["ref_chars"].sum())
@@ -74,6 +86,8 @@ def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | Non
                 "size": size,
                 "target": target,
                 "quant": quant,
+                "audio_ctx": int(audio_ctx),
+                **_languages(g),
                 "n": len(g),
                 "errors": len(g) - len(ok),
                 "wer": errors / words if words else float("nan"),
@@ -87,21 +101,22 @@ def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str], dict] | Non
                 "exact_match": float(ok["exact_match"].astype(float).mean()) if len(ok) else float("nan"),
                 "mean_first_div": float(diverged.astype(float).mean()) if len(diverged) else float("nan"),
                 "token_edit_rate": float(ok["token_edit_rate"].astype(float).mean()) if len(ok) else float("nan"),
+                "lang_agreement": float(matched.astype(float).mean()) if len(matched) else float("nan"),
                 "p50_ms": _pct(total, 50),
                 "p90_ms": _pct(total, 90),
                 "p99_ms": _pct(total, 99),
                 "enc_p50_ms": _pct(ok["encode_ms"].astype(float), 50),
                 "dec_ms_per_tok": float(ok["decode_ms"].sum() / ok["n_steps"].sum()) if len(ok) else float("nan"),
                 "rtfx": rtfx(float(ok["audio_s"].sum()), float(total.sum())),
-                "runtime": _runtime(ok, (models or {}).get((size, target, quant), {}).get("runtime", "")),
-                "artifact_mb": (models or {}).get((size, target, quant), {}).get("artifact_mb", float("nan")),
+                "runtime": _runtime(ok, facts.get("runtime", "")),
+                "artifact_mb": facts.get("artifact_mb", float("nan")),
                 **_status(g[g["status"] != Status.OK]),
             }
         )
     summary = pd.DataFrame(rows)
     if models:
         order = {key: i for i, key in enumerate(models)}
-        keys = zip(summary["size"], summary["target"], summary["quant"], strict=True)
+        keys = zip(*(summary[c] for c in MODEL_KEY), strict=True)
         rank = [order.get(key, len(order)) for key in keys]
         summary = summary.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
     return summary
@@ -111,6 +126,15 @@ def _runtime(ok: pd.DataFrame, label: str) -> str:
     """What executed a model's rows (each worker says, e.g. a board's NPU), else its artifact's label."""
     seen = sorted(ok["runtime"].dropna().unique()) if "runtime" in ok else []
     return " + ".join(seen) or label
+
+
+def _languages(rows: pd.DataFrame) -> dict[str, str]:
+    """The languages whose rules scored a model's utterances and its headline figure: `wer`,
+    `cer` (languages without spaces), or `wer+cer` for a set that mixes both kinds."""
+    languages = sorted(set(rows["scoring_language"].dropna()))
+    shown = "+".join(languages) if len(languages) <= LISTED_LANGUAGES else f"{len(languages)} languages"
+    kinds = sorted({headline(language) for language in languages}, reverse=True)
+    return {"language": shown, "headline": "+".join(kinds)}
 
 
 def _status(failed: pd.DataFrame) -> dict[str, str]:
@@ -139,7 +163,7 @@ def summary_cells(summary: pd.DataFrame) -> pd.DataFrame:
         ],
     )
     shown = shown.drop(columns=["wer_delta", "wer_delta_lo", "wer_delta_hi", "reason"])
-    for col in ("wer", "cer", "exact_match", "token_edit_rate"):
+    for col in ("wer", "cer", "exact_match", "token_edit_rate", "lang_agreement"):
         shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%" if v == v else "-")
     for col in ("mean_first_div", "p50_ms", "p90_ms", "p99_ms", "enc_p50_ms", "dec_ms_per_tok", "rtfx", "artifact_mb"):
         shown[col] = shown[col].map(lambda v: f"{v:.1f}" if v == v else "-")
@@ -149,9 +173,9 @@ def summary_cells(summary: pd.DataFrame) -> pd.DataFrame:
 def status_notes(summary: pd.DataFrame) -> list[str]:
     """One line per model that is not `ok`: its status and the whole reason."""
     return [
-        f"{size}/{target}/{quant}: {status}: {reason}"
-        for size, target, quant, status, reason in zip(
-            summary["size"], summary["target"], summary["quant"], summary["status"], summary["reason"], strict=True
+        f"{size}/{target}/{quant}{'' if ctx == FULL_AUDIO_CTX else f'@ctx{ctx}'}: {status}: {reason}"
+        for size, target, quant, ctx, status, reason in zip(
+            *(summary[c] for c in (*MODEL_KEY, "status", "reason")), strict=True
         )
         if status != Status.OK
     ]

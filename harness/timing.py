@@ -54,9 +54,11 @@ def prepare_worker_threads(threads: int) -> None:
 
 
 def warm_up(runner: Runner, dims: Dims, prompt: Prompt) -> None:
-    """One untimed decode of low-level noise (silence would end at once, after a single step)."""
+    """One untimed decode of low-level noise (silence would end at once, after a single step), at
+    most as long as the window the encoder sees (a trimmed audio context's may be shorter)."""
     rng = np.random.default_rng(0)
-    audio = (rng.standard_normal(int(WARM_UP_SECONDS * SAMPLE_RATE)) * 0.01).astype(np.float32)
+    n = min(int(WARM_UP_SECONDS * SAMPLE_RATE), dims.window_samples)
+    audio = (rng.standard_normal(n) * 0.01).astype(np.float32)
     greedy_decode(runner, audio, dims, prompt)
 
 

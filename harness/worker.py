@@ -13,11 +13,11 @@ import resource
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from converters.registry import get_target
-from harness.core.decoding import DecodingOptions, Dims, Prompt, TooLong, tokenizer_for
+from harness.core.decoding import AUTO, DecodingOptions, Dims, Prompt, TooLong, english_only_refusal, tokenizer_for
 from harness.core.errors import one_line
 from harness.core.longform import transcribe
 from harness.core.status import Status
@@ -94,16 +94,28 @@ class ModelWorker(Loaded):
         warm_up(self.runner, setup.dims, setup.prompt)
         self.load_s = time.perf_counter() - started
 
+    def options_for(self, language: str | None) -> DecodingOptions:
+        """The job's decoding options for an utterance: in its dataset language, when the dataset
+        names one and the job does not detect."""
+        options = self.setup.decoding
+        return replace(options, language=language) if language and options.language != AUTO else options
+
     def run_shard(self, shard: Shard, skip: int = 0, attempt: int = 0) -> Iterator[dict[str, Any]]:
         """One row per utterance of `shard`, after the first `skip` (a retry's rows already in)."""
-        cell = self.setup.cell
-        where = {"node": self.node, "cpu": self.cpu, "runtime": self.runner.runtime, "attempt": attempt}
+        cell, dims = self.setup.cell, self.setup.dims
         for utt in read_shard(self.setup.dataset, Shard(shard.index, shard.start + skip, shard.stop)):
+            options = self.options_for(utt.language)
+            where = {"node": self.node, "cpu": self.cpu, "runtime": self.runner.runtime, "attempt": attempt}
+            where.update(ref_language=utt.language, task=options.task)
             if utt.audio is None:
                 yield row(cell, utt.utt_id, utt.text, Status.ERROR, utt.error, **where)
                 continue
+            if not dims.multilingual and (refused := english_only_refusal(options)):
+                why = f"{cell.size} is English-only: it cannot take {refused}"
+                yield row(cell, utt.utt_id, utt.text, Status.UNAVAILABLE, why, **where)
+                continue
             try:
-                out = transcribe(self.runner, utt.audio, self.setup.dims, self.setup.decoding)
+                out = transcribe(self.runner, utt.audio, dims, options)
             except TooLong as exc:  # short form never trims: the row says how to enable long form
                 yield row(cell, utt.utt_id, utt.text, Status.ERROR, str(exc), **where)
                 continue

@@ -240,3 +240,16 @@ def postgres_url():
 def store(request, tmp_path) -> str:
     """An empty history: a SQLite file, or a PostgreSQL database."""
     return str(tmp_path / "history.sqlite") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+def language_folder(folder: Path, languages: list[str | None], column: str = "lang") -> Path:
+    """An audiofolder of the first embedded utterances, one per entry of `languages`, with a
+    language column holding them."""
+    import json
+
+    rows = [json.loads(line) for line in (EMBEDDED / "metadata.jsonl").read_text().splitlines()[: len(languages)]]
+    for row, language in zip(rows, languages, strict=True):
+        shutil.copy(EMBEDDED / row["file_name"], folder / Path(row["file_name"]).name)
+        row.update(file_name=Path(row["file_name"]).name, **{column: language})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

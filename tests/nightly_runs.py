@@ -22,6 +22,7 @@ import pandas as pd
 
 from harness.results import RAW_COLUMNS  # what workers return (score_rows derives the rest)
 from harness.scoring import score_rows
+from harness.spec import ModelCell
 from harness.summary import format_summary, summarize
 
 MTK = ("tiny.en", "torchscript-mtk", "fp32")
@@ -61,9 +62,9 @@ def derive_run(
     raw = pd.read_parquet(source / "utterances.parquet")[list(RAW_COLUMNS)].assign(run_id=run_id)
     utts = score_rows(change(raw.copy()))
     facts = pd.read_csv(source / "summary.csv").set_index(["size", "target", "quant"])
-    kept = list(dict.fromkeys(zip(utts["size"], utts["target"], utts["quant"], strict=True)))
-    summary = summarize(utts, {key: facts.loc[key, ["runtime", "artifact_mb"]].to_dict() for key in kept})
-    labels = {"/".join(key) for key in kept}
+    kept = list(dict.fromkeys(zip(utts["size"], utts["target"], utts["quant"], utts["audio_ctx"], strict=True)))
+    summary = summarize(utts, {key: facts.loc[key[:3], ["runtime", "artifact_mb"]].to_dict() for key in kept})
+    labels = {ModelCell(*key).label for key in kept}
     info.update(
         run_id=run_id,
         started=f"2026-01-{night:02d}T02:00:00Z",

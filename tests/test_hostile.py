@@ -83,7 +83,8 @@ def test_validate_reports_the_refused_file_names(escaping, tmp_path, capsys):
     job = _job(tmp_path, escaping)
     assert main(["validate", str(job)]) == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"error: {job}: dataset {escaping}: 4 of 6 utterances have a file_name that is refused")
+    refused = "4 of 6 utterances have a file_name or language that is refused"
+    assert line.startswith(f"error: {job}: dataset {escaping}: {refused}")
     assert "'../secret.flac'" in line and "'out.flac'" in line and "file_name None" in line
 
 

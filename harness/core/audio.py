@@ -17,6 +17,21 @@ HOP_LENGTH = 160  # samples per 10 ms mel frame
 N_FFT = 400  # samples each frame's STFT sees, centred on the frame
 N_FRAMES = 3000  # 30 s of 10 ms mel frames: Whisper always sees one padded/trimmed window
 N_SAMPLES = N_FRAMES * HOP_LENGTH  # one window of audio: longer audio needs long-form decoding
+# Audio positions the encoder sees in one 30 s window: its stride-2 convolution halves the frames.
+# A smaller audio context (`decoding.audio_ctx`, whisper.cpp's `-ac`) sees the first 2 x audio_ctx
+# frames of the window, the positional embedding sliced to match (`checkpoint.with_audio_ctx`).
+FULL_AUDIO_CTX = N_FRAMES // 2
+FRAMES_PER_POSITION = N_FRAMES // FULL_AUDIO_CTX
+
+
+def mel_frames(audio_ctx: int) -> int:
+    """Mel frames the encoder takes at `audio_ctx` (N_FRAMES at the full 1500)."""
+    return audio_ctx * FRAMES_PER_POSITION
+
+
+def window_samples(audio_ctx: int) -> int:
+    """Samples of audio the encoder sees at `audio_ctx` (N_SAMPLES at the full 1500)."""
+    return mel_frames(audio_ctx) * HOP_LENGTH
 
 
 def decode_audio(source: str | io.BytesIO) -> np.ndarray:
@@ -33,13 +48,15 @@ def decode_audio(source: str | io.BytesIO) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-def log_mel(audio: np.ndarray, n_mels: int) -> np.ndarray:
-    """openai-whisper's front end on one 30 s window: float32 [1, n_mels, N_FRAMES]."""
+def log_mel(audio: np.ndarray, n_mels: int, audio_ctx: int = FULL_AUDIO_CTX) -> np.ndarray:
+    """openai-whisper's front end on one 30 s window: float32 [1, n_mels, N_FRAMES]; at a smaller
+    `audio_ctx`, the window's first 2 x audio_ctx frames, as whisper.cpp's `-ac` feeds its encoder
+    (the log-mel floor is still the whole window's, as there)."""
     import torch
     import whisper
 
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), n_mels)
-    return mel.numpy()[None]
+    return np.ascontiguousarray(mel.numpy()[None, :, : mel_frames(audio_ctx)])
 
 
 @dataclass(frozen=True)

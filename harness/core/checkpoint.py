@@ -19,7 +19,7 @@ import json
 import os
 import pickle
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -309,3 +309,19 @@ def _try_download(name: str) -> tuple[Path | None, str]:
     except (OSError, RuntimeError, http.client.HTTPException) as exc:
         return None, one_line(exc)
     return target, ""
+
+
+def with_audio_ctx(model: Whisper, audio_ctx: int) -> Whisper:
+    """`model` seeing only `audio_ctx` audio positions, changed in place and returned: its encoder's
+    positional embedding cut to the first `audio_ctx` rows and `dims.n_audio_ctx` set to match, so
+    whisper's own encoder takes a mel of 2 x audio_ctx frames (it asserts the shape) and every
+    converter builds its graphs for that context (whisper.cpp's `-ac`, the MediaTek port's
+    shorter encoder)."""
+    full = model.dims.n_audio_ctx
+    if not 0 < audio_ctx <= full:
+        raise ValueError(f"audio_ctx {audio_ctx}: expected 1..{full}, the model's audio context")
+    if audio_ctx != full:
+        positions = model.encoder.positional_embedding
+        model.encoder.register_buffer("positional_embedding", positions[:audio_ctx].clone())
+        model.dims = replace(model.dims, n_audio_ctx=audio_ctx)
+    return model

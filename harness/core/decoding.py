@@ -7,19 +7,25 @@ rule. Short form (one ≤30 s window) mirrors `whisper.decode(model, mel, Decodi
 language=..., without_timestamps=True, fp16=False))` at temperature 0, and a test holds the
 reference to that token for token. Long form (`harness.core.longform`) runs the same loop on
 timestamped windows, with whisper's timestamp rules (`harness.core.timestamps`).
+
+Language: multilingual models detect the spoken language of every utterance as whisper's
+`detect_language` does (`detect_language`, one decoder step on any runner), and decode in it when
+the job says `language: auto`; otherwise in the job's (or the dataset's) language, the detection
+kept for the record. Audio context: `Dims.n_audio_ctx` below the full 1500 trims the window the
+encoder sees (`harness.core.audio.log_mel`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from harness.core.audio import N_SAMPLES, SAMPLE_RATE, log_mel
+from harness.core.audio import FULL_AUDIO_CTX, N_SAMPLES, SAMPLE_RATE, log_mel, window_samples
 from harness.core.errors import HarnessError
 from harness.core.target import Runner, SelfDecodingRunner
 from harness.core.timestamps import TimestampRules, apply_timestamp_rules
@@ -29,7 +35,7 @@ from harness.core.timestamps import TimestampRules, apply_timestamp_rules
 class DecodingOptions:
     """What a job may set about decoding (validated with the job file, `harness.spec`)."""
 
-    language: str | None = "en"
+    language: str = "en"  # a language (code or name), or AUTO: detected per utterance
     task: str = "transcribe"
     max_new_tokens: int | None = None  # None: openai-whisper's default, n_text_ctx // 2 (per window)
     # true: every item in 30 s windows as whisper.transcribe does (harness.core.longform); false:
@@ -41,19 +47,43 @@ class DecodingOptions:
         return self.long_form is True or (self.long_form == "auto" and n_samples > N_SAMPLES)
 
 
+AUTO = "auto"  # decoding.language: detect each utterance's language and decode in it
+
+
+def english_only_refusal(options: DecodingOptions) -> str | None:
+    """What an English-only (`.en`) model cannot do under `options`, or None: it has no language
+    or task tokens, so it neither detects, nor transcribes another language, nor translates."""
+    from whisper.tokenizer import TO_LANGUAGE_CODE
+
+    if options.language == AUTO:
+        return "language auto (detection)"
+    if TO_LANGUAGE_CODE.get(options.language.lower(), options.language.lower()) != "en":
+        return f"language {options.language!r}"
+    if options.task != "transcribe":
+        return f"task {options.task!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class Dims:
-    """The checkpoint facts decoding needs (a subset of whisper.model.ModelDimensions)."""
+    """The model facts decoding needs (a subset of whisper.model.ModelDimensions). `n_audio_ctx`
+    below the full 1500 is the trimmed audio context of `decoding.audio_ctx`."""
 
     n_mels: int
     n_vocab: int
     n_text_ctx: int
+    n_audio_ctx: int = FULL_AUDIO_CTX
 
     @classmethod
     def of(cls, dims: Any) -> Dims:
         """From whisper's ModelDimensions or a manifest's `dims` mapping."""
         d: Mapping[str, Any] = asdict(dims) if is_dataclass(dims) else dims
-        return cls(d["n_mels"], d["n_vocab"], d["n_text_ctx"])
+        return cls(d["n_mels"], d["n_vocab"], d["n_text_ctx"], d.get("n_audio_ctx", FULL_AUDIO_CTX))
+
+    @property
+    def window_samples(self) -> int:
+        """Audio the encoder sees in one window: 30 s, or less at a trimmed audio context."""
+        return window_samples(self.n_audio_ctx)
 
     @property
     def multilingual(self) -> bool:
@@ -84,11 +114,55 @@ def tokenizer_for(dims: Dims, options: DecodingOptions):  # -> whisper.tokenizer
     from whisper.tokenizer import get_tokenizer
 
     if not dims.multilingual:
+        if refused := english_only_refusal(options):
+            raise HarnessError(f"decoding: an English-only model cannot take {refused}")
         return get_tokenizer(False, num_languages=dims.num_languages)
-    return get_tokenizer(True, num_languages=dims.num_languages, language=options.language or "en", task=options.task)
+    # `auto` before detection (the tokens every language shares: SOT, the language table)
+    language = "en" if options.language == AUTO else options.language
+    return get_tokenizer(True, num_languages=dims.num_languages, language=language, task=options.task)
 
 
-@lru_cache(maxsize=8)
+@dataclass(frozen=True)
+class Detection:
+    """A detected spoken language and its probability among the model's languages."""
+
+    language: str  # whisper's code, e.g. "en"
+    probability: float
+
+
+def detect_language(runner: Runner, features: Any, dims: Dims) -> Detection:
+    """whisper's `Whisper.detect_language` on any runner, with its own decoder: the logits of one
+    `step` on `<|startoftranscript|>`, every token but the languages masked, the most likely
+    language and its softmax probability (computed in torch, as whisper does). An engine that
+    decodes by itself detects by its own means (`SelfDecodingRunner.detect_language`)."""
+    import torch
+
+    if isinstance(runner, SelfDecodingRunner):
+        return Detection(*runner.detect_language(features))
+
+    tok = tokenizer_for(dims, DecodingOptions(language=AUTO))
+    raw, _ = runner.step([tok.sot], features, None)
+    logits = torch.from_numpy(np.array(raw, dtype=np.float32, copy=True))
+    mask = torch.ones(logits.shape[-1], dtype=torch.bool)
+    mask[list(tok.all_language_tokens)] = False
+    logits[mask] = -np.inf
+    best = int(logits.argmax())
+    code = tok.all_language_codes[tok.all_language_tokens.index(best)]
+    return Detection(code, float(logits.softmax(dim=-1)[best]))
+
+
+def choose_language(
+    runner: Runner, features: Any, dims: Dims, options: DecodingOptions
+) -> tuple[DecodingOptions, Detection | None]:
+    """The options to decode this utterance with (with `language: auto`, its detected language),
+    and the detection: on every multilingual model, for the record; none on an English-only one."""
+    if not dims.multilingual:
+        return options, None
+    detection = detect_language(runner, features, dims)
+    return (replace(options, language=detection.language) if options.language == AUTO else options), detection
+
+
+@lru_cache(maxsize=256)  # a prompt per (model, language): a multilingual set brings many languages
 def build_prompt(dims: Dims, options: DecodingOptions | None = None) -> Prompt:
     """The prompt and rules of `options` (the defaults: English transcription) for `dims`."""
     options = options or DecodingOptions()
@@ -118,6 +192,23 @@ class TooLong(HarnessError):
     """Audio longer than one window in short-form decoding: refused, never trimmed."""
 
 
+def too_long(audio: np.ndarray, dims: Dims) -> TooLong | None:
+    """Why short form refuses `audio` (longer than the window the encoder sees), or None."""
+    if audio.size <= dims.window_samples:
+        return None
+    seconds = audio.size / SAMPLE_RATE
+    if dims.n_audio_ctx == FULL_AUDIO_CTX:
+        return TooLong(
+            f"audio is {seconds:.1f} s, longer than the 30 s window of short-form decoding "
+            "(decoding.long_form: false); set decoding.long_form to auto or true to decode it in 30 s windows"
+        )
+    return TooLong(
+        f"audio is {seconds:.1f} s, longer than the {dims.window_samples / SAMPLE_RATE:.1f} s the encoder sees at "
+        f"decoding.audio_ctx {dims.n_audio_ctx} (whisper.cpp's -ac drops the rest; scoring its transcript "
+        "against the whole text would count the dropped words as errors of the model)"
+    )
+
+
 @dataclass(frozen=True)
 class Decoded:
     tokens: tuple[int, ...]  # sampled tokens, prompt and EOT stripped (long form: every kept segment's)
@@ -127,8 +218,10 @@ class Decoded:
     n_steps: int  # decoder calls, the EOT step included
     n_windows: int = 1  # 30 s windows encoded and decoded
     mode: str = SHORT_FORM
+    language: str | None = None  # the language it was decoded in (None: a fixed prompt's)
+    detection: Detection | None = None  # multilingual models: the detected language
 
-    def costs(self) -> dict[str, float | int | str]:
+    def costs(self) -> dict[str, float | int | str | None]:
         """What a result row records of how the transcript was made (the raw row's columns)."""
         return {
             "frontend_ms": self.frontend_ms,
@@ -137,6 +230,9 @@ class Decoded:
             "n_steps": self.n_steps,
             "n_windows": self.n_windows,
             "decoding": self.mode,
+            "language": self.language,
+            "detected_language": self.detection.language if self.detection else None,
+            "language_prob": self.detection.probability if self.detection else None,
         }
 
 
@@ -151,31 +247,53 @@ class Sampled:
 
 
 def greedy_decode(runner: Runner, audio: np.ndarray, dims: Dims, prompt: Prompt) -> Decoded:
-    """Transcribe one ≤30 s utterance: front end, `encode`, then the greedy loop (or the engine's own).
+    """Transcribe one short utterance under a fixed prompt (no language detection): front end,
+    `encode`, then the greedy loop (or the engine's own). `short_form_decode` is the job's path.
 
-    Longer audio raises `TooLong`: Whisper sees 30 s at a time, and trimming would score a
-    transcript of the first 30 s against the whole file's text."""
-    if audio.size > N_SAMPLES:
-        raise TooLong(
-            f"audio is {audio.size / SAMPLE_RATE:.1f} s, longer than the 30 s window of short-form decoding "
-            "(decoding.long_form: false); set decoding.long_form to auto or true to decode it in 30 s windows"
-        )
+    Audio longer than the window raises `TooLong`: Whisper sees 30 s at a time (less at a trimmed
+    audio context), and trimming would score a transcript of its start against the whole text."""
+    mel, frontend_ms = front_end(audio, dims)
     t0 = time.perf_counter()
-    mel = log_mel(audio, dims.n_mels)
-    t1 = time.perf_counter()
     features = runner.encode(mel)
+    t1 = time.perf_counter()
+    tokens, steps = decode_window(runner, features, prompt)
+    return Decoded(tokens, frontend_ms, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, steps)
+
+
+def short_form_decode(runner: Runner, audio: np.ndarray, dims: Dims, options: DecodingOptions) -> Decoded:
+    """One window under the job's rules, language included: detected on multilingual models, and
+    decoded in when `language: auto` (the detection step then counts as decoding: it costs one
+    step, as in whisper.decode); a given language's detection is for the record, untimed."""
+    mel, frontend_ms = front_end(audio, dims)
+    t0 = time.perf_counter()
+    features = runner.encode(mel)
+    t1 = time.perf_counter()
+    decode_with, detection = choose_language(runner, features, dims, options)
     t2 = time.perf_counter()
-    tokens, steps = decode_features(runner, features, prompt)
-    return Decoded(tokens, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3, steps)
+    detect_ms, detect_steps = ((t2 - t1) * 1e3, 1) if options.language == AUTO and detection else (0.0, 0)
+    tokens, steps = decode_window(runner, features, build_prompt(dims, decode_with))
+    decode_ms = (time.perf_counter() - t2) * 1e3 + detect_ms
+    language = decode_with.language if dims.multilingual else "en"
+    return Decoded(
+        tokens, frontend_ms, (t1 - t0) * 1e3, decode_ms, steps + detect_steps, language=language, detection=detection
+    )
 
 
-def decode_features(runner: Runner, features: Any, prompt: Prompt) -> tuple[tuple[int, ...], int]:
-    """Greedy decoding of one window's audio features: the shared loop, or the engine's own
-    `generate` under the same prompt. Returns the sampled tokens (prompt and EOT stripped) and the
-    decoder steps taken."""
+def front_end(audio: np.ndarray, dims: Dims) -> tuple[np.ndarray, float]:
+    """The log-mel of one window as the encoder takes it (`TooLong` past it), and its ms."""
+    if refusal := too_long(audio, dims):
+        raise refusal
+    t0 = time.perf_counter()
+    mel = log_mel(audio, dims.n_mels, dims.n_audio_ctx)
+    return mel, (time.perf_counter() - t0) * 1e3
+
+
+def decode_window(runner: Runner, features: Any, prompt: Prompt) -> tuple[tuple[int, ...], int]:
+    """The sampled tokens of one window and the decoder steps taken: the shared loop, or the
+    engine's own under the same `prompt`."""
     if isinstance(runner, SelfDecodingRunner):
-        tokens, steps = runner.generate(features, prompt)
-        return tuple(tokens), steps
+        text_tokens, steps = runner.generate(features, prompt)
+        return tuple(text_tokens), steps
     out = sample(runner, features, prompt)
     return out.tokens, out.n_steps
 

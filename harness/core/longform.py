@@ -22,28 +22,39 @@ comparison of models must decode deterministically. So the compression ratio is 
 and the prompt is never reset (whisper resets it only after a temperature above 0.5). Options
 off by default in whisper are left out too: initial_prompt, carry_initial_prompt,
 clip_timestamps, word_timestamps, hallucination_silence_threshold.
+
+Language: as whisper.transcribe, detected once per file on its first window (multilingual models;
+for `language: auto`, every window is then decoded in it). Whisper detects on the first 30 s of
+the padded spectrogram; that is the first window here whenever the file is longer than 30 s (what
+long form is for); a shorter file decoded in long form (`long_form: true`) is detected on its
+zero-padded window instead. Long form needs the full audio context: at a trimmed `audio_ctx`
+items longer than the encoder's window are refused (`TooLong`), as in short form.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from dataclasses import replace as changed
 from functools import lru_cache
 
 import numpy as np
 
-from harness.core.audio import N_FRAMES, SAMPLE_RATE, WindowedMel
+from harness.core.audio import FULL_AUDIO_CTX, N_FRAMES, SAMPLE_RATE, WindowedMel
 from harness.core.decoding import (
+    AUTO,
     LONG_FORM,
     Decoded,
     DecodingOptions,
+    Detection,
     Dims,
     Prompt,
     Sampled,
     build_prompt,
-    greedy_decode,
+    choose_language,
     sample,
+    short_form_decode,
     tokenizer_for,
 )
 from harness.core.target import Runner, SelfDecodingRunner, Unavailable
@@ -55,10 +66,10 @@ LOGPROB_THRESHOLD = -1.0
 
 def transcribe(runner: Runner, audio: np.ndarray, dims: Dims, options: DecodingOptions) -> Decoded:
     """One utterance under the job's rules: long form, or one short-form window (longer audio is
-    refused there, never trimmed)."""
-    if options.long_form_for(audio.size):
+    refused there, never trimmed); long form only at the full audio context."""
+    if dims.n_audio_ctx == FULL_AUDIO_CTX and options.long_form_for(audio.size):
         return long_form_decode(runner, audio, dims, options)
-    return greedy_decode(runner, audio, dims, build_prompt(dims, options))
+    return short_form_decode(runner, audio, dims, options)
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ class WindowPrompts:
         if not previous:
             return self.first
         kept = previous[-(self.first.n_ctx // 2 - 1) :]
-        return replace(self.first, tokens=(self.sot_prev, *kept, *self.first.tokens))
+        return changed(self.first, tokens=(self.sot_prev, *kept, *self.first.tokens))
 
     def no_speech_prob(self, runner: Runner, features: object, prompt: Prompt, out: Sampled) -> tuple[float, int]:
         """P(<|nospeech|>) at the SOT position of `prompt`, as whisper scores it, and the decoder
@@ -91,11 +102,11 @@ class WindowPrompts:
         return probs[0, self.no_speech].item(), extra
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=256)  # as build_prompt's: one per (model, language)
 def window_prompts(dims: Dims, options: DecodingOptions) -> WindowPrompts:
     tok = tokenizer_for(dims, options)
     rules = TimestampRules(begin=tok.timestamp_begin, eot=tok.eot, no_timestamps=tok.no_timestamps)
-    first = replace(build_prompt(dims, options), tokens=tuple(tok.sot_sequence), timestamps=rules)
+    first = changed(build_prompt(dims, options), tokens=tuple(tok.sot_sequence), timestamps=rules)
     return WindowPrompts(first=first, sot_prev=tok.sot_prev, no_speech=tok.no_speech)
 
 
@@ -107,15 +118,12 @@ def long_form_decode(runner: Runner, audio: np.ndarray, dims: Dims, options: Dec
             f"shared loop; {type(runner).__name__} decodes by itself, and nothing holds its own timestamp "
             "handling to those rules, so its long-form items are not evaluated (its short-form ones are)"
         )
-    prompts = window_prompts(dims, options)
-    tokenizer = tokenizer_for(dims, options)
-    rules = prompts.first.timestamps
-    assert rules is not None
     t0 = time.perf_counter()
     mel = WindowedMel.of(audio, dims.n_mels)
     frontend_s, encode_s, decode_s = time.perf_counter() - t0, 0.0, 0.0
     kept: list[int] = []  # the transcript so far: every kept segment's tokens
     seek = steps = windows = 0
+    detection: Detection | None = None
     while seek < mel.n_frames:
         size = min(N_FRAMES, mel.n_frames - seek)
         t0 = time.perf_counter()
@@ -123,11 +131,21 @@ def long_form_decode(runner: Runner, audio: np.ndarray, dims: Dims, options: Dec
         t1 = time.perf_counter()
         features = runner.encode(window)
         t2 = time.perf_counter()
+        detect_s = 0.0
+        if seek == 0:  # the file's language, from its first window (see the module's rules)
+            asked = options.language
+            options, detection = choose_language(runner, features, dims, options)
+            if asked == AUTO and detection is not None:  # part of decoding, as in whisper.transcribe;
+                steps, detect_s = steps + 1, time.perf_counter() - t2  # else for the record, untimed
+            prompts, tokenizer = window_prompts(dims, options), tokenizer_for(dims, options)
+            rules = prompts.first.timestamps
+            assert rules is not None
+        t3 = time.perf_counter()
         prompt = prompts.after(kept)
         out = sample(runner, features, prompt)
         no_speech, extra = prompts.no_speech_prob(runner, features, prompt, out)
-        t3 = time.perf_counter()
-        frontend_s, encode_s, decode_s = frontend_s + t1 - t0, encode_s + t2 - t1, decode_s + t3 - t2
+        t4 = time.perf_counter()
+        frontend_s, encode_s, decode_s = frontend_s + t1 - t0, encode_s + t2 - t1, decode_s + t4 - t3 + detect_s
         steps, windows = steps + out.n_steps + extra, windows + 1
         avg_logprob = out.sum_logprob / (len(out.tokens) + 1)  # whisper's: EOT counted
         if no_speech > NO_SPEECH_THRESHOLD and not avg_logprob > LOGPROB_THRESHOLD:
@@ -138,4 +156,7 @@ def long_form_decode(runner: Runner, audio: np.ndarray, dims: Dims, options: Dec
             if start != end and tokenizer.decode([t for t in segment if t < rules.eot]).strip():
                 kept.extend(segment)
         seek += split.advance
-    return Decoded(tuple(kept), frontend_s * 1e3, encode_s * 1e3, decode_s * 1e3, steps, windows, LONG_FORM)
+    language = options.language if dims.multilingual else "en"
+    return Decoded(
+        tuple(kept), frontend_s * 1e3, encode_s * 1e3, decode_s * 1e3, steps, windows, LONG_FORM, language, detection
+    )

@@ -88,7 +88,8 @@ class Runner(ABC):
 
     @abstractmethod
     def encode(self, mel: np.ndarray) -> Any:
-        """mel float32 [1, n_mels, N_FRAMES] → audio features, in whatever form `step` takes."""
+        """mel float32 [1, n_mels, 2 x audio_ctx] (3000 frames at the full context) → audio
+        features, in whatever form `step` takes."""
 
     @abstractmethod
     def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
@@ -97,7 +98,14 @@ class Runner(ABC):
 
 class SelfDecodingRunner(Runner):
     """An engine that decodes only by itself (e.g. CTranslate2): `generate` under the `Prompt`'s
-    rules; its `step` (teacher-forced logits) serves the parity check only."""
+    rules, `detect_language` by its own means; its `step` (teacher-forced logits) serves the
+    parity check only."""
+
+    @abstractmethod
+    def detect_language(self, audio_features: Any) -> tuple[str, float]:
+        """The most likely spoken language (whisper's code) and its probability, as whisper's
+        `detect_language` defines them, by the engine's own detection: such an engine's `step`
+        need not score language tokens (CTranslate2 masks them)."""
 
     @abstractmethod
     def generate(self, audio_features: Any, prompt: Prompt) -> tuple[list[int], int]:
@@ -129,11 +137,11 @@ Converter = Callable[["Checkpoint", "Whisper", str, Path, Sequence[np.ndarray]],
 
 
 def encoder_io(dims: Any, mel: str = "mel", features: str = "audio_features") -> dict[str, Any]:
-    """The manifest's description of an encoder: mel [1, n_mels, N_FRAMES] → [1, n_audio_ctx, d]."""
-    from harness.core.audio import N_FRAMES
+    """The manifest's description of an encoder: mel [1, n_mels, 2 x n_audio_ctx] → [1, n_audio_ctx, d]."""
+    from harness.core.audio import mel_frames
 
     return {
-        "inputs": {mel: [1, dims.n_mels, N_FRAMES]},
+        "inputs": {mel: [1, dims.n_mels, mel_frames(dims.n_audio_ctx)]},
         "outputs": {features: [1, dims.n_audio_ctx, dims.n_audio_state]},
     }
 
