@@ -178,8 +178,11 @@ class Scheduler:
         return sum(1 for w in self.workers.values() if w.work.cell.label == label)
 
     def _work_left(self, label: str) -> float:
-        """Seconds of work a model has left (utterances times its measured pace; unmeasured: 1 s each)."""
-        return self.remaining[label] * self.seconds_per_utt.get(label, 1.0)
+        """Seconds of work a model has left (utterances times its measured pace)."""
+        # a model not yet measured (just started, or resumed) is taken to be as slow as the others
+        # so far: a small guess would leave it for last, behind models it may be slower than
+        paces = self.seconds_per_utt.values()
+        return self.remaining[label] * self.seconds_per_utt.get(label, sum(paces) / len(paces) if paces else 1.0)
 
     def _start(self, label: str, node: Any) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
