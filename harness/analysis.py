@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from converters.registry import get_target
-from harness.core.audio import log_mel
+from harness.core.audio import FULL_AUDIO_CTX, log_mel
 from harness.core.decoding import LONG_FORM, DecodingOptions, Dims, Prompt, build_prompt, decode_window, tokenizer_for
 from harness.core.errors import one_line
 from harness.core.status import Status
@@ -178,10 +178,16 @@ class DivergenceWorker(Loaded):
 # -- the driver's side -----------------------------------------------------------------------------
 
 
+def analysed(cell: ModelCell) -> bool:
+    """Whether the analysis covers a model: every candidate at the full audio context (one at a
+    trimmed context has an encoder output of another shape than the reference's)."""
+    return cell.target != REFERENCE and cell.audio_ctx == FULL_AUDIO_CTX
+
+
 def transcripts_of(raw: pd.DataFrame, cell: ModelCell) -> dict[str, Transcripts | str]:
     """Per utterance id: the reference's and the candidate's tokens from the main pass's rows, or
     why the utterance is not analysed."""
-    rows = raw[(raw["size"] == cell.size)]
+    rows = raw[(raw["size"] == cell.size) & (raw["audio_ctx"] == cell.audio_ctx)]
     ref = rows[rows["target"] == REFERENCE].set_index("utt_id")
     cand = rows[(rows["target"] == cell.target) & (rows["quant"] == cell.quant)].set_index("utt_id")
     out: dict[str, Transcripts | str] = {}
@@ -221,7 +227,7 @@ def run_divergence(
     work = []
     try:
         for p in models:
-            todo = [s for s in shards if p.cell.target != REFERENCE and not run.done(p.cell, s.index, DIVERGENCE)]
+            todo = [s for s in shards if analysed(p.cell) and not run.done(p.cell, s.index, DIVERGENCE)]
             if not todo:
                 continue
             inputs = transcripts_of(raw, p.cell)
@@ -275,7 +281,7 @@ def write_divergence(run: RunDir, candidates: Sequence[ModelCell], n_rows: int) 
     counts = rows.groupby(["size", "target", "quant"]).size()
     if (
         rows.duplicated(["size", "target", "quant", "utt_id"]).any()
-        or sorted(counts.index) != sorted(c.as_tuple() for c in candidates)
+        or sorted(counts.index) != sorted(c.as_tuple()[:3] for c in candidates)
         or (counts != n_rows).any()
     ):
         raise RuntimeError(f"divergence rows per model differ from {n_rows} utterances: {counts.to_dict()}")

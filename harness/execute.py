@@ -25,12 +25,11 @@ import pandas as pd
 from converters.matrix import prepare_cells
 from converters.registry import get_target
 from converters.store import Prepared
-from harness.analysis import run_divergence, write_divergence
+from harness.analysis import analysed, run_divergence, write_divergence
 from harness.cluster import connect
 from harness.core.decoding import Dims, build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
-from harness.core.target import REFERENCE
 from harness.data import Shard, calibration_source, check_dataset, plan_shards, read_index
 from harness.node_cache import publish, start_server
 from harness.results import RunDir, RunState, fingerprint, raw_frame, row, write_json_atomic, write_parquet_atomic
@@ -121,7 +120,7 @@ def run_job(
         write_parquet_atomic(utts, run.path / "utterances.parquet")
         summary.to_csv(run.path / "summary.csv", index=False)
         (run.path / "summary.md").write_text(format_summary(summary) + "\n")
-        candidates = [p.cell for p in prepared if p.cell.target != REFERENCE]
+        candidates = [p.cell for p in prepared if analysed(p.cell)]
         divergence = write_divergence(run, candidates, dataset.n_rows) if spec.analysis.divergence else None
         info = _run_info(spec, run, prepared, dataset.n_rows, started, report)
         write_json_atomic(info, run.path / "run.json")
