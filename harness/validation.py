@@ -8,7 +8,7 @@ from typing import Any
 
 from harness.core.errors import HarnessError, clip, did_you_mean, quote, some
 
-MAX_PROBLEMS = 20  # listed in one error message; the rest are counted
+MAX_PROBLEMS = 12  # listed in one error message; the rest are counted
 
 
 def raise_all(errors: list[str], where: str) -> None:

@@ -15,6 +15,7 @@ from harness.data import check_dataset, plan_shards, read_shard
 from harness.execute import run_job
 from harness.job_file import MAX_JOB_BYTES
 from harness.spec import DatasetSpec, load_job
+from harness.validation import MAX_PROBLEMS
 from tests.conftest import EMBEDDED
 
 AUDIO = EMBEDDED / "test-clean" / "1089-134691-0000.flac"  # 2 s, real speech
@@ -180,4 +181,4 @@ def test_error_messages_stay_short(tmp_path):
     assert len(msg) < 300 and "..." in msg
     keys = "".join(f"key{i}: 1\n" for i in range(3000))
     msg = _refused(tmp_path, f"name: many\n{GOOD}{keys}")
-    assert msg.count("unknown key") == 20 and msg.endswith("and 2980 more")
+    assert msg.count("unknown key") == MAX_PROBLEMS and msg.endswith(f"and {3000 - MAX_PROBLEMS} more")
