@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from converters.registry import get_target
+from harness.artifact_server import start_server
 from harness.core.audio import FULL_AUDIO_CTX, log_mel
 from harness.core.decoding import LONG_FORM, DecodingOptions, Dims, Prompt, build_prompt, decode_window, tokenizer_for
 from harness.core.errors import one_line
@@ -44,7 +45,7 @@ from harness.divergence import (
     teacher_forced_metrics,
     teacher_targets,
 )
-from harness.node_cache import PublishedArtifact, publish, start_server
+from harness.node_cache import PublishedArtifact, publish
 from harness.results import RunDir, write_parquet_atomic
 from harness.scheduler import Scheduler, SchedulerOptions, Work
 from harness.spec import DatasetSpec, JobSpec, ModelCell

@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -26,18 +27,19 @@ from converters.matrix import prepare_cells
 from converters.registry import get_target
 from converters.store import Prepared
 from harness.analysis import analysed, run_divergence, write_divergence
+from harness.artifact_server import start_server
 from harness.cluster import connect
 from harness.core.decoding import Dims, build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
 from harness.data import Shard, calibration_source, check_dataset, plan_shards, read_index
-from harness.node_cache import publish, start_server
+from harness.node_cache import publish
 from harness.results import RunDir, RunState, fingerprint, raw_frame, row, write_json_atomic, write_parquet_atomic
 from harness.scheduler import Scheduler, SchedulerOptions, Work
 from harness.scoring import SCHEMA_VERSION, score_rows
 from harness.spec import JobSpec, ModelCell
 from harness.summary import format_summary, summarize
-from harness.timing import cpu_description
+from harness.timing import Phases, cpu_description
 from harness.worker import WorkerSetup
 
 
@@ -94,12 +96,16 @@ def run_job(
     spec: JobSpec, out_root: Path, models_root: Path, progress: bool = True, log=print, resume: str | None = None
 ) -> RunResult:
     started = time.time()
+    phases = Phases()
     # the dataset first: one that no run can use is refused before any conversion or Ray start
-    dataset = check_dataset(spec.dataset)
+    with phases("dataset"):
+        dataset = check_dataset(spec.dataset)
     if dataset.unreadable:
         log(f"dataset {spec.dataset.label}: {dataset.note}")
-    connect(spec.cluster, log)
-    prepared = prepare_models(spec, models_root, log=log)
+    with phases("connect"):
+        connect(spec.cluster, log)
+    with phases("artifacts"):
+        prepared = prepare_models(spec, models_root, log=log)
     keys = {p.cell.label: p.prepared.artifact.manifest.get("key") if p.prepared.artifact else None for p in prepared}
     marks = fingerprint(spec, dataset.n_rows, keys)
     if resume is None:
@@ -110,19 +116,21 @@ def run_job(
         log(f"resuming {run.path}")
     shards = plan_shards(dataset.n_rows, spec.cluster.shard_size)
     try:
-        report = _execute(spec, prepared, shards, run, progress, log)
+        report = _execute(spec, prepared, shards, run, progress, log, phases)
         raw = run.read_raw()
         _check_one_row_each(raw, prepared, dataset.n_rows)
         if spec.analysis.divergence:  # needs every reference row, so after the main pass
-            report["divergence_pass"] = run_divergence(spec, prepared, run, raw, progress, log)
-        utts = score_rows(raw.assign(run_id=run.run_id))
-        summary = summarize(utts, {p.cell.as_tuple(): p.facts for p in prepared})
-        write_parquet_atomic(utts, run.path / "utterances.parquet")
-        summary.to_csv(run.path / "summary.csv", index=False)
-        (run.path / "summary.md").write_text(format_summary(summary) + "\n")
-        candidates = [p.cell for p in prepared if analysed(p.cell)]
-        divergence = write_divergence(run, candidates, dataset.n_rows) if spec.analysis.divergence else None
-        info = _run_info(spec, run, prepared, dataset.n_rows, started, report)
+            with phases("divergence"):
+                report["divergence_pass"] = run_divergence(spec, prepared, run, raw, progress, log)
+        with phases("score"):
+            utts = score_rows(raw.assign(run_id=run.run_id))
+            summary = summarize(utts, {p.cell.as_tuple(): p.facts for p in prepared})
+            write_parquet_atomic(utts, run.path / "utterances.parquet")
+            summary.to_csv(run.path / "summary.csv", index=False)
+            (run.path / "summary.md").write_text(format_summary(summary) + "\n")
+            candidates = [p.cell for p in prepared if analysed(p.cell)]
+            divergence = write_divergence(run, candidates, dataset.n_rows) if spec.analysis.divergence else None
+        info = _run_info(spec, run, prepared, dataset.n_rows, started, {**report, "phases": phases.report()})
         write_json_atomic(info, run.path / "run.json")
         run.complete()
     except KeyboardInterrupt:
@@ -135,7 +143,7 @@ def run_job(
 
 
 def _execute(
-    spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], run: RunDir, progress: bool, log
+    spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], run: RunDir, progress: bool, log, phases: Phases
 ) -> dict[str, Any]:
     @functools.cache
     def index() -> tuple[list[str], list[str]]:  # ids and texts, read once and only if a model has no transcripts
@@ -144,8 +152,32 @@ def _execute(
     def persist(cell: ModelCell, shard: Shard, rows: list[dict[str, Any]]) -> None:
         run.write_shard(cell, shard.index, raw_frame(rows))
 
-    work = []
+    c = spec.cluster
+    options = SchedulerOptions(c.slots, c.threads, c.max_attempts, float(c.stall_timeout_s), c.emulate)
     server = start_server()  # nodes share no filesystem with the driver: they fetch artifacts from it
+    try:
+        with phases("publish"):
+            work = _work(spec, prepared, shards, run, server, index, persist)
+        with phases("schedule"):
+            return Scheduler(work, options, persist, index, progress, log).run()
+    finally:
+        import ray
+
+        ray.kill(server)
+
+
+def _work(
+    spec: JobSpec,
+    prepared: list[PreparedModel],
+    shards: list[Shard],
+    run: RunDir,
+    server: Any,
+    index: Callable[[], tuple[list[str], list[str]]],
+    persist: Callable[[ModelCell, Shard, list[dict[str, Any]]], None],
+) -> list[Work]:
+    """What the scheduler runs: each runnable model's published artifact and the shards it has
+    left; a model that cannot run gets its rows now, with its status."""
+    work = []
     for p in prepared:
         todo = tuple(s for s in shards if not run.done(p.cell, s.index))
         if not todo:
@@ -171,14 +203,7 @@ def _execute(
             spec.cluster.threads,
         )
         work.append(Work(setup, todo, get_target(p.cell.target).resource))
-    c = spec.cluster
-    options = SchedulerOptions(c.slots, c.threads, c.max_attempts, float(c.stall_timeout_s), c.emulate)
-    try:
-        return Scheduler(work, options, persist, index, progress, log).run()
-    finally:
-        import ray
-
-        ray.kill(server)
+    return work
 
 
 def _check_one_row_each(raw: pd.DataFrame, prepared: list[PreparedModel], n_rows: int) -> None:

@@ -1,13 +1,14 @@
 """Artifacts reach the nodes: published once by the driver, fetched once into each node's cache.
 
 Ray nodes share no filesystem with the driver (a Mac, a MediaTek board), so a worker never opens
-a path in the driver's store. The driver starts an `ArtifactServer` actor on its own node and
-`publish`es each artifact to it: a small picklable `PublishedArtifact` (cache key, manifest, file
-checksums, the server's handle) travels to the workers instead of a path. A worker
-`materialise`s it into its node's cache, `~/.cache/harness/artifacts/<key>/` (or
-`$HARNESS_NODE_CACHE/<key>/`, read on the node), under a lock so the workers of one node fetch it
-once, into a temporary folder renamed into place, every file checked against its sha256; a later
-run reuses the folder after checking the checksums again, and fetches it anew if one differs.
+a path in the driver's store. The driver starts an `ArtifactServer` actor on its own node
+(`harness.artifact_server`) and `publish`es each artifact to it: a small picklable
+`PublishedArtifact` (cache key, manifest, file checksums, the server's handle) travels to the
+workers instead of a path. A worker `materialise`s it into its node's cache,
+`~/.cache/harness/artifacts/<key>/` (or `$HARNESS_NODE_CACHE/<key>/`, read on the node), under a
+lock so the workers of one node fetch it once, into a temporary folder renamed into place, every
+file checked against its sha256; a later run reuses the folder after checking the checksums
+again, and fetches it anew if one differs.
 
 The reference has no files of its own: its checkpoint is published instead, pinned by the file's
 sha256 taken at publish time (the tensor digest `load_model` re-checks needs the whole file loaded),
@@ -34,8 +35,7 @@ import os
 import re
 import shutil
 import tempfile
-import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,41 +67,6 @@ class PublishedArtifact:
     files: Mapping[str, Mapping[str, Any]]  # name -> {"sha256", "bytes"}: what a node fetches
     checkpoint: str | None  # the name in `files` that is the reference's checkpoint, else None
     server: Any  # the ArtifactServer actor serving `files`
-
-
-class ArtifactServer:
-    """Serves published files in chunks from the driver's node; made by `start_server`."""
-
-    def __init__(self) -> None:
-        self._fds: dict[tuple[str, str], int] = {}
-        self._served: Counter[str] = Counter()
-        self._lock = threading.Lock()  # the actor is threaded: nodes fetch at the same time
-
-    def add(self, key: str, paths: Mapping[str, str]) -> None:
-        for name, path in paths.items():
-            if (key, name) not in self._fds:
-                self._fds[key, name] = os.open(path, os.O_RDONLY)
-
-    def read(self, key: str, name: str, offset: int, size: int) -> bytes:
-        data = os.pread(self._fds[key, name], size, offset)  # no shared file offset: safe across threads
-        with self._lock:
-            self._served[key] += len(data)
-        return data
-
-    def served(self) -> dict[str, int]:
-        """Bytes sent so far per key: what the nodes had to fetch rather than reuse."""
-        with self._lock:
-            return dict(self._served)
-
-
-def start_server() -> Any:
-    """An ArtifactServer on the driver's own node, where the store's files are. It takes no CPU:
-    serving is disk and network, and a CPU here is a worker slot."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(ArtifactServer).options(num_cpus=0, max_concurrency=8, scheduling_strategy=here).remote()
 
 
 def publish(server: Any, artifact: Artifact) -> PublishedArtifact:

@@ -230,6 +230,8 @@ class Scheduler:
                 self._died(actor, worker, exc)
             return
         worker.ready, worker.last_seen = None, time.monotonic()
+        # from the request to a loaded, warmed model: process start and imports too, not only `load_s`
+        worker.info["ready_s"] = round(worker.last_seen - worker.started, 2)
         self._next_task(actor, worker)
 
     def _next_task(self, actor: Any, worker: Worker) -> None:
@@ -329,7 +331,7 @@ class Scheduler:
             {
                 "model": worker.work.cell.label,
                 "node": worker.info.get("node") or self.nodes.host(worker.node_id),
-                **{k: worker.info[k] for k in ("load_s", "rss_mb") if k in worker.info},
+                **{k: worker.info[k] for k in ("load_s", "ready_s", "rss_mb") if k in worker.info},
                 "shards": worker.shards,
                 "busy_s": round(worker.busy_s, 2),
                 "alive_s": round(time.monotonic() - worker.started, 2),

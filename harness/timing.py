@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,26 @@ def cpu_description() -> str:
             elif key in ("flags", "Features"):
                 features.update(value.split())
     return f"{name} [{' '.join(f for f in KERNEL_FEATURES if f in features)}]"
+
+
+class Phases:
+    """Seconds the driver spends in each phase of a run (run.json `phases`): where the time goes
+    that no worker's busy time shows (joining Ray, building and publishing artifacts, scoring)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
+
+    def report(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.perf_counter() - self._t0, 2)}
 
 
 def prepare_worker_threads(threads: int) -> None:

@@ -39,7 +39,8 @@ def worker_rows(artifact, options: DecodingOptions) -> list[dict]:
     import ray
     import torch
 
-    from harness.node_cache import publish, start_server
+    from harness.artifact_server import start_server
+    from harness.node_cache import publish
     from harness.spec import ModelCell
     from harness.worker import ModelWorker, WorkerSetup
 

@@ -18,12 +18,13 @@ import ray
 
 from converters.registry import get_target
 from converters.store import MANIFEST, load_artifact
+from harness.artifact_server import start_server
 from harness.core.decoding import DecodingOptions, Dims, build_prompt, greedy_decode
 from harness.core.errors import HarnessError
 from harness.core.hashing import file_sha256
 from harness.core.target import Artifact
 from harness.execute import run_job
-from harness.node_cache import CACHE_ENV, materialise, publish, start_server
+from harness.node_cache import CACHE_ENV, materialise, publish
 from harness.spec import load_job
 from tests.conftest import ROOT
 

@@ -49,6 +49,12 @@ def test_a_freed_slot_goes_to_the_model_with_work_left(undisturbed):
     assert per_model.loc["tiny.en/torchscript-mtk/fp32", "count"] == 2, workers
     assert (workers["shards"] >= 1).all() and per_model["sum"].eq(LIMIT // SHARD).all()
     assert (workers["load_s"] > 0).all() and (workers["rss_mb"] > 100).all()  # load cost and memory, per worker
+    assert (workers["ready_s"] > workers["load_s"]).all()  # process start and imports come first
+    # the driver's own time, phase by phase, within the run's
+    phases = info["phases"]
+    assert set(phases) >= {"dataset", "connect", "artifacts", "publish", "schedule", "score", "total"}
+    assert sum(v for k, v in phases.items() if k != "total") <= phases["total"]
+    assert phases["schedule"] >= (workers["alive_s"].max() - 1)
     (node,) = info["nodes"]
     assert node["shards"] == 2 * LIMIT // SHARD and node["failures"] == 0 and node["busy_s"] > 0
     assert (undisturbed.utterances["attempt"] == 0).all()
@@ -164,9 +170,10 @@ def test_an_unreachable_address_is_one_line_before_anything_is_built(tmp_path):
 def test_a_board_target_no_node_offers_is_unavailable_at_once(ray_local, tiny_artifacts, tmp_path):
     """Work that needs a `mediatek` node, on a cluster without one and no emulation: rows that say
     why, without starting a worker."""
+    from harness.artifact_server import start_server
     from harness.core.decoding import Dims, build_prompt
     from harness.data import plan_shards
-    from harness.node_cache import publish, start_server
+    from harness.node_cache import publish
     from harness.scheduler import Scheduler, SchedulerOptions, Work
     from harness.spec import ModelCell
     from harness.worker import WorkerSetup
