@@ -31,7 +31,7 @@ from harness.core.decoding import LONG_FORM, DecodingOptions, Dims, Prompt, buil
 from harness.core.errors import one_line
 from harness.core.status import Status
 from harness.core.target import REFERENCE, Runner
-from harness.data import Shard, plan_shards, read_index, read_shard
+from harness.data import Shard, open_dataset, plan_shards, read_index, read_shard
 from harness.divergence import (
     DIVERGENCE_COLUMNS,
     divergence_facts,
@@ -153,6 +153,7 @@ class DivergenceWorker(Loaded):
         self.candidate = load_runner(setup.candidate, setup.threads)
         self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
         self.node = node_name()
+        open_dataset(setup.dataset)
         self.load_s = time.perf_counter() - started
 
     def run_shard(self, shard: Shard, skip: int = 0, attempt: int = 0) -> Iterator[dict[str, Any]]:

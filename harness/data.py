@@ -53,8 +53,9 @@ def _metadata_file(folder: Path) -> Path:
     raise HarnessError(f"{folder}: no metadata.jsonl or metadata.csv (expected the audiofolder layout)")
 
 
-def _open(spec: DatasetSpec) -> Any:
-    """The dataset as `datasets` sees it, before any audio is touched."""
+def open_dataset(spec: DatasetSpec) -> Any:
+    """The dataset as `datasets` sees it, before any audio is touched. A worker opens it once as
+    it loads its model, so the first shard does not pay for the `datasets` import and cache."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -84,7 +85,7 @@ def _open(spec: DatasetSpec) -> Any:
 
 
 def count_rows(spec: DatasetSpec) -> int:
-    return _count(spec, _open(spec))
+    return _count(spec, open_dataset(spec))
 
 
 def _count(spec: DatasetSpec, ds: Any) -> int:
@@ -114,11 +115,11 @@ class DatasetCheck:
 
 
 def check_dataset(spec: DatasetSpec) -> DatasetCheck:
-    """Refuse a dataset no run can use, before any model is built: missing columns (`_open`), no
+    """Refuse a dataset no run can use, before any model is built: missing columns (`open_dataset`), no
     rows, utterance ids that repeat (every model's rows are joined on them, so a repeat would make
     each comparison with the reference meaningless); and list the utterances whose audio file is
     refused, which a run reports as error rows."""
-    ds = _open(spec)
+    ds = open_dataset(spec)
     n_rows = _count(spec, ds)
     if n_rows == 0:
         raise HarnessError(f"dataset {spec.label}: no utterances (check dataset.split and dataset.limit)")
@@ -182,9 +183,9 @@ def language_of(value: object, column: str) -> str:
 def read_index(spec: DatasetSpec) -> tuple[list[str], list[str]]:
     """Utterance ids and reference texts, without touching audio (for rows of unrunnable models)."""
     if spec.streaming:
-        rows = list(_open(spec).take(count_rows(spec)))
+        rows = list(open_dataset(spec).take(count_rows(spec)))
     else:
-        rows = list(_open(spec))
+        rows = list(open_dataset(spec))
     ids = [_utt_id(spec, r, i) for i, r in enumerate(rows)]
     return ids, [str(r.get(spec.text_column) or "") for r in rows]
 
@@ -195,7 +196,7 @@ def plan_shards(n_rows: int, shard_size: int) -> list[Shard]:
 
 def read_shard(spec: DatasetSpec, shard: Shard) -> list[Utterance]:
     """The shard's utterances with decoded audio; a bad file becomes an Utterance with an error."""
-    ds = _open(spec)
+    ds = open_dataset(spec)
     if spec.streaming:
         rows = list(ds.skip(shard.start).take(shard.stop - shard.start))
     else:

@@ -22,7 +22,7 @@ from harness.core.errors import one_line
 from harness.core.longform import transcribe
 from harness.core.status import Status
 from harness.core.target import DEFAULT_THREADS, Runner, Unavailable
-from harness.data import Shard, read_shard
+from harness.data import Shard, open_dataset, read_shard
 from harness.node_cache import PublishedArtifact, materialise
 from harness.results import row
 from harness.spec import DatasetSpec, ModelCell
@@ -92,6 +92,7 @@ class ModelWorker(Loaded):
         self.node = node_name()
         self.cpu = cpu_description()
         warm_up(self.runner, setup.dims, setup.prompt)
+        open_dataset(setup.dataset)
         self.load_s = time.perf_counter() - started
 
     def options_for(self, language: str | None) -> DecodingOptions:
