@@ -225,3 +225,17 @@ def test_a_run_never_opens_the_drivers_store_on_the_node(
     # the hook saw the runners read their files (token_embedding.npy, the checkpoint) in the node's cache
     folders = {Path(p).relative_to(node.cache).parts[0] for p in opened if p.startswith(f"{node.cache}{os.sep}")}
     assert {f.split("-")[0] for f in folders if not f.startswith(".")} == keys
+
+
+def test_the_artifact_server_imports_nothing_heavy():
+    """Ray imports the server's module in the actor's own process before any node can fetch:
+    torch, whisper or pandas there would cost every run seconds of start-up."""
+    import subprocess
+    import sys
+
+    probe = "import sys, harness.artifact_server; print(' '.join(sorted(sys.modules)))"
+    loaded = set(
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    )
+    heavy = {"torch", "whisper", "numpy", "pandas", "datasets", "ray"}
+    assert not (loaded & heavy), loaded & heavy
