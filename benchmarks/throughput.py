@@ -32,8 +32,8 @@ DATA = ROOT / "data" / "librispeech-eval"
 
 
 def _audio(n: int) -> list:
-    from harness.data import Shard, count_rows, read_shard
-    from harness.spec import DatasetSpec
+    from harness.job.spec import DatasetSpec
+    from harness.run.dataset import Shard, count_rows, read_shard
 
     spec = DatasetSpec(path=DATA)
     return [u.audio for u in read_shard(spec, Shard(0, 0, min(n, count_rows(spec))))]
@@ -77,8 +77,8 @@ def _loops(size: str, processes: int, threads: int, n: int) -> tuple[float, floa
 
 def _harness(size: str, n: int, targets: dict[str, list[str]]) -> tuple[float, dict]:
     """Utterances per second of model work (all models) over the scheduling span, and run.json."""
-    from harness.execute import run_job
-    from harness.spec import ModelsSpec, load_job
+    from harness.job.spec import ModelsSpec, load_job
+    from harness.run.execute import run_job
 
     spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml").with_overrides(limit=n)
     models = ModelsSpec(sizes=(size,), targets=tuple((t, tuple(q)) for t, q in targets.items()))

@@ -1,4 +1,4 @@
-"""`coreml`: Whisper in Apple-Neural-Engine form (`converters.ane_model`) as two Core ML ML Programs.
+"""`coreml`: Whisper in Apple-Neural-Engine form (`converters.forms.ane_model`) as two Core ML ML Programs.
 
 The encoder package maps mel → audio features and the decoder's cross-attention keys/values; the
 decoder package takes one token with a fixed-size key/value cache (static shapes, as the ANE
@@ -28,8 +28,8 @@ import torch
 from whisper.model import Whisper
 
 from converters import parity
-from converters.ane_host import AneHost, TorchAneRunner
-from converters.ane_model import WhisperANE, from_whisper, vocab_chunks
+from converters.forms.ane_host import AneHost, TorchAneRunner
+from converters.forms.ane_model import WhisperANE, from_whisper, vocab_chunks
 from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.decoding import Dims, build_prompt
@@ -105,7 +105,7 @@ def _convert(ct, module: torch.nn.Module, args: tuple, outputs: tuple[str, ...],
 
 
 def _torch_parity(checkpoint: Checkpoint, model: Whisper, ane: WhisperANE, quant: str) -> dict[str, Any]:
-    from converters.reference import ReferenceRunner
+    from converters.reference_target import ReferenceRunner
 
     # the reference's "artifact" is only the checkpoint, described as the store describes it
     c = checkpoint

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from converters import (
     coreml_target,
-    ct2_target,
-    hf_transformers,
-    litert_target,
-    mtk,
-    onnx_export,
-    reference,
-    torchscript,
-    torchscript_mtk,
+    ctranslate2_target,
+    mtk_target,
+    onnx_target,
+    reference_target,
+    tflite_target,
+    torchscript_mtk_target,
+    torchscript_target,
+    transformers_target,
 )
 from harness.core.errors import HarnessError, did_you_mean
 from harness.core.target import REFERENCE, Target
@@ -23,15 +23,15 @@ from harness.core.target import REFERENCE, Target
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        reference.TARGET,
-        torchscript.TARGET,
-        onnx_export.TARGET,
+        reference_target.TARGET,
+        torchscript_target.TARGET,
+        onnx_target.TARGET,
         coreml_target.TARGET,
-        torchscript_mtk.TARGET,
-        hf_transformers.TARGET,
-        ct2_target.TARGET,
-        litert_target.TARGET,
-        mtk.TARGET,
+        torchscript_mtk_target.TARGET,
+        transformers_target.TARGET,
+        ctranslate2_target.TARGET,
+        tflite_target.TARGET,
+        mtk_target.TARGET,
     )
 }
 assert REFERENCE in TARGETS

@@ -14,7 +14,7 @@ from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
 
 if TYPE_CHECKING:  # the module pulls in whisper and torch; the CLI imports them only when needed
-    from harness.spec import DatasetSpec
+    from harness.job.spec import DatasetSpec
 
 
 EXAMPLES = """examples:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         return _run(args)
     except HarnessError as exc:
-        from harness.execute import Interrupted
+        from harness.run.execute import Interrupted
 
         print(f"error: {exc}", file=sys.stderr)
         if isinstance(exc, Interrupted):
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(paths: list[Path]) -> int:
-    from harness.spec import load_job
+    from harness.job.spec import load_job
 
     failed = 0
     for path in paths:
@@ -167,7 +167,7 @@ def _check_local_dataset(dataset: DatasetSpec, job: Path) -> str:
     is checked when run (reading it here would download it). Audio a run would report as error
     rows is an error here: validating is for finding it before a night's run. Returns what the
     `ok:` line says of the dataset."""
-    from harness.data import check_dataset
+    from harness.run.dataset import check_dataset
 
     if dataset.path is None:
         return "a hub dataset, checked when run"
@@ -184,7 +184,7 @@ def _convert(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from converters.matrix import build, expand
-    from harness.data import calibration_source
+    from harness.run.dataset import calibration_source
 
     cells = expand(args.sizes, args.targets, args.quant)
     table = build(cells, args.models, calibration_source(), progress=sys.stderr.isatty())
@@ -195,11 +195,11 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from harness.execute import run_job
-    from harness.gate import record_and_gate
-    from harness.history import location
-    from harness.spec import load_job
-    from harness.summary import format_summary
+    from harness.job.spec import load_job
+    from harness.nightly.gate import record_and_gate
+    from harness.nightly.history import location
+    from harness.results.summary import format_summary
+    from harness.run.execute import run_job
 
     spec = load_job(args.job).with_overrides(
         dataset=args.dataset, limit=args.limit, slots=args.slots, address=args.address
@@ -210,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(format_summary(result.summary))
     if result.divergence is not None:
-        from harness.divergence import format_divergence
+        from harness.results.divergence import format_divergence
 
         print("\ndivergence from the reference (divergence.parquet has every utterance):\n")
         print(format_divergence(result.divergence))
@@ -218,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     where = location(args.history, args.out)
     gated = record_and_gate(result.run_dir, where, args.baseline)
     if spec.report:  # after the gate, so its verdict is in the report
-        from harness.report import write_report
+        from harness.report.page import write_report
 
         print(f"report: {write_report(result.run_dir, where)}")
     if gated == ExitCode.REGRESSION:
@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from harness.results import list_runs
+    from harness.results.run_dir import list_runs
 
     for run in list_runs(args.out, args.job):
         if args.clean and run.abandoned():
@@ -239,8 +239,8 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from harness.history import History, display, format_runs, location
-    from harness.run_record import read_run
+    from harness.nightly.history import History, display, format_runs, location
+    from harness.results.record import read_run
 
     if args.action == "add":
         for run_dir in args.run_dirs:
@@ -265,9 +265,9 @@ def _history(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from harness.gate import gate, resolve_pair
-    from harness.history import History, location
-    from harness.spec import load_job
+    from harness.job.spec import load_job
+    from harness.nightly.gate import gate, resolve_pair
+    from harness.nightly.history import History, location
 
     thresholds = load_job(args.thresholds).thresholds if args.thresholds else None
     with History(location(args.history, Path("results")), create=False) as history:
@@ -276,8 +276,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from harness.history import location
-    from harness.report import find_run, write_report
+    from harness.nightly.history import location
+    from harness.report.page import find_run, write_report
 
     run_dir = find_run(args.results, args.run, args.job)
     # the history a run appended to: in its results root, unless given (as `history add` finds it)

@@ -50,7 +50,7 @@ def tiny_dims(tiny_artifacts):
 @pytest.fixture(scope="session")
 def reference(tiny_artifacts):
     """The tiny.en reference runner, loaded once."""
-    from converters.reference import ReferenceRunner as Runner
+    from converters.reference_target import ReferenceRunner as Runner
 
     return Runner(tiny_artifacts["reference"])
 
@@ -147,8 +147,8 @@ def check_unavailable_without(package: str, module, message: str, checkpoint, tm
 
 @pytest.fixture(scope="session")
 def embedded_utterances():
-    from harness.data import count_rows, plan_shards, read_shard
-    from harness.spec import DatasetSpec
+    from harness.job.spec import DatasetSpec
+    from harness.run.dataset import count_rows, plan_shards, read_shard
 
     spec = DatasetSpec(path=EMBEDDED)
     (shard,) = plan_shards(count_rows(spec), 1000)

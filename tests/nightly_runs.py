@@ -3,7 +3,7 @@
 A real run costs a minute; the gate needs many. So each derived folder starts from the real run's
 utterances.parquet rows (real transcripts, tokens and timings), changes them on purpose (words
 dropped from a model's hypotheses, slower timings, another CPU, a model gone), and is re-scored
-with `harness.scoring.score_rows` / `summarize` and written like `run_job` writes: every file
+with `harness.results.scoring.score_rows` / `summarize` and written like `run_job` writes: every file
 schema-valid, every number recomputed by the harness's own scoring.
 """
 
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.results import RAW_COLUMNS  # what workers return (score_rows derives the rest)
-from harness.scoring import score_rows
-from harness.spec import ModelCell
-from harness.summary import format_summary, summarize
+from harness.job.spec import ModelCell
+from harness.results.run_dir import RAW_COLUMNS  # what workers return (score_rows derives the rest)
+from harness.results.scoring import score_rows
+from harness.results.summary import format_summary, summarize
 
 MTK = ("tiny.en", "torchscript-mtk", "fp32")
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,10 +19,10 @@ import pandas as pd
 from converters.registry import TARGETS
 from harness.core.status import Status
 from harness.core.target import REFERENCE
-from harness.results import raw_frame, row
-from harness.scoring import SCHEMA_VERSION, score_rows
-from harness.spec import DatasetSpec, JobSpec, ModelCell
-from harness.summary import summarize
+from harness.job.spec import DatasetSpec, JobSpec, ModelCell
+from harness.results.run_dir import raw_frame, row
+from harness.results.scoring import SCHEMA_VERSION, score_rows
+from harness.results.summary import summarize
 
 # what a hostile dataset may put in a transcript: markup, an attribute breaker, a closing tag
 HOSTILE = '<script>alert("owned")</script> </td></table> <img src=x onerror=alert(1)> & "quoted" \'single\''

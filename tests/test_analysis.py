@@ -1,4 +1,4 @@
-"""The divergence analysis pass (harness/analysis.py) with real tiny.en runners on real audio:
+"""The divergence analysis pass (harness/run/divergence_pass.py) with real tiny.en runners on real audio:
 identity, a degraded int8 candidate checked against openai-whisper's own logits, an engine whose
 features cannot be swapped; then a whole run with `analysis: {divergence: true}`."""
 
@@ -14,7 +14,7 @@ from scipy.special import rel_entr, softmax
 
 from harness.core.decoding import DecodingOptions, build_prompt, greedy_decode, tokenizer_for
 from harness.core.status import Status
-from harness.divergence import DIVERGENCE_COLUMNS
+from harness.results.divergence import DIVERGENCE_COLUMNS
 
 # -- real tiny.en runners on real audio ------------------------------------------------------------
 
@@ -38,7 +38,7 @@ def tiny_prompt(tiny_dims):
 def analysed(reference, reference_tokens, tiny_dims, tiny_prompt):
     """`analyse` of a runner against the reference: per utterance id its row's facts and the
     runner's own (free-running) tokens."""
-    from harness.analysis import Transcripts, analyse
+    from harness.run.divergence_pass import Transcripts, analyse
 
     decode = tokenizer_for(tiny_dims, DecodingOptions()).decode
 
@@ -54,8 +54,8 @@ def analysed(reference, reference_tokens, tiny_dims, tiny_prompt):
 
 
 def test_identity_reference_as_candidate_and_torchscript_fp32(analysed, tiny_artifacts, short):
-    from converters.reference import ReferenceRunner
-    from converters.torchscript_mtk import MtkTorchScriptRunner
+    from converters.reference_target import ReferenceRunner
+    from converters.torchscript_mtk_target import MtkTorchScriptRunner
 
     utterances = [short[SAME[0]]]
     for facts, _ in analysed(ReferenceRunner(tiny_artifacts["reference"]), utterances).values():
@@ -219,10 +219,10 @@ def test_a_run_writes_the_divergence_tables(divergence_run):
 
 def test_missing_analysis_shards_are_redone_alone(divergence_run, tiny_artifacts, models_root):
     """As a resumed run does: only the (model, shard) without a file is analysed again, the same."""
-    from harness.analysis import DIVERGENCE, run_divergence
-    from harness.execute import prepare_models
-    from harness.results import RunDir
-    from harness.spec import load_job
+    from harness.job.spec import load_job
+    from harness.results.run_dir import RunDir
+    from harness.run.divergence_pass import DIVERGENCE, run_divergence
+    from harness.run.execute import prepare_models
 
     run = RunDir(divergence_run["run_dir"])
     shard = run.path / DIVERGENCE / "tiny.en__torchscript__int8-shard00001.parquet"

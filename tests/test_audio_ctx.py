@@ -17,7 +17,7 @@ from harness.core.audio import N_FRAMES, log_mel
 from harness.core.decoding import DecodingOptions, Dims, TooLong, build_prompt, greedy_decode
 from harness.core.errors import HarnessError
 from harness.core.longform import transcribe
-from harness.spec import load_job
+from harness.job.spec import load_job
 from tests.conftest import language_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def tflite_750(tiny_checkpoint, models_root):
 def test_fixed_shape_target_built_for_750(tflite_750, tiny_checkpoint, reference, tiny_dims, embedded_utterances):
     """LiteRT's graphs have fixed shapes: an artifact for 750 has its own key and 1500-frame
     encoder, passed parity against the reference at 750, and decodes as the reference does there."""
-    from converters.litert_runtime import Runner
+    from converters.litert.runtime import Runner
 
     full_key, _ = artifact_key(tiny_checkpoint, "tflite", "fp32")
     key, recipe = artifact_key(tiny_checkpoint, "tflite", "fp32", 750)
@@ -131,7 +131,7 @@ def test_sweep_job_makes_a_model_per_context():
 def sweep_run(tiny_artifacts, models_root, tmp_path_factory):
     """The sweep on tiny.en (reference and torchscript-mtk at 1500 and 750) over three utterances
     whose dataset names their languages: en, English and de (which English-only tiny.en refuses)."""
-    from harness.execute import run_job
+    from harness.run.execute import run_job
     from tests.conftest import embedded_ray
 
     embedded_ray()
@@ -147,8 +147,8 @@ def sweep_run(tiny_artifacts, models_root, tmp_path_factory):
 
 
 def test_every_table_carries_the_audio_context(sweep_run, tmp_path):
-    from harness.history import History
-    from harness.run_record import read_run
+    from harness.nightly.history import History
+    from harness.results.record import read_run
 
     summary = pd.read_csv(sweep_run.run_dir / "summary.csv")
     assert list(zip(summary["target"], summary["audio_ctx"], strict=True)) == [
@@ -181,9 +181,9 @@ def test_every_table_carries_the_audio_context(sweep_run, tmp_path):
 def test_a_model_at_750_is_never_gated_against_its_1500_baseline(nightly_run, tmp_path):
     """The same model at another audio context is another model: the baseline's is missing (a
     regression), the candidate's new (a note), never compared."""
-    from harness.gate import compare
-    from harness.history import History
-    from harness.run_record import read_run
+    from harness.nightly.gate import compare
+    from harness.nightly.history import History
+    from harness.results.record import read_run
     from tests.nightly_runs import MTK, derive_run, of_model
 
     def at_750(raw: pd.DataFrame) -> pd.DataFrame:

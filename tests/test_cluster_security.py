@@ -11,13 +11,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from harness.cluster import NO_AUTH_WARNING
+from harness.run.cluster import NO_AUTH_WARNING
 from tests.conftest import ROOT
 
 EMBEDDED = """
 import os, signal, sys
-from harness.cluster import connect
-from harness.spec import ClusterSpec
+from harness.run.cluster import connect
+from harness.job.spec import ClusterSpec
 signal.signal(signal.SIGTERM, signal.default_int_handler)  # as `run` does: SIGTERM stops a run as Ctrl-C
 connect(ClusterSpec())
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
@@ -39,7 +39,7 @@ sys.stdin.read()
 cluster.shutdown()
 """
 
-JOIN = "import sys; from harness.cluster import connect; from harness.spec import ClusterSpec; " \
+JOIN = "import sys; from harness.run.cluster import connect; from harness.job.spec import ClusterSpec; " \
     "connect(ClusterSpec(address=sys.argv[1])); print('joined')"  # fmt: skip
 
 

@@ -72,8 +72,8 @@ def test_mtk_decoder_has_no_gather(tiny_artifacts):
 
 def test_mtk_decoder_handles_every_length(tiny_artifacts, tiny_dims):
     """Traced on 4 tokens, it must match the reference at other lengths too."""
-    from converters.reference import ReferenceRunner as Reference
-    from converters.torchscript_mtk import MtkTorchScriptRunner as Mtk
+    from converters.reference_target import ReferenceRunner as Reference
+    from converters.torchscript_mtk_target import MtkTorchScriptRunner as Mtk
 
     ref, mtk = Reference(tiny_artifacts["reference"]), Mtk(tiny_artifacts["torchscript-mtk"])
     mel = np.zeros((1, tiny_dims.n_mels, 3000), dtype=np.float32)
@@ -86,7 +86,7 @@ def test_mtk_decoder_handles_every_length(tiny_artifacts, tiny_dims):
 
 
 def test_parity_gate_fails_on_a_broken_artifact(tiny_artifacts, parity_of, tmp_path):
-    from converters.torchscript_mtk import MtkTorchScriptRunner as Mtk
+    from converters.torchscript_mtk_target import MtkTorchScriptRunner as Mtk
 
     broken = broken_copy(tiny_artifacts["torchscript-mtk"], tmp_path)
     np.save(broken / "token_embedding.npy", with_noise(np.load(broken / "token_embedding.npy")))

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import soundfile as sf
 import soxr
 
-from harness.data import SAMPLE_RATE, count_rows, decode_audio, plan_shards, read_index, read_shard
-from harness.spec import DatasetSpec
+from harness.job.spec import DatasetSpec
+from harness.run.dataset import SAMPLE_RATE, count_rows, decode_audio, plan_shards, read_index, read_shard
 from tests.conftest import EMBEDDED
 
 

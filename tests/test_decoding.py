@@ -10,7 +10,7 @@ from harness.core.decoding import DecodingOptions, Dims, build_prompt, greedy_de
 def test_reference_tokens_equal_whisper_decode_on_every_embedded_utterance(
     tiny_artifacts, tiny_dims, embedded_utterances, whisper_decoded
 ):
-    from converters.reference import ReferenceRunner as Runner
+    from converters.reference_target import ReferenceRunner as Runner
 
     runner = Runner(tiny_artifacts["reference"])
     prompt = build_prompt(tiny_dims, DecodingOptions())
@@ -47,7 +47,7 @@ def test_large_v3_prompt_counts_its_extra_language():
 
 @pytest.mark.parametrize("max_new", [1, 3])
 def test_max_new_tokens_bounds_the_loop(tiny_artifacts, tiny_dims, embedded_utterances, max_new):
-    from converters.reference import ReferenceRunner as Runner
+    from converters.reference_target import ReferenceRunner as Runner
 
     prompt = build_prompt(tiny_dims, DecodingOptions(max_new_tokens=max_new))
     out = greedy_decode(Runner(tiny_artifacts["reference"]), embedded_utterances[0].audio, tiny_dims, prompt)
@@ -60,7 +60,7 @@ def test_base_reference_tokens_equal_whisper_decode(embedded_utterances, models_
     import torch
     import whisper
 
-    from converters.reference import ReferenceRunner as Runner
+    from converters.reference_target import ReferenceRunner as Runner
     from converters.store import ensure
     from harness.core.audio import log_mel
     from harness.core.checkpoint import load_model, resolve_checkpoint

@@ -1,4 +1,4 @@
-"""Divergence analysis, the numbers (harness/divergence.py): computed by hand, numpy and scipy on
+"""Divergence analysis, the numbers (harness/results/divergence.py): computed by hand, numpy and scipy on
 small fixed inputs. Real runners and a whole run: tests/test_analysis.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from scipy.special import rel_entr, softmax
 
 from harness.core.decoding import Prompt
 from harness.core.status import Status
-from harness.divergence import (
+from harness.results.divergence import (
     divergence_facts,
     encoder_snr,
     features_like,
@@ -150,10 +150,10 @@ def test_summary_by_hand():
 def test_what_is_not_analysed_says_why():
     """From the main pass's rows: an utterance either model did not transcribe, or decoded in long
     form, gets its reason; the others their tokens."""
-    from harness.analysis import Transcripts, transcripts_of
     from harness.core.decoding import LONG_FORM, SHORT_FORM
-    from harness.results import raw_frame, row
-    from harness.spec import ModelCell
+    from harness.job.spec import ModelCell
+    from harness.results.run_dir import raw_frame, row
+    from harness.run.divergence_pass import Transcripts, transcripts_of
 
     ref, cand = ModelCell("tiny.en", "reference", "fp32"), ModelCell("tiny.en", "onnx", "int8")
     ok = Status.OK

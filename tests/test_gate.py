@@ -1,6 +1,6 @@
 """The regression gate, on run folders derived from one real short run (`nightly_run`): the same
 rows again, and rows changed on purpose — a model's hypotheses with words dropped, slower timings,
-another CPU, a model gone or failed — re-scored by harness.scoring (tests/nightly_runs.py).
+another CPU, a model gone or failed — re-scored by harness.results.scoring (tests/nightly_runs.py).
 `compare` runs as a real process where its exit status is the point; the statistics are checked
 against values worked out by hand."""
 
@@ -15,11 +15,11 @@ import pytest
 
 from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
-from harness.gate import compare, latency_drift, latency_ratio, no_worse_share, record_and_gate
-from harness.history import History
-from harness.run_record import read_run
-from harness.spec import load_job
-from harness.summary import wer_delta
+from harness.job.spec import load_job
+from harness.nightly.gate import compare, latency_drift, latency_ratio, no_worse_share, record_and_gate
+from harness.nightly.history import History
+from harness.results.record import read_run
+from harness.results.summary import wer_delta
 from tests.nightly_runs import (
     MTK,
     derive_run,

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.history import History
-from harness.run_record import read_run
-from harness.scoring import UTTERANCE_COLUMNS
-from harness.thresholds import ThresholdsSpec
+from harness.job.thresholds import ThresholdsSpec
+from harness.nightly.history import History
+from harness.results.record import read_run
+from harness.results.scoring import UTTERANCE_COLUMNS
 from tests.nightly_runs import derive_run, harness, in_process
 
 
@@ -111,9 +111,9 @@ def test_history_command_adds_lists_and_pins(nightly_run, tmp_path, monkeypatch)
 WRITER = """
 import sys, time
 from pathlib import Path
-from harness.history import History
-from harness.run_record import read_run
-from harness.run_record import read_run
+from harness.nightly.history import History
+from harness.results.record import read_run
+from harness.results.record import read_run
 
 history = History(sys.argv[1])
 insert = history._insert

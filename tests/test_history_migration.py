@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from harness.gate import compare
-from harness.history import History
-from harness.history_schema import ADDED_IN_2, SCHEMA
-from harness.run_record import JSON, TABLES, read_run
+from harness.nightly.gate import compare
+from harness.nightly.history import History
+from harness.nightly.history_schema import ADDED_IN_2, SCHEMA
+from harness.results.record import JSON, TABLES, read_run
 from tests.nightly_runs import derive_run
 
 

@@ -11,11 +11,11 @@ import pytest
 
 from harness.cli import main
 from harness.core.errors import HarnessError
-from harness.data import check_dataset, plan_shards, read_shard
-from harness.execute import run_job
-from harness.job_file import MAX_JOB_BYTES
-from harness.spec import DatasetSpec, load_job
-from harness.validation import MAX_PROBLEMS
+from harness.job.file import MAX_JOB_BYTES
+from harness.job.spec import DatasetSpec, load_job
+from harness.job.validation import MAX_PROBLEMS
+from harness.run.dataset import check_dataset, plan_shards, read_shard
+from harness.run.execute import run_job
 from tests.conftest import EMBEDDED
 
 AUDIO = EMBEDDED / "test-clean" / "1089-134691-0000.flac"  # 2 s, real speech

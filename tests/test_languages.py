@@ -20,10 +20,10 @@ from harness.core.audio import log_mel
 from harness.core.decoding import AUTO, DecodingOptions, Dims, detect_language
 from harness.core.errors import HarnessError
 from harness.core.longform import transcribe
-from harness.results import RAW_COLUMNS, raw_frame
-from harness.scoring import CER_LANGUAGES, headline, normalize, score_rows
-from harness.spec import load_job
-from harness.summary import summarize
+from harness.job.spec import load_job
+from harness.results.run_dir import RAW_COLUMNS, raw_frame
+from harness.results.scoring import CER_LANGUAGES, headline, normalize, score_rows
+from harness.results.summary import summarize
 from tests.conftest import language_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +71,8 @@ def test_language_values(tmp_path):
 def test_language_column_is_read_and_checked(tmp_path):
     """Each utterance's language, as whisper's code; an unknown or missing one is refused (an
     error row), a missing column before anything runs."""
-    from harness.data import check_dataset, count_rows, plan_shards, read_shard
-    from harness.spec import DatasetSpec
+    from harness.job.spec import DatasetSpec
+    from harness.run.dataset import check_dataset, count_rows, plan_shards, read_shard
 
     language_folder(tmp_path, ["en", "English", "xx", None])
     spec = DatasetSpec(path=tmp_path, language_column="lang")
@@ -158,7 +158,7 @@ def test_scoring_by_language_equals_jiwer_by_hand():
 @pytest.fixture(scope="module")
 def base(embedded_utterances, models_root):
     """base's reference runner, openai-whisper's own model, its dims and three short clips."""
-    from converters.reference import ReferenceRunner
+    from converters.reference_target import ReferenceRunner
     from converters.store import ensure
     from harness.core.checkpoint import load_model, resolve_checkpoint
 
@@ -238,8 +238,8 @@ def test_long_form_auto_equals_whisper_transcribe(base):
     """Long form detects once, on the file's first window, as whisper.transcribe(language=None)."""
     import whisper
 
-    from harness.data import Shard, read_shard
-    from harness.spec import DatasetSpec
+    from harness.job.spec import DatasetSpec
+    from harness.run.dataset import Shard, read_shard
 
     (utt,) = read_shard(DatasetSpec(path=ROOT / "data" / "librispeech-longform"), Shard(0, 0, 1))
     ours = transcribe(base["runner"], utt.audio, base["dims"], DecodingOptions(language=AUTO))

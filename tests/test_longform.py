@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from harness.core.decoding import DecodingOptions, Dims, build_prompt
-from harness.data import Shard, read_shard
-from harness.spec import DatasetSpec
+from harness.job.spec import DatasetSpec
+from harness.run.dataset import Shard, read_shard
 from tests.conftest import ROOT
 
 LONGFORM = ROOT / "data" / "librispeech-longform"
@@ -39,10 +39,10 @@ def worker_rows(artifact, options: DecodingOptions) -> list[dict]:
     import ray
     import torch
 
-    from harness.artifact_server import start_server
-    from harness.node_cache import publish
-    from harness.spec import ModelCell
-    from harness.worker import ModelWorker, WorkerSetup
+    from harness.job.spec import ModelCell
+    from harness.run.artifact_server import start_server
+    from harness.run.node_cache import publish
+    from harness.run.worker import ModelWorker, WorkerSetup
 
     threads = torch.get_num_threads()
     dims = Dims.of(artifact.manifest["dims"])
@@ -114,8 +114,8 @@ def test_converted_fp32_target_matches_the_reference_in_long_form(
 
 
 def test_short_form_refuses_audio_over_30_s_as_an_error_row(ray_local, reference_artifact, reference_rows):
-    from harness.scoring import UTTERANCE_COLUMNS, score_rows
-    from harness.summary import summarize
+    from harness.results.scoring import UTTERANCE_COLUMNS, score_rows
+    from harness.results.summary import summarize
 
     rows = worker_rows(reference_artifact, DecodingOptions(long_form=False))
     assert [r["status"] for r in rows] == ["error", "error"]
@@ -153,7 +153,7 @@ def test_windowed_log_mel_is_whisper_transcribe_front_end_bit_for_bit(longform_u
 FORTY_MINUTES = """
 import json, pathlib, resource, sys
 import numpy as np, torch
-from converters.reference import ReferenceRunner
+from converters.reference_target import ReferenceRunner
 from converters.store import load_artifact
 from harness.core.audio import SAMPLE_RATE, decode_audio
 from harness.core.decoding import DecodingOptions, Dims
@@ -194,7 +194,7 @@ def test_forty_minutes_decode_in_bounded_memory(reference_artifact, longform_utt
 
 def test_long_form_setting_is_validated(tmp_path):
     from harness.core.errors import HarnessError
-    from harness.spec import load_job
+    from harness.job.spec import load_job
 
     job = tmp_path / "job.yaml"
     for value, ok in (("auto", True), ("true", True), ("false", True), ("maybe", False), ("3", False)):
@@ -212,7 +212,7 @@ def test_base_reference_long_form_equals_whisper_transcribe(longform_utterances,
     SOT takes a decoder call of its own; the tokens must still be whisper's."""
     import whisper
 
-    from converters.reference import ReferenceRunner
+    from converters.reference_target import ReferenceRunner
     from converters.store import ensure
     from harness.core.checkpoint import load_model, resolve_checkpoint
     from harness.core.longform import transcribe

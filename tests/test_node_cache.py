@@ -18,14 +18,14 @@ import ray
 
 from converters.registry import get_target
 from converters.store import MANIFEST, load_artifact
-from harness.artifact_server import start_server
 from harness.core.decoding import DecodingOptions, Dims, build_prompt, greedy_decode
 from harness.core.errors import HarnessError
 from harness.core.hashing import file_sha256
 from harness.core.target import Artifact
-from harness.execute import run_job
-from harness.node_cache import CACHE_ENV, materialise, publish
-from harness.spec import load_job
+from harness.job.spec import load_job
+from harness.run.artifact_server import start_server
+from harness.run.execute import run_job
+from harness.run.node_cache import CACHE_ENV, materialise, publish
 from tests.conftest import ROOT
 
 AUDIT_HOOK = """
@@ -233,7 +233,7 @@ def test_the_artifact_server_imports_nothing_heavy():
     import subprocess
     import sys
 
-    probe = "import sys, harness.artifact_server; print(' '.join(sorted(sys.modules)))"
+    probe = "import sys, harness.run.artifact_server; print(' '.join(sorted(sys.modules)))"
     loaded = set(
         subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     )

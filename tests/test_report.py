@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 
 from harness.exit_codes import ExitCode
-from harness.gate import compare
-from harness.history import History
-from harness.plots import pareto_front
-from harness.report import TREND_RUNS, write_report
-from harness.run_record import read_run
-from harness.verdict import read_verdict, verdict_lines
+from harness.nightly.gate import compare
+from harness.nightly.history import History
+from harness.nightly.verdict import read_verdict, verdict_lines
+from harness.report.page import TREND_RUNS, write_report
+from harness.report.plots import pareto_front
+from harness.results.record import read_run
 from tests.conftest import EMBEDDED, embedded_ray
 from tests.nightly_runs import MTK, derive_run, drop_words, in_process
 from tests.report_runs import HOSTILE, later_night, synthetic_run, write_divergence

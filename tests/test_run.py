@@ -12,11 +12,11 @@ import jiwer
 import pandas as pd
 import pytest
 
-from harness.execute import run_job
-from harness.scoring import SCHEMA_VERSION, UTTERANCE_COLUMNS, normalize
-from harness.spec import load_job
-from harness.summary import format_summary
-from harness.timing import cpu_description
+from harness.job.spec import load_job
+from harness.results.scoring import SCHEMA_VERSION, UTTERANCE_COLUMNS, normalize
+from harness.results.summary import format_summary
+from harness.results.timing import cpu_description
+from harness.run.execute import run_job
 from tests.conftest import EMBEDDED, ROOT
 
 
@@ -132,7 +132,7 @@ def test_more_models_than_cpus_all_run(ray_local, tiny_artifacts, models_root, t
     so the third model starts instead of waiting for ever."""
     import threading
 
-    from harness.spec import ClusterSpec, DatasetSpec, JobSpec, ModelsSpec
+    from harness.job.spec import ClusterSpec, DatasetSpec, JobSpec, ModelsSpec
 
     assert ray_local.cluster_resources()["CPU"] == 2
     spec = JobSpec(
@@ -160,11 +160,11 @@ def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
     """The artifact breaks after the driver checked it (another node's copy, a disk): that model's
     utterances become rows naming the worker's own error, and the rest of the run completes."""
     from converters.store import Prepared
-    from harness import execute
     from harness.core.status import Status
     from harness.core.target import Artifact
-    from harness.node_cache import cache_root
-    from harness.spec import ClusterSpec, DatasetSpec, JobSpec, ModelsSpec
+    from harness.job.spec import ClusterSpec, DatasetSpec, JobSpec, ModelsSpec
+    from harness.run import execute
+    from harness.run.node_cache import cache_root
     from tests.conftest import broken_copy
 
     # a node that already holds a verified copy of the key rightly never fetches the broken one:
@@ -205,7 +205,7 @@ def test_worker_errors_read_as_one_line(ray_local):
     import os
 
     from harness.core.errors import HarnessError
-    from harness.worker import worker_error
+    from harness.run.worker import worker_error
 
     class Worker:  # local, so Ray ships it by value
         def __init__(self, fail: bool) -> None:

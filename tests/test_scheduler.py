@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from harness.core.status import Status
-from harness.execute import run_job
-from harness.spec import load_job
+from harness.job.spec import load_job
+from harness.run.execute import run_job
 from tests.conftest import ROOT
 
 LIMIT, SHARD = 8, 2
@@ -170,13 +170,13 @@ def test_an_unreachable_address_is_one_line_before_anything_is_built(tmp_path):
 def test_a_board_target_no_node_offers_is_unavailable_at_once(ray_local, tiny_artifacts, tmp_path):
     """Work that needs a `mediatek` node, on a cluster without one and no emulation: rows that say
     why, without starting a worker."""
-    from harness.artifact_server import start_server
     from harness.core.decoding import Dims, build_prompt
-    from harness.data import plan_shards
-    from harness.node_cache import publish
-    from harness.scheduler import Scheduler, SchedulerOptions, Work
-    from harness.spec import ModelCell
-    from harness.worker import WorkerSetup
+    from harness.job.spec import ModelCell
+    from harness.run.artifact_server import start_server
+    from harness.run.dataset import plan_shards
+    from harness.run.node_cache import publish
+    from harness.run.scheduler import Scheduler, SchedulerOptions, Work
+    from harness.run.worker import WorkerSetup
 
     art = tiny_artifacts["torchscript-mtk"]
     dims = Dims.of(art.manifest["dims"])
@@ -205,7 +205,7 @@ def test_a_cpu_model_leaves_a_board_node_its_slot_while_a_board_model_waits():
     """A board node with one CPU and one `mediatek` unit: while an mtk model waits for it, the CPU
     models go elsewhere (or wait); once the board's model holds the board, its node's spare CPUs
     are anyone's."""
-    from harness.placement import NodeInfo, Nodes
+    from harness.run.placement import NodeInfo, Nodes
 
     nodes = Nodes.__new__(Nodes)  # the placement rules alone, on nodes described by hand
     head = NodeInfo("head", "host", {"CPU": 1}, slots=1)

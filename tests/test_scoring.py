@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.scoring import first_divergence
-from harness.summary import wer_delta
+from harness.results.scoring import first_divergence
+from harness.results.summary import wer_delta
 
 
 def test_first_divergence():

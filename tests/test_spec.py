@@ -10,7 +10,7 @@ import pytest
 
 from harness.cli import main
 from harness.core.errors import HarnessError
-from harness.spec import load_job
+from harness.job.spec import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))

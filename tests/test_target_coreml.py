@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from converters import parity
-from converters.ane_host import TorchAneRunner
-from converters.ane_model import ANE_MAX_DIM, LayerNormANE, WhisperANE, from_whisper, vocab_chunks
 from converters.coreml_target import DECODER, ENCODER, runtime_unavailable
+from converters.forms.ane_host import TorchAneRunner
+from converters.forms.ane_model import ANE_MAX_DIM, LayerNormANE, WhisperANE, from_whisper, vocab_chunks
 from converters.registry import get_target
 from converters.store import ensure
 from harness.core.decoding import DecodingOptions, Dims, build_prompt, greedy_decode
-from harness.spec import DatasetSpec, JobSpec, ModelsSpec
+from harness.job.spec import DatasetSpec, JobSpec, ModelsSpec
 from tests.conftest import EMBEDDED
 
 ON_MAC = platform.system() == "Darwin"
@@ -51,7 +51,7 @@ def dims(whisper_model) -> Dims:
 
 @pytest.fixture(scope="module")
 def reference_runner(tiny_checkpoint, models_root):
-    from converters.reference import ReferenceRunner as Runner
+    from converters.reference_target import ReferenceRunner as Runner
 
     return Runner(ensure(tiny_checkpoint, "tiny.en", "reference", "fp32", models_root)[0])
 
@@ -193,7 +193,7 @@ def test_parity_was_measured_on_the_ane_form_in_pytorch(coreml_fp32):
 
 @pytest.mark.skipif(ON_MAC, reason="Core ML runs on macOS")
 def test_off_macos_the_job_reports_unavailable(coreml_fp32, models_root):
-    from harness.execute import prepare_models
+    from harness.run.execute import prepare_models
 
     reason = runtime_unavailable()
     assert reason is not None and "macOS" in reason
@@ -209,8 +209,8 @@ def test_off_macos_the_job_reports_unavailable(coreml_fp32, models_root):
 
 @pytest.mark.skipif(ON_MAC, reason="Core ML runs on macOS")
 def test_off_macos_the_summary_says_why(coreml_fp32, models_root, ray_local, tmp_path):
-    from harness.execute import run_job
-    from harness.summary import format_summary
+    from harness.results.summary import format_summary
+    from harness.run.execute import run_job
 
     spec = JobSpec(
         name="coreml-off-mac",

@@ -26,7 +26,7 @@ def ct2_artifacts(tiny_checkpoint, models_root):
 
 @pytest.fixture(scope="module")
 def ct2_runners(ct2_artifacts):
-    from converters.ct2_target import CTranslate2Runner as Runner
+    from converters.ctranslate2_target import CTranslate2Runner as Runner
 
     return {q: Runner(a) for q, a in ct2_artifacts.items()}
 
@@ -80,7 +80,7 @@ def test_generate_follows_the_shared_loop(ct2_runners, reference, tiny_dims, emb
 
 
 def test_other_first_step_suppression_is_refused(ct2_artifacts, tiny_dims, embedded_utterances, tmp_path):
-    from converters.ct2_target import CTranslate2Runner as Runner
+    from converters.ctranslate2_target import CTranslate2Runner as Runner
 
     copy = broken_copy(ct2_artifacts["int8"], tmp_path)
     config = json.loads((copy / "config.json").read_text())
@@ -95,7 +95,7 @@ def test_perturbed_weights_fail_the_gate(tiny_checkpoint, parity_of, tmp_path):
     """A model converted from perturbed weights fails both the fp32 and the int8 rows."""
     import torch
 
-    from converters import ct2_target
+    from converters import ctranslate2_target
     from harness.core.checkpoint import load_model
     from harness.core.target import Artifact
 
@@ -103,8 +103,8 @@ def test_perturbed_weights_fail_the_gate(tiny_checkpoint, parity_of, tmp_path):
     with torch.no_grad():
         emb = model.decoder.token_embedding.weight
         emb.copy_(torch.from_numpy(with_noise(emb.numpy())))
-    ct2_target.TARGET.convert(tiny_checkpoint, model, "fp32", tmp_path, ())
-    numbers = parity_of(ct2_target.CTranslate2Runner(Artifact("tiny.en", "ctranslate2", "fp32", tmp_path, {})))
+    ctranslate2_target.TARGET.convert(tiny_checkpoint, model, "fp32", tmp_path, ())
+    numbers = parity_of(ctranslate2_target.CTranslate2Runner(Artifact("tiny.en", "ctranslate2", "fp32", tmp_path, {})))
     for quant in QUANTS:
         assert any(
             "logits max abs err" in f for f in parity.gate(get_target("ctranslate2").tolerance(quant), numbers)
@@ -112,10 +112,10 @@ def test_perturbed_weights_fail_the_gate(tiny_checkpoint, parity_of, tmp_path):
 
 
 def test_missing_ctranslate2_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
-    from converters import ct2_target
+    from converters import ctranslate2_target
 
     check_unavailable_without(
-        "ctranslate2", ct2_target, "not installed: ctranslate2", tiny_checkpoint, tmp_path, monkeypatch
+        "ctranslate2", ctranslate2_target, "not installed: ctranslate2", tiny_checkpoint, tmp_path, monkeypatch
     )
 
 
@@ -131,8 +131,8 @@ def test_embedded_tokens_match_the_reference(ct2_runners, exact_match, embedded_
 def test_base_builds_and_matches_the_reference(embedded_utterances, models_root):
     """The main job's size, multilingual: CTranslate2 forwards three task tokens as its prompt and
     starts from no-timestamps, so the length and blank rules shift; first ten utterances."""
-    from converters.ct2_target import CTranslate2Runner as Runner
-    from converters.reference import ReferenceRunner as Reference
+    from converters.ctranslate2_target import CTranslate2Runner as Runner
+    from converters.reference_target import ReferenceRunner as Reference
     from harness.core.checkpoint import resolve_checkpoint
     from harness.core.decoding import Dims
 

@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import litert_build, litert_graphs, litert_runtime, mtk, parity
+from converters import mtk_target, parity
+from converters.litert import build as litert_build
+from converters.litert import graphs as litert_graphs
+from converters.litert import runtime as litert_runtime
 from converters.registry import TARGETS, get_target
 from converters.store import ensure, load_artifact
 from harness.core.errors import HarnessError
@@ -24,7 +27,7 @@ from harness.core.target import Artifact, Unavailable
 from tests.conftest import broken_copy, with_noise
 
 GRAPHS = (litert_graphs.ENCODER, litert_graphs.CROSS_KV, litert_graphs.DECODER)
-FILES = {*GRAPHS, mtk.EMBEDDING, mtk.POSITIONS}
+FILES = {*GRAPHS, mtk_target.EMBEDDING, mtk_target.POSITIONS}
 SUBSET = 5  # utterances the fast tier decodes against the reference
 NO_NPU_OPS = {"GATHER", "GATHER_ND", "EMBEDDING_LOOKUP", "SCATTER_ND", "DYNAMIC_UPDATE_SLICE"}
 
@@ -53,13 +56,16 @@ def test_fp32_records_path_runtime_files_and_parity(fp32, tiny_checkpoint):
     m = fp32.manifest
     assert m["status"] == "ok" and m["parity_failures"] == []
     assert set(m["files"]) == FILES and m["source"]["sha256"] == tiny_checkpoint.sha256
-    assert m["path"] == ("mtk_converter" if mtk.mtk_converter_available() else "litert-torch")
+    assert m["path"] == ("mtk_converter" if mtk_target.mtk_converter_available() else "litert-torch")
     assert m["runtime"] == "litert-cpu (MediaTek emulation)" and "aot" not in m
-    assert m["settings"]["recipe"] == mtk.TARGET.recipe and "mtk_converter" in m["toolchain"]
+    assert m["settings"]["recipe"] == mtk_target.TARGET.recipe and "mtk_converter" in m["toolchain"]
     step = m["io"][litert_graphs.DECODER]["inputs"]
     assert set(step) == {"token_embedding", "position_embedding", *litert_graphs.CACHE_INPUTS}
     assert step["token_embedding"] == {"shape": [1, 1, 384], "dtype": "float32"}
-    assert m["io"][mtk.EMBEDDING]["shape"] == [51864, 384] and m["io"][mtk.POSITIONS]["shape"] == [448, 384]
+    assert m["io"][mtk_target.EMBEDDING]["shape"] == [51864, 384] and m["io"][mtk_target.POSITIONS]["shape"] == [
+        448,
+        384,
+    ]
     assert parity.gate(get_target("mtk").tolerance("fp32"), m["parity"]) == [] and m["parity"]["top1_agreement"] == 1.0
 
 
@@ -77,29 +83,29 @@ def test_graphs_have_fixed_shapes_and_no_gather(fp32):
 
 def test_fp32_and_int8_decode_like_the_reference(fp32, parity_of, exact_match, embedded_utterances, tmp_path):
     utterances = embedded_utterances[:SUBSET]
-    rate, ms = exact_match(mtk.Runner(fp32), utterances)
-    print(f"mtk fp32 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
+    rate, ms = exact_match(mtk_target.Runner(fp32), utterances)
+    print(f"mtk_target fp32 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
     assert rate >= 0.95
 
     folder = tmp_path / "int8"
     shutil.copytree(fp32.path, folder)
     for name in GRAPHS:
-        litert_build.quantize(folder / name, mtk.RECIPE_OF["int8"], None)
-    runner = mtk.Runner(Artifact(fp32.size, "mtk", "int8", folder, {**fp32.manifest, "quant": "int8"}))
+        litert_build.quantize(folder / name, mtk_target.RECIPE_OF["int8"], None)
+    runner = mtk_target.Runner(Artifact(fp32.size, "mtk", "int8", folder, {**fp32.manifest, "quant": "int8"}))
     numbers = parity_of(runner)
     assert parity.gate(get_target("mtk").tolerance("int8"), numbers) == [], numbers
     assert numbers["encoder_snr_db"] < 60  # really quantized
     assert (folder / litert_graphs.DECODER).stat().st_size < fp32.file(litert_graphs.DECODER).stat().st_size / 3
     rate, ms = exact_match(runner, utterances)
-    print(f"mtk int8 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
+    print(f"mtk_target int8 on {SUBSET} utterances: {rate:.2f} token-identical, {ms:.0f} ms/utt")
     assert rate >= 0.5
 
 
 def test_perturbed_host_embedding_fails_the_gate(fp32, parity_of, tmp_path):
     broken = broken_copy(fp32, tmp_path)
-    np.save(broken / mtk.EMBEDDING, with_noise(np.load(broken / mtk.EMBEDDING)))
-    numbers = parity_of(mtk.Runner(load_artifact(broken)))
-    print(f"mtk fp32 with a perturbed host embedding: {numbers}")
+    np.save(broken / mtk_target.EMBEDDING, with_noise(np.load(broken / mtk_target.EMBEDDING)))
+    numbers = parity_of(mtk_target.Runner(load_artifact(broken)))
+    print(f"mtk_target fp32 with a perturbed host embedding: {numbers}")
     assert any("logits max abs err" in f for f in parity.gate(get_target("mtk").tolerance("fp32"), numbers))
     for quant in get_target("mtk").quants:  # every row catches it, not only the strictest
         assert parity.gate(get_target("mtk").tolerance(quant), numbers), quant
@@ -107,22 +113,22 @@ def test_perturbed_host_embedding_fails_the_gate(fp32, parity_of, tmp_path):
 
 def test_aot_for_a_soc_without_the_neuropilot_sdk_is_unavailable(tiny_checkpoint, models_root, monkeypatch):
     """The SoC is read at import (it is part of the recipe), so the module is reloaded with it."""
-    if mtk.neuropilot_sdk("MT6989") is None:
+    if mtk_target.neuropilot_sdk("MT6989") is None:
         pytest.skip("the NeuroPilot SDK is installed here")
     before = {p for p in models_root.glob("*/*") if p.suffix != ".lock"}
-    monkeypatch.setenv(mtk.SOC_ENV, "MT6989")
+    monkeypatch.setenv(mtk_target.SOC_ENV, "MT6989")
     try:
-        importlib.reload(mtk)
-        monkeypatch.setitem(TARGETS, "mtk", mtk.TARGET)  # the registry's entry, as built at import
-        assert mtk.TARGET.recipe.endswith("+aot:MT6989")
+        importlib.reload(mtk_target)
+        monkeypatch.setitem(TARGETS, "mtk", mtk_target.TARGET)  # the registry's entry, as built at import
+        assert mtk_target.TARGET.recipe.endswith("+aot:MT6989")
         with pytest.raises(Unavailable, match="ai-edge-litert-sdk-mediatek"):
             ensure(tiny_checkpoint, "tiny.en", "mtk", "fp32", models_root)
         # nothing half-built is kept (the key's build lock stays: converters.store._locked)
         assert {p for p in models_root.glob("*/*") if p.suffix != ".lock"} == before
     finally:
-        monkeypatch.delenv(mtk.SOC_ENV)
-        importlib.reload(mtk)
-    assert "+aot" not in mtk.TARGET.recipe
+        monkeypatch.delenv(mtk_target.SOC_ENV)
+        importlib.reload(mtk_target)
+    assert "+aot" not in mtk_target.TARGET.recipe
 
 
 def test_unknown_quantization_is_refused_before_anything_is_built(tiny_checkpoint, tmp_path):
@@ -137,8 +143,8 @@ def test_unknown_quantization_is_refused_before_anything_is_built(tiny_checkpoin
 @pytest.mark.parametrize("quant", ["fp16", "int8"])
 def test_quantized_builds_pass_their_gate(tiny_checkpoint, models_root, fp32, quant):
     m = ensure(tiny_checkpoint, "tiny.en", "mtk", quant, models_root)[0].manifest
-    print(f"mtk {quant}: parity {m['parity']}, convert_s {m['convert_s']}")
-    assert m["status"] == "ok" and m["quantization"]["recipe"] == mtk.RECIPE_OF[quant]
+    print(f"mtk_target {quant}: parity {m['parity']}, convert_s {m['convert_s']}")
+    assert m["status"] == "ok" and m["quantization"]["recipe"] == mtk_target.RECIPE_OF[quant]
     assert m["files"][litert_graphs.DECODER]["bytes"] < fp32.manifest["files"][litert_graphs.DECODER]["bytes"] / 1.9
 
 
@@ -147,8 +153,8 @@ def test_embedded_tokens_match_the_reference(tiny_checkpoint, models_root, exact
     rates, ms = {}, {}
     for quant in get_target("mtk").quants:
         artifact = ensure(tiny_checkpoint, "tiny.en", "mtk", quant, models_root)[0]
-        rates[quant], ms[quant] = exact_match(mtk.Runner(artifact), embedded_utterances)
-    print(f"mtk utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
+        rates[quant], ms[quant] = exact_match(mtk_target.Runner(artifact), embedded_utterances)
+    print(f"mtk_target utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95 and rates["fp16"] >= 0.9 and rates["int8"] >= 0.5
 
 
@@ -161,10 +167,10 @@ def test_the_board_path_with_the_cpu_accelerator_decodes_as_the_interpreter(
     from harness.core.decoding import DecodingOptions, build_prompt, greedy_decode
 
     prompt = build_prompt(tiny_dims, DecodingOptions())
-    interpreter = mtk.Runner(fp32)
+    interpreter = mtk_target.Runner(fp32)
     assert interpreter.runtime is None  # the artifact's label: litert-cpu (MediaTek emulation)
-    monkeypatch.setenv(mtk.ACCELERATOR_ENV, "cpu")
-    compiled = mtk.Runner(fp32)
+    monkeypatch.setenv(mtk_target.ACCELERATOR_ENV, "cpu")
+    compiled = mtk_target.Runner(fp32)
     assert compiled.runtime == "litert-compiled-cpu (MediaTek emulation)"
     assert all(isinstance(g, litert_runtime.CompiledGraph) for g in (compiled.encoder, compiled.decoder))
     mel = log_mel(embedded_utterances[0].audio, tiny_dims.n_mels)
@@ -179,10 +185,10 @@ def test_the_board_path_with_the_cpu_accelerator_decodes_as_the_interpreter(
 
 
 def test_a_board_without_a_dispatch_library_or_with_an_unknown_accelerator_is_unavailable(fp32, monkeypatch, tmp_path):
-    monkeypatch.setenv(mtk.SOC_ENV, "MT6989")  # a board says what it is
-    monkeypatch.setenv(mtk.DISPATCH_ENV, str(tmp_path))  # a folder without the library
+    monkeypatch.setenv(mtk_target.SOC_ENV, "MT6989")  # a board says what it is
+    monkeypatch.setenv(mtk_target.DISPATCH_ENV, str(tmp_path))  # a folder without the library
     with pytest.raises(Unavailable, match="no MediaTek NPU dispatch library on this node"):
-        mtk.Runner(fp32)
-    monkeypatch.setenv(mtk.ACCELERATOR_ENV, "gpu")
+        mtk_target.Runner(fp32)
+    monkeypatch.setenv(mtk_target.ACCELERATOR_ENV, "gpu")
     with pytest.raises(Unavailable, match="HARNESS_MTK_ACCELERATOR='gpu' is not one of npu, cpu, interpreter"):
-        mtk.Runner(fp32)
+        mtk_target.Runner(fp32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from converters import onnx_export, parity
+from converters import onnx_target, parity
 from converters.registry import get_target
 from converters.store import ensure
 from tests.conftest import broken_copy, check_cached_steps, check_unavailable_without, with_noise
@@ -28,7 +28,7 @@ def int8_from_fp32(fp32_artifact, tmp_path_factory):
     """The int8 step applied to the stored fp32 graphs: the same files `convert` quantizes, without
     a second export (the full int8 build runs in the slow tier)."""
     out = tmp_path_factory.mktemp("onnx-int8")
-    onnx_export.quantize_int8(fp32_artifact.path, out)
+    onnx_target.quantize_int8(fp32_artifact.path, out)
     return out
 
 
@@ -69,7 +69,7 @@ def test_vocab_projection_is_one_initializer_shared_with_the_lookup(fp32_artifac
 
 def test_cached_steps_match_whole_sequence_recomputation(fp32_artifact, tiny_dims, tiny_checkpoint):
     # the cache's self-attention keys [n_layer, 1, positions, d]
-    check_cached_steps(onnx_export.OnnxRunner(fp32_artifact), tiny_checkpoint, tiny_dims, lambda c: c[2].shape[2])
+    check_cached_steps(onnx_target.OnnxRunner(fp32_artifact), tiny_checkpoint, tiny_dims, lambda c: c[2].shape[2])
 
 
 def test_int8_quantizes_every_weight_matmul_including_the_vocab_projection(int8_from_fp32):
@@ -84,7 +84,7 @@ def test_int8_quantizes_every_weight_matmul_including_the_vocab_projection(int8_
 def test_int8_graphs_run_and_stay_close(int8_from_fp32, parity_of):
     from harness.core.target import Artifact
 
-    numbers = parity_of(onnx_export.OnnxRunner(Artifact("tiny.en", "onnx", "int8", int8_from_fp32, {})))
+    numbers = parity_of(onnx_target.OnnxRunner(Artifact("tiny.en", "onnx", "int8", int8_from_fp32, {})))
     assert parity.gate(get_target("onnx").tolerance("int8"), numbers) == []
     assert numbers["encoder_snr_db"] < 60  # really quantized, not float32 under another name
 
@@ -104,14 +104,14 @@ def test_perturbed_vocabulary_fails_the_gate(fp32_artifact, int8_from_fp32, pari
     onnx.save(model, str(broken / "decoder_step.onnx"))
     failures = parity.gate(
         get_target("onnx").tolerance(quant),
-        parity_of(onnx_export.OnnxRunner(Artifact("tiny.en", "onnx", quant, broken, {}))),
+        parity_of(onnx_target.OnnxRunner(Artifact("tiny.en", "onnx", quant, broken, {}))),
     )
     assert any("logits max abs err" in f for f in failures) and any("top-1" in f for f in failures)
 
 
 def test_missing_toolchain_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
     check_unavailable_without(
-        "onnxruntime", onnx_export, "not installed: onnxruntime", tiny_checkpoint, tmp_path, monkeypatch
+        "onnxruntime", onnx_target, "not installed: onnxruntime", tiny_checkpoint, tmp_path, monkeypatch
     )
 
 
@@ -123,7 +123,7 @@ def test_embedded_tokens_match_the_reference(
     assert artifacts["int8"].manifest["status"] == "ok", artifacts["int8"].manifest["parity_failures"]
     rates, ms = {}, {}
     for quant, artifact in artifacts.items():
-        rates[quant], ms[quant] = exact_match(onnx_export.OnnxRunner(artifact), embedded_utterances)
+        rates[quant], ms[quant] = exact_match(onnx_target.OnnxRunner(artifact), embedded_utterances)
     print(f"onnx utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95
     # 0.56 measured: dynamic int8 drifts, and one changed token makes a transcript differ

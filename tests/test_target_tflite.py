@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import litert_build, litert_graphs, litert_runtime, litert_target, parity
+from converters import parity, tflite_target
+from converters.litert import build as litert_build
+from converters.litert import graphs as litert_graphs
+from converters.litert import runtime as litert_runtime
 from converters.registry import get_target
 from converters.store import ensure, load_artifact, prepare
 from harness.core.target import Artifact, Unavailable
-from harness.data import calibration_source
+from harness.run.dataset import calibration_source
 from tests.conftest import broken_copy, check_cached_steps, with_noise
 
 FILES = {litert_graphs.ENCODER, litert_graphs.CROSS_KV, litert_graphs.DECODER}
@@ -41,7 +44,7 @@ def test_fp32_records_files_io_and_parity(fp32, tiny_checkpoint):
     m = fp32.manifest
     assert m["status"] == "ok" and m["parity_failures"] == []
     assert set(m["files"]) == FILES and m["source"]["sha256"] == tiny_checkpoint.sha256
-    assert m["settings"]["recipe"] == litert_target.TARGET.recipe and m["path"] == "litert-torch"
+    assert m["settings"]["recipe"] == tflite_target.TARGET.recipe and m["path"] == "litert-torch"
     assert {"litert-torch", "ai-edge-litert", "ai-edge-quantizer"} <= set(m["toolchain"])
     assert m["io"][litert_graphs.ENCODER]["inputs"]["mel"] == {"shape": [1, 80, 3000], "dtype": "float32"}
     step = m["io"][litert_graphs.DECODER]

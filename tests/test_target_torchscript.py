@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converters import parity, torchscript
+from converters import parity, torchscript_target
 from converters.registry import get_target
 from converters.store import ensure, load_artifact
 from tests.conftest import broken_copy, check_cached_steps, with_noise
@@ -32,7 +32,7 @@ def _check_build(artifact, checkpoint, quant):
     m = artifact.manifest
     assert m["status"] == "ok" and m["parity_failures"] == []
     assert set(m["files"]) == FILES and m["source"]["sha256"] == checkpoint.sha256
-    assert m["settings"]["recipe"] == torchscript.TARGET.recipe
+    assert m["settings"]["recipe"] == torchscript_target.TARGET.recipe
     assert m["cache_dtype"] == ("float16" if quant == "fp16" else "float32")
     step = m["io"]["decoder_step.pt"]
     assert step["inputs"]["tokens"] == [1, "n"] and step["inputs"]["self_k"] == [4, 1, "T", 384]
@@ -50,7 +50,7 @@ def test_build_records_files_io_and_parity(ts_artifacts, tiny_checkpoint, quant)
 def test_cached_steps_match_whole_sequence_recomputation(ts_artifacts, tiny_checkpoint, tiny_dims):
     # the cache's self-attention keys [n_layer, 1, positions, d]
     check_cached_steps(
-        torchscript.TorchScriptRunner(ts_artifacts["fp32"]), tiny_checkpoint, tiny_dims, lambda c: c[2].shape[2]
+        torchscript_target.TorchScriptRunner(ts_artifacts["fp32"]), tiny_checkpoint, tiny_dims, lambda c: c[2].shape[2]
     )
 
 
@@ -79,7 +79,7 @@ def test_perturbed_embedding_fails_the_gate(ts_artifacts, parity_of, tmp_path, q
     with torch.no_grad():
         weight.copy_(torch.from_numpy(with_noise(weight.numpy())))
     torch.jit.save(decoder, str(broken / "decoder_step.pt"))
-    numbers = parity_of(torchscript.TorchScriptRunner(load_artifact(broken)))
+    numbers = parity_of(torchscript_target.TorchScriptRunner(load_artifact(broken)))
     for row in ("fp32", "fp16") if quant == "fp32" else (quant,):
         failures = parity.gate(get_target("torchscript").tolerance(row), numbers)
         assert any("logits max abs err" in f for f in failures) and any("top-1" in f for f in failures), row
@@ -101,8 +101,8 @@ def test_fp16_build_computes_in_half(fp16_artifact, ts_artifacts, tiny_checkpoin
 def test_embedded_tokens_match_the_reference(ts_artifacts, fp16_artifact, exact_match, embedded_utterances):
     rates, ms = {}, {}
     for quant, artifact in {**ts_artifacts, "fp16": fp16_artifact}.items():
-        rates[quant], ms[quant] = exact_match(torchscript.TorchScriptRunner(artifact), embedded_utterances)
-    print(f"torchscript utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
+        rates[quant], ms[quant] = exact_match(torchscript_target.TorchScriptRunner(artifact), embedded_utterances)
+    print(f"torchscript_target utterances token-identical to the reference: {rates}; encode+decode ms/utt: {ms}")
     assert rates["fp32"] >= 0.95
     assert rates["fp16"] >= 0.8
     # 0.49 measured: per-tensor dynamic int8 drifts, and one changed token makes a transcript differ

@@ -23,7 +23,7 @@ def hf_artifact(tiny_checkpoint, models_root):
 
 @pytest.fixture(scope="module")
 def hf_runner(hf_artifact):
-    from converters.hf_transformers import TransformersRunner as Runner
+    from converters.transformers_target import TransformersRunner as Runner
 
     return Runner(hf_artifact)
 
@@ -93,7 +93,7 @@ def test_perturbed_weights_fail_the_gate(hf_artifact, parity_of, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from converters.hf_transformers import TransformersRunner as Runner
+    from converters.transformers_target import TransformersRunner as Runner
 
     broken = broken_copy(hf_artifact, tmp_path)
     weights = load_file(broken / "model.safetensors")
@@ -109,10 +109,10 @@ def test_perturbed_weights_fail_the_gate(hf_artifact, parity_of, tmp_path):
 
 
 def test_missing_transformers_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
-    from converters import hf_transformers
+    from converters import transformers_target
 
     check_unavailable_without(
-        "transformers", hf_transformers, "not installed: transformers", tiny_checkpoint, tmp_path, monkeypatch
+        "transformers", transformers_target, "not installed: transformers", tiny_checkpoint, tmp_path, monkeypatch
     )
 
 
@@ -126,8 +126,8 @@ def test_embedded_tokens_match_the_reference(hf_runner, exact_match, embedded_ut
 @pytest.mark.slow
 def test_base_builds_and_matches_the_reference(embedded_utterances, models_root):
     """The main job's size, multilingual (a four-token prompt), on the first ten utterances."""
-    from converters.hf_transformers import TransformersRunner as Runner
-    from converters.reference import ReferenceRunner as Reference
+    from converters.reference_target import ReferenceRunner as Reference
+    from converters.transformers_target import TransformersRunner as Runner
     from harness.core.checkpoint import resolve_checkpoint
     from harness.core.decoding import Dims
 

@@ -33,7 +33,7 @@ from harness.core.timestamps import TimestampRules, apply_timestamp_rules
 
 @dataclass(frozen=True)
 class DecodingOptions:
-    """What a job may set about decoding (validated with the job file, `harness.spec`)."""
+    """What a job may set about decoding (validated with the job file, `harness.job.spec`)."""
 
     language: str = "en"  # a language (code or name), or AUTO: detected per utterance
     task: str = "transcribe"

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 REFERENCE = "reference"  # the target every other is compared with
 # Threads per runner: the harness parallelises across workers (one per core), not inside a model,
 # so workers sharing a machine do not fight over cores. Runtimes with per-session thread settings
-# take it from the Runner's `threads`; torch's is per process, set by the worker (harness.timing).
+# take it from the Runner's `threads`; torch's is per process, set by the worker (harness.results.timing).
 DEFAULT_THREADS = 1
 
 

@@ -1,0 +1,222 @@
+"""`ctranslate2`: the CTranslate2 model (the engine behind faster-whisper), the CPU speed
+reference users compare against.
+
+Built with CTranslate2's own `TransformersConverter` over the Hugging Face folder that the
+`transformers` target writes (converters/transformers_target.py), quantized to float32 or int8. The
+vocabulary comes from openai-whisper's tiktoken encoding in the byte-level spelling HF uses, so
+no hub tokenizer is needed and the ids are the harness's ids.
+
+CTranslate2 decodes only by itself, so the runner offers `generate` under the shared rules
+(harness.core.decoding.Prompt). Its `step`, used only by the parity check, teacher-forces the tokens
+as a prefix and reads the next position's raw logits (`return_logits_vocab`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from whisper.model import Whisper
+
+from converters import transformers_target
+from harness.core.checkpoint import Checkpoint
+from harness.core.decoding import DecodingOptions, Dims, Prompt, tokenizer_for
+from harness.core.errors import HarnessError
+from harness.core.target import (
+    DEFAULT_THREADS,
+    Artifact,
+    SelfDecodingRunner,
+    Target,
+    Tolerance,
+    encoder_io,
+    needs,
+    require,
+)
+
+QUANTIZATION = {"fp32": "float32", "int8": "int8"}
+MODEL, CONFIG, VOCABULARY = "model.bin", "config.json", "vocabulary.json"
+
+
+class WhisperVocabulary:
+    """The part of a HF tokenizer that CTranslate2's WhisperLoader reads, from openai-whisper's
+    own encoding: token strings by id (byte-level BPE spelling, as faster-whisper's models ship)
+    and the language tokens (its `lang_ids`, used by language detection)."""
+
+    def __init__(self, dims: Dims) -> None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        tok = tokenizer_for(dims, DecodingOptions())
+        enc = tok.encoding
+        spelling = bytes_to_unicode()
+        self._ids = {}
+        for i in range(enc.n_vocab):
+            raw = enc.decode_single_token_bytes(i)
+            text = raw.decode("utf-8", errors="replace")
+            self._ids[text if text in enc.special_tokens_set else "".join(spelling[b] for b in raw)] = i
+        if len(self._ids) != enc.n_vocab:
+            raise ValueError("openai-whisper's encoding spells two ids the same way")
+        self.additional_special_tokens = [f"<|{code}|>" for code in tok.all_language_codes]
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._ids)
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self._ids[token]
+
+
+def _convert_hf_folder(hf_dir: Path, vocabulary: WhisperVocabulary, quantization: str, out: Path) -> None:
+    from ctranslate2.converters import TransformersConverter
+
+    class Converter(TransformersConverter):
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return vocabulary  # the HF folder holds no tokenizer files, and the hub is off limits
+
+    Converter(str(hf_dir)).convert(str(out), quantization=quantization)
+
+
+def convert(
+    checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]
+) -> dict[str, Any]:
+    require("ctranslate2", "transformers")
+    d = model.dims
+    vocabulary = WhisperVocabulary(Dims.of(d))
+    with tempfile.TemporaryDirectory(prefix="ct2-") as work:
+        hf_dir, ct2_dir = Path(work) / "hf", Path(work) / "ct2"
+        hf_dir.mkdir()
+        transformers_target.convert(checkpoint, model, "fp32", hf_dir, ())
+        # the converter replaces its output folder, so it writes beside `out`, not into it
+        _convert_hf_folder(hf_dir, vocabulary, QUANTIZATION[quant], ct2_dir)
+        for path in ct2_dir.iterdir():
+            shutil.move(path, out / path.name)
+    facts: dict[str, Any] = {
+        "path": f"transformers_target folder -> ctranslate2 TransformersConverter(quantization={QUANTIZATION[quant]})",
+        "io": {
+            MODEL: {
+                "encode": encoder_io(d, "features", "encoder_output"),
+                "generate": {
+                    "inputs": {"encoder_output": [1, d.n_audio_ctx, d.n_audio_state], "prompt": ["P"]},
+                    "outputs": {"sequences_ids": [1, "N"], "logits (parity only)": ["N", d.n_vocab]},
+                    "max_N": d.n_text_ctx // 2,
+                },
+                "weights": QUANTIZATION[quant],
+            },
+        },
+    }
+    if "CTranslate2" in checkpoint.source:
+        facts["source_note"] = (
+            "the source is a packaged CTranslate2 model (float16) rebuilt bit-exactly into openai-whisper form "
+            "(tensor sha256 pinned in harness.core.checkpoint); it is re-converted here like any other source"
+        )
+    return facts
+
+
+class CTranslate2Runner(SelfDecodingRunner):
+    """`generate` keeps CTranslate2's own KV cache; `step` (the parity check only) re-decodes the
+    whole prefix on every call."""
+
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
+        require("ctranslate2")
+        import ctranslate2 as ct2
+
+        self._ct2 = ct2
+        # one thread per worker by default: the single-stream CPU number faster-whisper users compare with
+        self.model = ct2.models.Whisper(str(artifact.path), device="cpu", inter_threads=1, intra_threads=threads)
+        self._suppress_at_begin = tuple(json.loads(artifact.file(CONFIG).read_text())["suppress_ids_begin"])
+        vocab = json.loads(artifact.file(VOCABULARY).read_text())
+        self._n_vocab = len(vocab)
+        self._sot, self._no_timestamps = vocab.index("<|startoftranscript|>"), vocab.index("<|notimestamps|>")
+
+    def encode(self, mel: np.ndarray) -> Any:
+        view = self._ct2.StorageView.from_array(np.ascontiguousarray(mel, dtype=np.float32))
+        return self.model.encode(view, to_cpu=True)
+
+    def _task_length(self, tokens: Sequence[int]) -> int:
+        """CTranslate2's own split of a prompt: SOT and the task tokens after it (up to
+        no-timestamps); anything later is a forced prefix that counts towards max_length."""
+        n = list(tokens).index(self._sot)
+        while n < len(tokens) and self._sot <= tokens[n] <= self._no_timestamps:
+            n += 1
+        return n
+
+    def _generate(self, features: Any, tokens: Sequence[int], n_new: int, **options) -> Any:
+        # CTranslate2 forwards all task tokens but the last as the prompt (start_step of them) and
+        # then generates at most min(max_length // 2, max_length - start_step) tokens, forced
+        # prefix included; this max_length makes that exactly n_new
+        start_step = self._task_length(tokens) - 1
+        return self.model.generate(
+            features, [list(tokens)], beam_size=1, max_length=n_new + max(n_new, start_step), **options
+        )[0]
+
+    def generate(self, audio_features: Any, prompt: Prompt) -> tuple[list[int], int]:
+        """Greedy decoding under the `Prompt`'s rules (see SelfDecodingRunner)."""
+        if self._task_length(prompt.tokens) != len(prompt.tokens):
+            raise HarnessError(f"CTranslate2 would take part of the prompt {prompt.tokens} as forced text")
+        # blank suppression at the first sampled step can only come from the model's config.json
+        if self._suppress_at_begin != tuple(prompt.suppress_at_begin):
+            raise HarnessError(
+                f"CTranslate2 model suppresses {self._suppress_at_begin} at the first step, "
+                f"the decoding rules {tuple(prompt.suppress_at_begin)}; rebuild the artifact"
+            )
+        limit = prompt.step_limit
+        result = self._generate(
+            audio_features, prompt.tokens, limit, suppress_tokens=list(prompt.suppress), suppress_blank=True
+        )
+        tokens = list(result.sequences_ids[0])  # prompt and EOT already left out
+        # decoder steps as the shared loop counts them: one per token, plus the one that chose EOT
+        # unless the length limit stopped it first
+        return tokens, min(len(tokens) + 1, limit)
+
+    def detect_language(self, audio_features: Any) -> tuple[str, float]:
+        """CTranslate2's own detection (whisper's: a softmax over the language tokens' logits
+        after SOT); its `generate`, and so `step`, gives every language token the same masked
+        logit after SOT, so the shared step-based detection cannot run on it."""
+        ((token, probability), *_), *_ = self.model.detect_language(audio_features)
+        return token.removeprefix("<|").removesuffix("|>"), float(probability)
+
+    def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
+        # no suppression: parity compares raw logits
+        result = self._generate(
+            audio_features,
+            tokens,
+            len(tokens) - self._task_length(tokens) + 1,
+            suppress_tokens=[],
+            suppress_blank=False,
+            return_logits_vocab=True,
+        )
+        # logits come per decoding step, a forced prefix as one [prefix + 1, vocab] block: the
+        # last row is the position after `tokens`
+        return np.asarray(result.logits[-1], dtype=np.float32).reshape(-1, self._n_vocab)[-1], None
+
+
+TARGET = Target(
+    name="ctranslate2",
+    description="CTranslate2 (faster-whisper's engine) via its TransformersConverter; CPU",
+    recipe=f"ct2-transformers-converter-v1+{transformers_target.RECIPE}",  # the HF folder is its input
+    toolchain=("ctranslate2", "transformers"),
+    tolerances={
+        "fp32": Tolerance(
+            80.0,
+            1e-3,
+            1.0,
+            "CTranslate2 fp32 (its own GEMM/GELU kernels): encoder 112 dB, logits "
+            "4.7e-5 off on tiny.en; 80 dB and 1e-3 keep a 30 dB / 20x margin and catch any wrong weight",
+        ),
+        "int8": Tolerance(
+            15.0,
+            4.0,
+            0.75,
+            "int8 weights per row, activations quantized on the fly: encoder 27.8 dB "
+            "(tiny.en) / 24.2 dB (base), falling with depth, logits 1.73 / 1.83 off, top-1 8/8; room for "
+            "deeper sizes and a near-tie flip; a perturbed embedding still fails by far",
+        ),
+    },
+    runtime="ctranslate2-cpu",
+    convert=convert,
+    runner=CTranslate2Runner,
+    unavailable=needs("ctranslate2"),
+)

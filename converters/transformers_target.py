@@ -1,0 +1,209 @@
+"""`transformers`: Hugging Face `WhisperForConditionalGeneration` built from the same openai-whisper
+weights, with no hub access, run with SDPA attention and its own KV cache.
+
+The config is derived from the checkpoint's dims and the generation config from openai-whisper's
+own tokenizer, so the folder is a complete HF model (`from_pretrained` works on it) and
+CTranslate2's converter can take it as its input (converters/ctranslate2_target.py). The key mapping is
+the inverse of transformers' `models/whisper/convert_openai_to_hf.py`, which the installed
+transformers no longer ships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from whisper.model import Whisper
+
+from harness.core.checkpoint import Checkpoint
+from harness.core.decoding import DecodingOptions, Dims, build_prompt, tokenizer_for
+from harness.core.target import DEFAULT_THREADS, Artifact, Runner, Target, Tolerance, encoder_io, needs, require
+
+RECIPE = "hf-whisper-from-openai-v1"  # bump when the saved config or weights change (ctranslate2's input too)
+WEIGHTS, CONFIG, GENERATION_CONFIG = "model.safetensors", "config.json", "generation_config.json"
+
+# openai-whisper name fragment -> HF name fragment, applied in this order to every key. A leading
+# "." keeps ".attn.*" from matching inside ".cross_attn.*" ("_attn" has no dot before it).
+_RENAMES: tuple[tuple[str, str], ...] = (
+    ("blocks", "layers"),
+    ("mlp.0", "fc1"),
+    ("mlp.2", "fc2"),
+    ("mlp_ln", "final_layer_norm"),
+    (".attn.query", ".self_attn.q_proj"),
+    (".attn.key", ".self_attn.k_proj"),
+    (".attn.value", ".self_attn.v_proj"),
+    (".attn_ln", ".self_attn_layer_norm"),
+    (".attn.out", ".self_attn.out_proj"),
+    (".cross_attn.query", ".encoder_attn.q_proj"),
+    (".cross_attn.key", ".encoder_attn.k_proj"),
+    (".cross_attn.value", ".encoder_attn.v_proj"),
+    (".cross_attn_ln", ".encoder_attn_layer_norm"),
+    (".cross_attn.out", ".encoder_attn.out_proj"),
+    ("decoder.ln.", "decoder.layer_norm."),
+    ("encoder.ln_post.", "encoder.layer_norm."),
+    ("token_embedding", "embed_tokens"),
+    ("encoder.positional_embedding", "encoder.embed_positions.weight"),
+    ("decoder.positional_embedding", "decoder.embed_positions.weight"),
+)
+
+
+def hf_key(key: str) -> str:
+    """openai-whisper state-dict key -> WhisperForConditionalGeneration key."""
+    for old, new in _RENAMES:
+        key = key.replace(old, new)
+    return f"model.{key}"
+
+
+def _transformers():
+    require("transformers")
+    import transformers
+
+    return transformers
+
+
+def _configs(model: Whisper) -> tuple[Any, Any]:
+    """WhisperConfig and GenerationConfig from the checkpoint dims and openai-whisper's tokenizer."""
+    transformers = _transformers()
+    d = model.dims
+    dims = Dims.of(d)
+    prompt = build_prompt(dims)
+    tok = tokenizer_for(dims, DecodingOptions())
+    ffn = model.encoder.blocks[0].mlp[0].out_features
+    # the special tokens and the harness's suppression rules, in both configs: HF's own generate()
+    # and CTranslate2 (which copies these into its config.json) then suppress what
+    # harness.core.decoding suppresses
+    shared = {
+        "decoder_start_token_id": tok.sot,
+        "bos_token_id": tok.eot,
+        "eos_token_id": tok.eot,
+        "pad_token_id": tok.eot,
+        "suppress_tokens": list(prompt.suppress),
+        "begin_suppress_tokens": list(prompt.suppress_at_begin),
+    }
+    config = transformers.WhisperConfig(
+        vocab_size=d.n_vocab,
+        num_mel_bins=d.n_mels,
+        d_model=d.n_audio_state,
+        encoder_layers=d.n_audio_layer,
+        encoder_attention_heads=d.n_audio_head,
+        decoder_layers=d.n_text_layer,
+        decoder_attention_heads=d.n_text_head,
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=model.decoder.blocks[0].mlp[0].out_features,
+        max_source_positions=d.n_audio_ctx,
+        max_target_positions=d.n_text_ctx,
+        tie_word_embeddings=True,
+        **shared,
+    )
+    # openai-whisper's alignment heads (its default, the upper half of the decoder, when the
+    # checkpoint carries none), as [layer, head] pairs
+    heads = model.alignment_heads.to_dense().nonzero().tolist()
+    # only multilingual checkpoints get language and task tables (readers such as CTranslate2's
+    # converter take a present-but-null table for a real one)
+    multilingual = (
+        {
+            "lang_to_id": {f"<|{c}|>": t for c, t in zip(tok.all_language_codes, tok.all_language_tokens, strict=True)},
+            "task_to_id": {"transcribe": tok.transcribe, "translate": tok.translate},
+        }
+        if dims.multilingual
+        else {}
+    )
+    generation = transformers.GenerationConfig(
+        max_length=d.n_text_ctx,
+        **shared,
+        no_timestamps_token_id=tok.no_timestamps,
+        is_multilingual=dims.multilingual,
+        alignment_heads=heads,
+        **multilingual,
+    )
+    return config, generation
+
+
+def build_hf_model(model: Whisper):
+    """WhisperForConditionalGeneration holding exactly `model`'s weights (fp32)."""
+    transformers = _transformers()
+    config, generation = _configs(model)
+    with torch.device("meta"):  # no random init: every tensor is assigned below
+        hf = transformers.WhisperForConditionalGeneration(config)
+    state = {hf_key(k): v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    state["proj_out.weight"] = state["model.decoder.embed_tokens.weight"]  # tied, as in openai-whisper
+    expected = set(hf.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"openai-whisper -> HF key mapping is off: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.load_state_dict(state, strict=True, assign=True)
+    hf.tie_weights()
+    hf.generation_config = generation
+    return hf.eval()
+
+
+def convert(
+    checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]
+) -> dict[str, Any]:
+    hf = build_hf_model(model)
+    hf.save_pretrained(out)
+    d = model.dims
+    return {
+        "path": "openai-whisper state dict renamed onto WhisperForConditionalGeneration, save_pretrained",
+        "io": {
+            WEIGHTS: {
+                "encoder": encoder_io(d, "input_features", "last_hidden_state"),
+                "decoder": {
+                    "inputs": {"decoder_input_ids": [1, "L"], "cache": "EncoderDecoderCache"},
+                    "outputs": {"logits": [1, "L", d.n_vocab]},
+                    "max_L": d.n_text_ctx,
+                },
+                "attn_implementation": "sdpa",
+            },
+        },
+    }
+
+
+class TransformersRunner(Runner):
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
+        transformers = _transformers()
+        self.model = transformers.WhisperForConditionalGeneration.from_pretrained(
+            artifact.path, attn_implementation="sdpa", dtype=torch.float32
+        ).eval()
+
+    @torch.inference_mode()
+    def encode(self, mel: np.ndarray) -> torch.Tensor:
+        return self.model.model.encoder(torch.from_numpy(mel)).last_hidden_state
+
+    @torch.inference_mode()
+    def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        new = tokens if cache is None else tokens[-1:]  # HF's cache holds every earlier position
+        out = self.model(
+            decoder_input_ids=torch.tensor([list(new)]),
+            encoder_outputs=BaseModelOutput(last_hidden_state=audio_features),
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[0, -1].numpy(), out.cache
+
+
+TARGET = Target(
+    name="transformers",
+    description="Hugging Face WhisperForConditionalGeneration from the same weights (SDPA, HF KV cache)",
+    recipe=RECIPE,
+    toolchain=("transformers", "safetensors"),
+    tolerances={
+        "fp32": Tolerance(
+            80.0,
+            1e-3,
+            1.0,
+            "HF Whisper on the same fp32 weights: encoder bit-identical (SNR inf), "
+            "logits 2.2e-5 off (HF scales q once by d^-0.5, whisper q and k by d^-0.25); 80 dB and 1e-3 "
+            "leave room for other CPUs' kernels and still catch any wrong weight",
+        ),
+    },
+    runtime="torch",
+    convert=convert,
+    runner=TransformersRunner,
+    unavailable=needs("transformers"),
+)

@@ -1,0 +1,1 @@
+"""Nightly use: the run history (SQLite or PostgreSQL), the gate against a baseline and its verdict."""

@@ -1,0 +1,1 @@
+"""The HTML report: the page, its tables, its charts and its assets."""

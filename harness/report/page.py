@@ -1,0 +1,224 @@
+"""`python -m harness report RUN`: one self-contained HTML file for a completed run.
+
+It reads only the run folder's files (run.json, summary.csv, utterances.parquet, and gate.json,
+divergence.csv, divergence.parquet when present) and the history (for the trends): it never
+decodes or scores anything again. The page needs no network: styles, script and charts (inline
+SVG, `harness.report.plots`) are inside it, and its Content-Security-Policy forbids loading anything.
+Every string from data is HTML-escaped (texts come from datasets others assembled).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from harness.core.errors import HarnessError
+from harness.core.status import Status
+from harness.nightly.history import History, display
+from harness.nightly.verdict import comparison_rows, describe_run, read_verdict, verdict_lines
+from harness.report.tables import cell, divergence_section, table, utterance_section
+from harness.results.record import dataset_label
+from harness.results.run_dir import list_runs, write_atomic
+from harness.results.summary import DELTA_COLUMN, status_notes, summary_cells
+
+REPORT_FILE = "report.html"
+RUN_FILES = ("run.json", "summary.csv", "utterances.parquet")  # a complete run has them all
+TREND_RUNS = 30  # the trends show at most the job's last this many runs
+_ASSETS = Path(__file__).with_name("assets")
+
+
+def find_run(results_root: Path, which: str, job: str | None = None) -> Path:
+    """A complete run's folder: a run id, `latest` (the newest complete run, of `job` if given), or a
+    folder path."""
+    folder = Path(which)
+    if folder.is_dir():
+        return _complete(folder)
+    runs = list_runs(results_root, job)
+    of_job = f" of job '{job}'" if job else ""
+    if which == "latest":
+        complete = [r for r in runs if all((r.path / f).is_file() for f in RUN_FILES)]
+        if not complete:
+            raise HarnessError(f"latest: no complete run{of_job} in {results_root}")
+        return complete[-1].path
+    named = [r for r in runs if r.run_id == which]
+    if not named:
+        raise HarnessError(f"{which}: no run{of_job} with that id in {results_root} (`python -m harness runs`)")
+    return _complete(named[-1].path)
+
+
+def _complete(folder: Path) -> Path:
+    missing = [f for f in RUN_FILES if not (folder / f).is_file()]
+    if missing:
+        raise HarnessError(f"{folder}: not a complete run (no {', '.join(missing)}); resume it first")
+    return folder
+
+
+def write_report(run_dir: Path, history: str, out: Path | None = None) -> Path:
+    """Write the run's report (default: report.html in its folder), atomically; returns its path."""
+    path = out or run_dir / REPORT_FILE
+    page = render(run_dir, history)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return path
+
+
+def render(run_dir: Path, history: str) -> str:
+    info = json.loads((run_dir / "run.json").read_text())
+    summary = pd.read_csv(run_dir / "summary.csv", keep_default_na=False, na_values=[""])
+    utts = pd.read_parquet(run_dir / "utterances.parquet")
+    sections = [
+        ("verdict", "Gate", _verdict(run_dir)),
+        ("summary", "Summary", _summary(summary)),
+        ("pareto", "WER vs latency", _scatter(summary)),
+        ("trends", "Trends", _trends(info, history)),
+        ("divergence", "Divergence", divergence_section(run_dir)),
+        ("utterances", "Utterances", utterance_section(utts, summary)),
+    ]
+    nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
+    body = "\n".join(f'<section id="{key}">\n<h2>{title}</h2>\n{html}\n</section>' for key, title, html in sections)
+    title = f"{info['job']['name']} · {info['run_id']}"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; \
+script-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title>
+<style>
+{(_ASSETS / "report.css").read_text()}</style>
+</head>
+<body data-js="off">
+<header>
+<h1>{escape(title)}</h1>
+{_run_facts(info, run_dir)}
+<nav>{nav}</nav>
+<p id="js-errors" hidden></p>
+</header>
+<main>
+{body}
+</main>
+<footer>written by <code>python -m harness report</code> at {time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())}
+from {escape(str(run_dir))}</footer>
+<script>
+{(_ASSETS / "report.js").read_text()}</script>
+</body>
+</html>
+"""
+
+
+def _run_facts(info: dict[str, Any], run_dir: Path) -> str:
+    host = info.get("host", {})
+    facts = {
+        "dataset": f"{dataset_label(info['job']['dataset'])} ({info.get('utterances')} utterances)",
+        "started": f"{info.get('started')} → {info.get('finished')}",
+        "git commit": str(info.get("git_commit") or "-"),
+        "host": f"{host.get('hostname', '-')} · {host.get('cpu', '-')}",
+        "folder": str(run_dir),
+    }
+    items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts.items())
+    models = [
+        f"<li>{escape(m['model'])}: {escape(str(m.get('status')))} {escape(str(m.get('artifact') or ''))}</li>"
+        for m in info.get("models", [])
+    ]
+    packages = ", ".join(f"{k} {v}" for k, v in (info.get("packages") or {}).items())
+    return (
+        f'<dl class="facts">{items}</dl>\n<details><summary>artifacts and packages</summary>'
+        f"<ul>{''.join(models)}</ul><p>{escape(packages)}</p></details>"
+    )
+
+
+def _verdict(run_dir: Path) -> str:
+    verdict = read_verdict(run_dir)
+    if verdict is None:
+        return (
+            '<p class="muted">not gated (gate a run with <code>run --baseline previous|latest|TAG</code> or '
+            "<code>python -m harness compare BASELINE RUN_ID</code>)</p>"
+        )
+    asked = f"<p>baseline asked for: <code>{escape(verdict.requested)}</code>, gated {escape(verdict.gated)}</p>"
+    if verdict.comparison is None:
+        return f'<p class="verdict ok">{escape(verdict.note)}</p>{asked}'
+    comparison = verdict.comparison
+    bad = bool(comparison.regressed)
+    *notes, last = verdict_lines(comparison)
+    rows = comparison_rows(comparison)
+    body = [
+        "<tr>" + "".join(cell(v, cls="bad" if v == "REGRESSION" else "") for v in row.values()) + "</tr>"
+        for row in rows
+    ]
+    lines = "".join(f"<li>{escape(line)}</li>" for line in notes)
+    limits = ", ".join(f"{k} {'off' if v is None else v}" for k, v in vars(comparison.thresholds).items())
+    return (
+        f'<p class="verdict {"bad" if bad else "ok"}">{escape(last)}</p>{asked}'
+        f"<p>baseline: {escape(describe_run(comparison.baseline))}<br>"
+        f"candidate: {escape(describe_run(comparison.candidate))}</p>"
+        + table(list(rows[0]) if rows else [], body, ident="gate-table")
+        + (f'<ul class="lines">{lines}</ul>' if lines else "")
+        + f'<p class="muted">thresholds: {escape(limits)}</p>'
+    )
+
+
+def _summary(summary: pd.DataFrame) -> str:
+    shown = summary_cells(summary)
+    source = {DELTA_COLUMN: "wer_delta"}  # a shown column sorts by the number it was made from
+    rows = []
+    for i in range(len(shown)):
+        cells = []
+        for col in shown.columns:
+            value, text = summary[source.get(col, col)].iloc[i], shown[col].iloc[i]
+            text = "" if isinstance(text, float) and np.isnan(text) else str(text)
+            cls = "bad" if col == "status" and text != Status.OK else ""
+            cells.append(cell(value, text, cls))
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    notes = "".join(f"<li>{escape(note)}</li>" for note in status_notes(summary))
+    return (
+        '<p class="muted">Click a column header to sort. Columns as in <code>summary.csv</code> '
+        "(README: what each means).</p>"
+        + table(list(shown.columns), rows, ident="summary-table")
+        + (f'<ul class="lines">{notes}</ul>' if notes else "")
+    )
+
+
+def _scatter(summary: pd.DataFrame) -> str:
+    from harness.report.plots import scatter
+
+    svg, front = scatter(summary)
+    return (
+        f"<figure>{svg}<figcaption>A point per model: WER against its median latency per utterance "
+        "(p50_ms). The Pareto front, dashed, joins the models no other model beats on both: "
+        f"{escape(', '.join(front)) or 'none'}.</figcaption></figure>"
+    )
+
+
+def _trends(info: dict[str, Any], where: str) -> str:
+    """The job's runs on this dataset in the history, up to this run (the last TREND_RUNS)."""
+    from harness.report.plots import trends
+
+    job, dataset, run_id = info["job"]["name"], dataset_label(info["job"]["dataset"]), info["run_id"]
+    try:
+        with History(where, create=False) as history:
+            runs = history.runs(job)
+            runs = runs[(runs["dataset"] == dataset) & (runs["started"] <= info["started"])].tail(TREND_RUNS)
+            models = [history.models(r).assign(started=s) for r, s in zip(runs["run_id"], runs["started"], strict=True)]
+    except HarnessError as exc:
+        return f'<p class="muted">no trends: {escape(str(exc))}</p>'
+    if not models:
+        return f'<p class="muted">no runs of {escape(job)} on this dataset in history {escape(display(where))}</p>'
+    frame = pd.concat(models, ignore_index=True)
+    frame["model"] = frame["size"] + "/" + frame["target"] + "/" + frame["quant"]
+    cpus = sorted(frame["cpu"].dropna().unique())
+    notes = [
+        f"{len(runs)} runs of job {job} on {dataset} in history {display(where)} (the last {TREND_RUNS} at most), "
+        f"oldest first."
+    ]
+    if run_id not in set(runs["run_id"]):
+        notes.append("This run is not in the history: `python -m harness history add RUN_DIR` appends it.")
+    if len(cpus) > 1:
+        notes.append(f"Latency comes from {len(cpus)} kinds of CPU ({'; '.join(cpus)}): compare like with like.")
+    return f"<figure>{trends(frame, run_id)}<figcaption>{escape(' '.join(notes))}</figcaption></figure>"

@@ -1,0 +1,294 @@
+"""The divergence analysis pass (job setting `analysis: {divergence: true}`), after the main pass.
+
+It needs the reference's tokens, so it runs once every main-pass row exists: per candidate model
+(every model of the job but the reference) and utterance, a worker holding both the candidate's
+and the reference's runner encodes the utterance with both, teacher-forces both decoders on the
+reference's tokens, decodes the two hybrids and finds the first divergent token
+(`harness.results.divergence` computes the numbers and documents every column). It runs on the same
+scheduler as the main pass (`harness.run.scheduler`), with `DivergenceWorker` for `ModelWorker`: same
+slots, placement, retries and failure rows; the workers get both artifacts through the node cache
+(`harness.run.node_cache`), never a driver path.
+
+Each finished (model, shard) is persisted at once in `<run dir>/divergence/`, as the main pass's
+rows are in `raw/`, so `--resume` re-plans only the analysis shards that are missing. Then
+`divergence.parquet`, `divergence.csv` and `divergence.md` are written beside `utterances.parquet`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from converters.registry import get_target
+from harness.core.audio import FULL_AUDIO_CTX, log_mel
+from harness.core.decoding import LONG_FORM, DecodingOptions, Dims, Prompt, build_prompt, decode_window, tokenizer_for
+from harness.core.errors import one_line
+from harness.core.status import Status
+from harness.core.target import REFERENCE, Runner
+from harness.job.spec import DatasetSpec, JobSpec, ModelCell
+from harness.results.divergence import (
+    DIVERGENCE_COLUMNS,
+    divergence_facts,
+    divergence_frame,
+    divergence_row,
+    encoder_snr,
+    failure_row,
+    features_array,
+    features_like,
+    summarize_divergence,
+    teacher_forced_metrics,
+    teacher_targets,
+)
+from harness.results.run_dir import RunDir, write_parquet_atomic
+from harness.results.timing import prepare_worker_threads
+from harness.run.artifact_server import start_server
+from harness.run.dataset import Shard, open_dataset, plan_shards, read_index, read_shard
+from harness.run.node_cache import PublishedArtifact, publish
+from harness.run.scheduler import Scheduler, SchedulerOptions, Work
+from harness.run.worker import Loaded, load_runner, node_name
+
+if TYPE_CHECKING:
+    from harness.run.execute import PreparedModel
+
+DIVERGENCE = "divergence"  # the run directory's folder of per-(model, shard) analysis rows
+
+
+@dataclass(frozen=True)
+class Transcripts:
+    """What the main pass decoded of one utterance: the analysis's inputs."""
+
+    reference: tuple[int, ...]
+    candidate: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AnalysisSetup:
+    cell: ModelCell  # the candidate
+    candidate: PublishedArtifact
+    reference: PublishedArtifact
+    dims: Dims
+    prompt: Prompt
+    decoding: DecodingOptions
+    dataset: DatasetSpec
+    # per utterance id of the shards to do: its transcripts, or why it is not analysed
+    inputs: Mapping[str, Transcripts | str]
+    threads: int
+
+
+def teacher_forced(runner: Runner, features: Any, prompt: Prompt, targets: Sequence[int]) -> np.ndarray:
+    """Raw logits [len(targets), n_vocab]: step i sees the prompt and targets[:i], fed as the greedy
+    loop feeds them (the prompt in the first call, then one token per call on the runner's cache)."""
+    tokens, cache, out = list(prompt.tokens), None, []
+    for target in targets:
+        logits, cache = runner.step(tokens, features, cache)
+        out.append(np.array(logits, dtype=np.float32, copy=True))  # a runner may reuse its output buffer
+        tokens.append(target)
+    return np.stack(out)
+
+
+def _hybrid(decoder: Runner, features: Any, own: Any, prompt: Prompt, what: str) -> tuple[list[int] | None, str | None]:
+    """Greedy tokens of `decoder` on another encoder's `features`, in the form of its `own` (None and why not)."""
+    array = features_array(features)
+    swapped = None if array is None else features_like(array, own)
+    if swapped is None:
+        return None, (
+            f"{what}: not available: this decoder takes its own encoder's output, a {type(own).__name__}, and "
+            f"only a numpy array or torch tensor of the same shape can be swapped for the other's "
+            f"({type(features).__name__})"
+        )
+    return list(decode_window(decoder, swapped, prompt)[0]), None
+
+
+def analyse(
+    reference: Runner,
+    candidate: Runner,
+    audio: np.ndarray,
+    dims: Dims,
+    prompt: Prompt,
+    transcripts: Transcripts,
+    decode: Callable[[list[int]], str],
+) -> dict[str, Any]:
+    """One utterance's divergence columns (`harness.results.divergence`), from both runners."""
+    mel = log_mel(audio, dims.n_mels)
+    ref_features, cand_features = reference.encode(mel), candidate.encode(mel)
+    snr, snr_note = encoder_snr(ref_features, cand_features)
+    targets = teacher_targets(transcripts.reference, prompt)
+    ref_logits = teacher_forced(reference, ref_features, prompt, targets)
+    cand_logits = teacher_forced(candidate, cand_features, prompt, targets)
+    enc_tokens, enc_note = _hybrid(
+        reference, cand_features, ref_features, prompt, "candidate encoder + reference decoder"
+    )
+    dec_tokens, dec_note = _hybrid(
+        candidate, ref_features, cand_features, prompt, "reference encoder + candidate decoder"
+    )
+    reference_tokens = list(transcripts.reference)
+    notes = [n for n in (snr_note, enc_note, dec_note) if n]
+    return {
+        "encoder_snr_db": snr,
+        **teacher_forced_metrics(ref_logits, cand_logits),
+        "exact_match": list(transcripts.candidate) == reference_tokens,
+        "hybrid_cand_encoder_tokens": enc_tokens,
+        "hybrid_cand_encoder_exact": None if enc_tokens is None else enc_tokens == reference_tokens,
+        "hybrid_cand_decoder_tokens": dec_tokens,
+        "hybrid_cand_decoder_exact": None if dec_tokens is None else dec_tokens == reference_tokens,
+        **divergence_facts(transcripts.reference, transcripts.candidate, ref_logits, cand_logits, prompt, decode),
+        "note": "; ".join(notes) or None,
+    }
+
+
+class DivergenceWorker(Loaded):
+    """Holds a candidate and its reference; the analysis pass's `ModelWorker` (a plain class
+    wrapped with ray.remote by the scheduler, testable without Ray)."""
+
+    def __init__(self, setup: AnalysisSetup) -> None:
+        started = time.perf_counter()
+        prepare_worker_threads(setup.threads)
+        self.setup = setup
+        self.reference = load_runner(setup.reference, setup.threads)
+        self.candidate = load_runner(setup.candidate, setup.threads)
+        self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
+        self.node = node_name()
+        open_dataset(setup.dataset)
+        self.load_s = time.perf_counter() - started
+
+    def run_shard(self, shard: Shard, skip: int = 0, attempt: int = 0) -> Iterator[dict[str, Any]]:
+        """One row per utterance of `shard`, after the first `skip` (a retry's rows already in)."""
+        s, cell = self.setup, self.setup.cell
+        for utt in read_shard(s.dataset, Shard(shard.index, shard.start + skip, shard.stop)):
+            given = s.inputs[utt.utt_id]
+            if isinstance(given, str):
+                yield divergence_row(cell, utt.utt_id, Status.UNAVAILABLE, given)
+            elif utt.audio is None:
+                yield divergence_row(cell, utt.utt_id, Status.ERROR, utt.error)
+            else:
+                try:
+                    facts = analyse(self.reference, self.candidate, utt.audio, s.dims, s.prompt, given, self._decode)
+                except Exception as exc:  # one utterance's failure is its row, never the run's
+                    yield divergence_row(cell, utt.utt_id, Status.ERROR, f"analysis failed: {one_line(exc)}")
+                    continue
+                yield divergence_row(cell, utt.utt_id, Status.OK, **facts)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+
+# -- the driver's side -----------------------------------------------------------------------------
+
+
+def analysed(cell: ModelCell) -> bool:
+    """Whether the analysis covers a model: every candidate at the full audio context (one at a
+    trimmed context has an encoder output of another shape than the reference's)."""
+    return cell.target != REFERENCE and cell.audio_ctx == FULL_AUDIO_CTX
+
+
+def transcripts_of(raw: pd.DataFrame, cell: ModelCell) -> dict[str, Transcripts | str]:
+    """Per utterance id: the reference's and the candidate's tokens from the main pass's rows, or
+    why the utterance is not analysed."""
+    rows = raw[(raw["size"] == cell.size) & (raw["audio_ctx"] == cell.audio_ctx)]
+    ref = rows[rows["target"] == REFERENCE].set_index("utt_id")
+    cand = rows[(rows["target"] == cell.target) & (rows["quant"] == cell.quant)].set_index("utt_id")
+    out: dict[str, Transcripts | str] = {}
+    for utt_id, c in cand.iterrows():
+        r = ref.loc[utt_id]
+        if r["status"] != Status.OK:
+            out[utt_id] = f"the reference has no transcript of it ({r['status']}: {r['error']})"
+        elif c["status"] != Status.OK:
+            out[utt_id] = f"the candidate has no transcript of it ({c['status']}: {c['error']})"
+        elif LONG_FORM in (r["decoding"], c["decoding"]):
+            out[utt_id] = "decoded in long form (30 s windows): the analysis covers one-window (short-form) items"
+        else:
+            out[utt_id] = Transcripts(tuple(int(t) for t in r["hyp_tokens"]), tuple(int(t) for t in c["hyp_tokens"]))
+    return out
+
+
+def run_divergence(
+    spec: JobSpec, models: Sequence[PreparedModel], run: RunDir, raw: pd.DataFrame, progress: bool, log
+) -> dict[str, Any]:
+    """Analyse every (candidate model, shard) without a file in `divergence/`, from the main pass's
+    rows `raw`; returns the scheduler's report (nodes, workers, failures)."""
+    ids, texts = read_index(spec.dataset)
+    shards = plan_shards(len(ids), spec.cluster.shard_size)
+    references = {p.cell.size: p for p in models if p.cell.target == REFERENCE}
+    server = start_server()
+    published: dict[str, PublishedArtifact] = {}
+
+    def persist(cell: ModelCell, shard: Shard, rows: list[dict[str, Any]]) -> None:
+        run.write_shard(cell, shard.index, divergence_frame(rows), DIVERGENCE)
+
+    def publish_once(p: PreparedModel) -> PublishedArtifact:
+        assert p.prepared.artifact is not None  # it decoded in the main pass
+        if p.cell.label not in published:
+            published[p.cell.label] = publish(server, p.prepared.artifact)
+        return published[p.cell.label]
+
+    work = []
+    try:
+        for p in models:
+            todo = [s for s in shards if analysed(p.cell) and not run.done(p.cell, s.index, DIVERGENCE)]
+            if not todo:
+                continue
+            inputs = transcripts_of(raw, p.cell)
+            runnable = []
+            for s in todo:
+                given = {ids[i]: inputs[ids[i]] for i in range(s.start, s.stop)}
+                if any(isinstance(g, Transcripts) for g in given.values()):
+                    runnable.append(s)
+                else:  # nothing to analyse: its rows are written here, without a worker
+                    rows = [divergence_row(p.cell, u, Status.UNAVAILABLE, str(g)) for u, g in given.items()]
+                    persist(p.cell, s, rows)
+            if not runnable:
+                continue
+            ref = references[p.cell.size]
+            setup = AnalysisSetup(
+                p.cell,
+                publish_once(p),
+                publish_once(ref),
+                p.dims,
+                build_prompt(p.dims, spec.decoding),
+                spec.decoding,
+                spec.dataset,
+                {ids[i]: inputs[ids[i]] for s in runnable for i in range(s.start, s.stop)},
+                spec.cluster.threads,
+            )
+            work.append(Work(setup, tuple(runnable), get_target(p.cell.target).resource))
+        if not work:
+            return {}
+        log(f"divergence analysis: {len(work)} models, {sum(len(w.shards) for w in work)} shards")
+        c = spec.cluster
+        options = SchedulerOptions(c.slots, c.threads, c.max_attempts, float(c.stall_timeout_s), c.emulate)
+        scheduler = Scheduler(
+            work, options, persist, lambda: (ids, texts), progress, log, DivergenceWorker, failure_row
+        )
+        return scheduler.run()
+    finally:
+        import ray
+
+        ray.kill(server)
+
+
+def write_divergence(run: RunDir, candidates: Sequence[ModelCell], n_rows: int) -> pd.DataFrame:
+    """divergence.parquet (every analysis row, with the run id), divergence.csv and .md (per model);
+    returns the per-model table. Exactly one row per (candidate, utterance), or it raises: a
+    scheduling bug must never pass as a result."""
+    from harness.results.divergence import format_divergence
+
+    folder = run.path / DIVERGENCE
+    rows = run.read_raw(DIVERGENCE) if any(folder.glob("*.parquet")) else divergence_frame([])  # no candidates
+    rows = rows.assign(run_id=run.run_id)[DIVERGENCE_COLUMNS]
+    counts = rows.groupby(["size", "target", "quant"]).size()
+    if (
+        rows.duplicated(["size", "target", "quant", "utt_id"]).any()
+        or sorted(counts.index) != sorted(c.as_tuple()[:3] for c in candidates)
+        or (counts != n_rows).any()
+    ):
+        raise RuntimeError(f"divergence rows per model differ from {n_rows} utterances: {counts.to_dict()}")
+    summary = summarize_divergence(rows)
+    write_parquet_atomic(rows, run.path / "divergence.parquet")
+    summary.to_csv(run.path / "divergence.csv", index=False)
+    (run.path / "divergence.md").write_text(format_divergence(summary) + "\n")
+    return summary
