@@ -46,7 +46,7 @@ def _loop(size: str, threads: int, part: int, parts: int, n: int, out: mp.Queue)
     import whisper
 
     from harness.core.audio import log_mel
-    from harness.core.checkpoint import load_model, resolve_checkpoint
+    from harness.core.weights import load_model, resolve_checkpoint
 
     torch.set_num_threads(threads)
     model = load_model(resolve_checkpoint(size))

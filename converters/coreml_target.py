@@ -33,7 +33,7 @@ from converters.forms.ane_model import WhisperANE, from_whisper, vocab_chunks
 from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.decoding import Dims, build_prompt
-from harness.core.target import DEFAULT_THREADS, Artifact, Target, Tolerance, Unavailable
+from harness.core.target import DEFAULT_THREADS, Artifact, Implementation, Unavailable
 
 ENCODER, DECODER = "encoder.mlpackage.zip", "decoder.mlpackage.zip"
 DEPLOYMENT_TARGET = "macOS13"  # the ML Program opset of macOS 13 / iOS 16: nothing here needs a newer one
@@ -168,30 +168,4 @@ class CoreMLRunner(AneHost):
         return tuple(np.asarray(out[name], dtype=np.float32) for name in DECODER_OUTPUTS)
 
 
-TARGET = Target(
-    name="coreml",
-    description="Core ML .mlpackage in ANE form; macOS only",
-    recipe="ane-bc1s-static-kv-v1",
-    toolchain=("coremltools",),
-    tolerances={
-        "fp32": Tolerance(
-            60.0,
-            1e-2,
-            1.0,
-            "ANE form in fp32 (1x1 convs, per-head einsum, bias-before-scale "
-            "LayerNorm): the same math reassociated, like torchscript-mtk (tiny.en 110 dB, 2e-4)",
-        ),
-        "fp16": Tolerance(
-            40.0,
-            0.5,
-            0.875,
-            "float16 everywhere, as on the ANE: ~11-bit rounding at every op; "
-            "tiny.en measured 56 dB and 0.05 on logits of magnitude ~20; margin for deeper models and "
-            "one near-tie flip in 8 steps",
-        ),
-    },
-    runtime="coreml",
-    convert=convert,
-    runner=CoreMLRunner,
-    unavailable=runtime_unavailable,
-)
+IMPLEMENTATION = Implementation(convert=convert, runner=CoreMLRunner, unavailable=runtime_unavailable)

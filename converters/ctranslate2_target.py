@@ -30,11 +30,9 @@ from harness.core.errors import HarnessError
 from harness.core.target import (
     DEFAULT_THREADS,
     Artifact,
+    Implementation,
     SelfDecodingRunner,
-    Target,
-    Tolerance,
     encoder_io,
-    needs,
     require,
 )
 
@@ -193,30 +191,4 @@ class CTranslate2Runner(SelfDecodingRunner):
         return np.asarray(result.logits[-1], dtype=np.float32).reshape(-1, self._n_vocab)[-1], None
 
 
-TARGET = Target(
-    name="ctranslate2",
-    description="CTranslate2 (faster-whisper's engine) via its TransformersConverter; CPU",
-    recipe=f"ct2-transformers-converter-v1+{transformers_target.RECIPE}",  # the HF folder is its input
-    toolchain=("ctranslate2", "transformers"),
-    tolerances={
-        "fp32": Tolerance(
-            80.0,
-            1e-3,
-            1.0,
-            "CTranslate2 fp32 (its own GEMM/GELU kernels): encoder 112 dB, logits "
-            "4.7e-5 off on tiny.en; 80 dB and 1e-3 keep a 30 dB / 20x margin and catch any wrong weight",
-        ),
-        "int8": Tolerance(
-            15.0,
-            4.0,
-            0.75,
-            "int8 weights per row, activations quantized on the fly: encoder 27.8 dB "
-            "(tiny.en) / 24.2 dB (base), falling with depth, logits 1.73 / 1.83 off, top-1 8/8; room for "
-            "deeper sizes and a near-tie flip; a perturbed embedding still fails by far",
-        ),
-    },
-    runtime="ctranslate2-cpu",
-    convert=convert,
-    runner=CTranslate2Runner,
-    unavailable=needs("ctranslate2"),
-)
+IMPLEMENTATION = Implementation(convert=convert, runner=CTranslate2Runner)

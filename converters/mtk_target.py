@@ -40,18 +40,17 @@ import torch
 from torch import nn
 from whisper.model import Whisper
 
-from converters import tflite_target
+from converters.litert import SOC_ENV, soc
 from converters.litert import build as litert_build
 from converters.litert import graphs as litert_graphs
 from converters.litert import runtime as litert_runtime
 from harness.core.checkpoint import Checkpoint
-from harness.core.target import DEFAULT_THREADS, Artifact, Target, Unavailable
+from harness.core.target import DEFAULT_THREADS, Artifact, Implementation, Unavailable
 
-SOC_ENV = "HARNESS_MTK_SOC"  # on the driver: build for this SoC ahead of time; on a board: the SoC it is
 ACCELERATOR_ENV = "HARNESS_MTK_ACCELERATOR"  # on a node: what runs the graphs (`execution`)
 ACCELERATORS = ("npu", "cpu", "interpreter")
 DISPATCH_ENV = "HARNESS_MTK_DISPATCH_DIR"
-_SOC = os.environ.get(SOC_ENV, "").strip().upper()
+_SOC = soc()  # read at import, as the registry reads it for the recipe
 RECIPE_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-weight"}  # ai-edge-quantizer recipe per quant
 EMBEDDING, POSITIONS = "token_embedding.npy", "positional_embedding.npy"
 IO_NAMES = {
@@ -209,23 +208,23 @@ def execution(artifact: Artifact) -> tuple[str, Any, list[str]] | None:
     """
     from ai_edge_litert.hardware_accelerator import HardwareAccelerator
 
-    soc = os.environ.get(SOC_ENV, "").strip().upper()
-    accelerator = os.environ.get(ACCELERATOR_ENV, "npu" if soc else "interpreter").strip().lower()
+    board = soc()
+    accelerator = os.environ.get(ACCELERATOR_ENV, "npu" if board else "interpreter").strip().lower()
     if accelerator not in ACCELERATORS:
         raise Unavailable(f"{ACCELERATOR_ENV}={accelerator!r} is not one of {', '.join(ACCELERATORS)}")
     if accelerator == "interpreter":
         return None
     if accelerator == "cpu":
         return "litert-compiled-cpu (MediaTek emulation)", HardwareAccelerator.CPU, list(IO_NAMES)
-    if not soc:
+    if not board:
         raise Unavailable(f"{ACCELERATOR_ENV}=npu needs the node's SoC in {SOC_ENV} (e.g. MT6989)")
     if dispatch_library() is None:
         raise Unavailable(f"no MediaTek NPU dispatch library on this node (set {DISPATCH_ENV} to its folder)")
-    compiled = [f"{Path(name).stem}.{soc.lower()}.tflite" for name in IO_NAMES]
+    compiled = [f"{Path(name).stem}.{board.lower()}.tflite" for name in IO_NAMES]
     if all(name in artifact.manifest["files"] for name in compiled):
-        return f"litert-npu:{soc} (ahead-of-time)", HardwareAccelerator.NPU | HardwareAccelerator.CPU, compiled
+        return f"litert-npu:{board} (ahead-of-time)", HardwareAccelerator.NPU | HardwareAccelerator.CPU, compiled
     return (
-        f"litert-npu:{soc} (compiled on the device)",
+        f"litert-npu:{board} (compiled on the device)",
         HardwareAccelerator.NPU | HardwareAccelerator.CPU,
         list(IO_NAMES),
     )
@@ -266,18 +265,4 @@ class Runner(litert_runtime.Runner):
         }
 
 
-TARGET = Target(
-    name="mtk",
-    description="MediaTek NPU form as .tflite (no gather, host embeddings, static KV cache); LiteRT CPU emulation",
-    # the SoC changes the produced files, so it is part of the recipe (and the store key);
-    # v2: graphs built from converters.forms.blocks (same math; op order and names differ)
-    recipe="mtk-litert-static-kv-v2" + (f"+aot:{_SOC}" if _SOC else ""),
-    toolchain=(*litert_build.TOOLCHAIN, "mtk_converter", "ai-edge-litert-sdk-mediatek"),
-    # the tflite form's bars: the same graphs but for the host-side lookups (measured alike)
-    tolerances={"fp32": tflite_target.FP32, "fp16": tflite_target.FP16, "int8": tflite_target.INT8_WEIGHT},
-    runtime="litert-cpu (MediaTek emulation)",
-    convert=convert,
-    runner=Runner,
-    unavailable=litert_runtime.runtime_unavailable,
-    resource="mediatek",
-)
+IMPLEMENTATION = Implementation(convert=convert, runner=Runner, unavailable=litert_runtime.runtime_unavailable)

@@ -28,7 +28,7 @@ from whisper.model import Whisper
 from converters.forms.cached_step import TransposedVocab, modules
 from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
-from harness.core.target import DEFAULT_THREADS, Artifact, Runner, Target, Tolerance, needs, require
+from harness.core.target import DEFAULT_THREADS, Artifact, Implementation, Runner, require
 
 ENCODER, CROSS_KV, DECODER = "encoder.onnx", "cross_kv.onnx", "decoder_step.onnx"
 # export sample sizes: torch.export refuses 0 and 1 as samples of a dynamic dimension
@@ -156,30 +156,4 @@ class OnnxRunner(Runner):
         return logits[0], (cross_k, cross_v, self_k, self_v)
 
 
-TARGET = Target(
-    name="onnx",
-    description="ONNX (dynamo export), KV cache, onnxruntime CPU",
-    recipe="onnx-dynamo-kv-cache-v2",  # v2: built from converters.forms.blocks (same math; op order and names differ)
-    toolchain=("onnx", "onnxscript", "onnx-ir", "onnxruntime"),
-    tolerances={
-        "fp32": Tolerance(
-            80.0,
-            1e-3,
-            1.0,
-            "onnxruntime on the dynamo export: encoder 118.8 dB / 115.1 dB, logits "
-            "2.7e-5 / 8.0e-5 off (tiny.en / base); torchscript fp32's bounds, for the same reasons",
-        ),
-        "int8": Tolerance(
-            12.0,
-            16.0,
-            0.75,
-            "quantize_dynamic on every weight MatMul (LM head included), uint8 "
-            "activations: measured 21.8 dB / 2.7 (tiny.en), 17.3 dB / 10.7 (base), top-1 8/8; noise on "
-            "the vocabulary gives 27 and top-1 2/8, caught by 6/8",
-        ),
-    },
-    runtime="onnxruntime-cpu",
-    convert=convert,
-    runner=OnnxRunner,
-    unavailable=needs("onnxruntime"),
-)
+IMPLEMENTATION = Implementation(convert=convert, runner=OnnxRunner)

@@ -17,8 +17,14 @@ import torch
 from whisper.model import Whisper
 
 from harness.core.audio import FRAMES_PER_POSITION
-from harness.core.checkpoint import Checkpoint, load_model
-from harness.core.target import DEFAULT_THREADS, REFERENCE, Artifact, Runner, Target, Tolerance, always_available
+from harness.core.checkpoint import Checkpoint
+from harness.core.target import (
+    DEFAULT_THREADS,
+    Artifact,
+    Implementation,
+    Runner,
+)
+from harness.core.weights import load_model
 
 
 def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]) -> dict:
@@ -53,14 +59,4 @@ class ReferenceRunner(Runner):
         return logits[0, -1].numpy(), len(tokens)
 
 
-TARGET = Target(
-    name=REFERENCE,
-    description="openai-whisper in PyTorch (the reference)",
-    recipe="openai-whisper-pytorch",
-    toolchain=(),
-    tolerances={"fp32": Tolerance(float("inf"), 0.0, 1.0, "the reference is the parity baseline: itself, exactly")},
-    runtime="torch",
-    convert=convert,
-    runner=ReferenceRunner,
-    unavailable=always_available,
-)
+IMPLEMENTATION = Implementation(convert=convert, runner=ReferenceRunner)

@@ -21,7 +21,13 @@ from whisper.model import Whisper
 
 from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
-from harness.core.target import DEFAULT_THREADS, Artifact, Runner, Target, Tolerance, always_available, encoder_io
+from harness.core.target import (
+    DEFAULT_THREADS,
+    Artifact,
+    Implementation,
+    Runner,
+    encoder_io,
+)
 
 ENCODER, DECODER, EMBEDDING = "encoder.pt", "decoder.pt", "token_embedding.npy"
 TRACE_LENGTH = 4  # traced on a 4-token prompt; slicing by the input's length keeps L dynamic
@@ -108,22 +114,4 @@ class MtkTorchScriptRunner(Runner):
         return self.decoder(embeddings, audio_features)[0].numpy(), None
 
 
-TARGET = Target(
-    name="torchscript-mtk",
-    description="MediaTek-friendly TorchScript: decoder on token embeddings, no gather, mask as buffer",
-    recipe="mtk-embedding-decoder-v1",
-    toolchain=(),
-    tolerances={
-        "fp32": Tolerance(
-            60.0,
-            1e-2,
-            1.0,
-            "fp32 re-tracing of the same math (explicit attention instead of SDPA): "
-            "only float reassociation differs, so errors stay near fp32 epsilon after 4 to 32 layers",
-        ),
-    },
-    runtime="torch",
-    convert=convert,
-    runner=MtkTorchScriptRunner,
-    unavailable=always_available,
-)
+IMPLEMENTATION = Implementation(convert=convert, runner=MtkTorchScriptRunner)

@@ -30,7 +30,13 @@ from whisper.model import Whisper
 from converters.forms.cached_step import modules
 from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
-from harness.core.target import DEFAULT_THREADS, Artifact, Runner, Target, Tolerance, always_available, encoder_io
+from harness.core.target import (
+    DEFAULT_THREADS,
+    Artifact,
+    Implementation,
+    Runner,
+    encoder_io,
+)
 
 ENCODER, CROSS_KV, DECODER = "encoder.pt", "cross_kv.pt", "decoder_step.pt"
 # traced with 2 new tokens on a 3-position cache: neither length is 0 or 1, so the tracer
@@ -122,38 +128,4 @@ class TorchScriptRunner(Runner):
         return logits[0].numpy(), (cross_k, cross_v, self_k, self_v)
 
 
-TARGET = Target(
-    name="torchscript",
-    description="TorchScript, explicit KV cache",
-    recipe="torchscript-kv-cache-v2",  # v2: built from converters.forms.blocks (same math; op order and names differ)
-    toolchain=(),
-    tolerances={
-        "fp32": Tolerance(
-            80.0,
-            1e-3,
-            1.0,
-            "traced fp32, the encoder's SDPA kept: encoder bit-identical (inf dB), "
-            "logits 4.8e-5 (tiny.en) / 3.8e-5 (base) off; 80 dB and 20x room for other CPUs' kernels",
-        ),
-        "fp16": Tolerance(
-            40.0,
-            0.5,
-            0.875,
-            "half weights and activations (LayerNorm, softmax in fp32): measured "
-            "57.3 dB / 0.031 (tiny.en), 55.1 dB / 0.041 (base) with torch's emulated half; room for "
-            "native fp16 kernels' accumulation order and one near-tie flip in 8 steps",
-        ),
-        "int8": Tolerance(
-            10.0,
-            15.0,
-            0.75,
-            "quantize_dynamic on every Linear: measured 17.2 dB / 3.9 (tiny.en), "
-            "13.8 dB / 9.7 (base), top-1 8/8; full-scale noise on the embedding gives 29 and top-1 "
-            "0/8, so 6 of 8 top-1 is what catches a broken file",
-        ),
-    },
-    runtime="torch",
-    convert=convert,
-    runner=TorchScriptRunner,
-    unavailable=always_available,
-)
+IMPLEMENTATION = Implementation(convert=convert, runner=TorchScriptRunner)

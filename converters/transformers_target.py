@@ -20,9 +20,15 @@ from whisper.model import Whisper
 
 from harness.core.checkpoint import Checkpoint
 from harness.core.decoding import DecodingOptions, Dims, build_prompt, tokenizer_for
-from harness.core.target import DEFAULT_THREADS, Artifact, Runner, Target, Tolerance, encoder_io, needs, require
+from harness.core.target import (
+    DEFAULT_THREADS,
+    Artifact,
+    Implementation,
+    Runner,
+    encoder_io,
+    require,
+)
 
-RECIPE = "hf-whisper-from-openai-v1"  # bump when the saved config or weights change (ctranslate2's input too)
 WEIGHTS, CONFIG, GENERATION_CONFIG = "model.safetensors", "config.json", "generation_config.json"
 
 # openai-whisper name fragment -> HF name fragment, applied in this order to every key. A leading
@@ -187,23 +193,4 @@ class TransformersRunner(Runner):
         return out.logits[0, -1].numpy(), out.cache
 
 
-TARGET = Target(
-    name="transformers",
-    description="Hugging Face WhisperForConditionalGeneration from the same weights (SDPA, HF KV cache)",
-    recipe=RECIPE,
-    toolchain=("transformers", "safetensors"),
-    tolerances={
-        "fp32": Tolerance(
-            80.0,
-            1e-3,
-            1.0,
-            "HF Whisper on the same fp32 weights: encoder bit-identical (SNR inf), "
-            "logits 2.2e-5 off (HF scales q once by d^-0.5, whisper q and k by d^-0.25); 80 dB and 1e-3 "
-            "leave room for other CPUs' kernels and still catch any wrong weight",
-        ),
-    },
-    runtime="torch",
-    convert=convert,
-    runner=TransformersRunner,
-    unavailable=needs("transformers"),
-)
+IMPLEMENTATION = Implementation(convert=convert, runner=TransformersRunner)

@@ -136,13 +136,18 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         return _run(args)
     except HarnessError as exc:
-        from harness.run.execute import Interrupted
-
         print(f"error: {exc}", file=sys.stderr)
-        if isinstance(exc, Interrupted):
+        if args.command == "run" and isinstance(exc, _interrupted()):
             print(f"resume with: python -m harness run {args.job} --resume {exc.run.run_id}", file=sys.stderr)
             return ExitCode.INTERRUPTED
         return ExitCode.BAD_INPUT
+
+
+def _interrupted() -> type[HarnessError]:
+    """`run`'s stop that keeps the work (imported only by `run`: it pulls in the whole pass)."""
+    from harness.run.execute import Interrupted
+
+    return Interrupted
 
 
 def _validate(paths: list[Path]) -> int:

@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
-    from harness.core.checkpoint import resolve_checkpoint
+    from harness.core.weights import resolve_checkpoint
 
     return resolve_checkpoint("tiny.en")
 
@@ -113,8 +113,8 @@ def check_cached_steps(runner, checkpoint, dims, cache_length) -> None:
     must equal the tokens seen, and a None cache must start over."""
     import torch
 
-    from harness.core.checkpoint import load_model
     from harness.core.decoding import DecodingOptions, build_prompt
+    from harness.core.weights import load_model
 
     model = load_model(checkpoint)
     mel = np.random.default_rng(0).standard_normal((1, dims.n_mels, 3000)).astype(np.float32)
@@ -131,17 +131,18 @@ def check_cached_steps(runner, checkpoint, dims, cache_length) -> None:
     np.testing.assert_allclose(again, whole[3], atol=2e-4)
 
 
-def check_unavailable_without(package: str, module, message: str, checkpoint, tmp_path: Path, monkeypatch) -> None:
+def check_unavailable_without(package: str, target: str, message: str, checkpoint, tmp_path: Path, monkeypatch) -> None:
     """As if `package` were not installed: the runtime check and the converter both say `message`,
     and the converter writes nothing."""
-    from harness.core.checkpoint import load_model
+    from converters.registry import get_target
     from harness.core.target import Unavailable
+    from harness.core.weights import load_model
 
     model = load_model(checkpoint)
     monkeypatch.setitem(sys.modules, package, None)
-    assert message in module.TARGET.unavailable()
+    assert message in get_target(target).unavailable()
     with pytest.raises(Unavailable, match=message):
-        module.TARGET.convert(checkpoint, model, "fp32", tmp_path, ())
+        get_target(target).convert(checkpoint, model, "fp32", tmp_path, ())
     assert not list(tmp_path.iterdir())
 
 
@@ -162,7 +163,7 @@ def whisper_decoded(tiny_checkpoint, embedded_utterances, tiny_dims):
     import whisper
 
     from harness.core.audio import log_mel
-    from harness.core.checkpoint import load_model
+    from harness.core.weights import load_model
 
     torch.set_num_threads(2)
     model = load_model(tiny_checkpoint)

@@ -85,7 +85,7 @@ def test_degraded_candidate_against_openai_whisper(
     recomputed directly: openai-whisper's decoder on the whole teacher-forced sequence for the
     reference, the candidate's own steps for the candidate; KL and agreement by scipy."""
     from harness.core.audio import log_mel
-    from harness.core.checkpoint import load_model
+    from harness.core.weights import load_model
 
     model = load_model(tiny_checkpoint)
     decode = tokenizer_for(tiny_dims, DecodingOptions()).decode
@@ -232,6 +232,6 @@ def test_missing_analysis_shards_are_redone_alone(divergence_run, tiny_artifacts
     report = run_divergence(
         spec, prepare_models(spec, models_root, log=lambda *a: None), run, run.read_raw(), False, print
     )
-    assert [w["shards"] for w in report["workers"]] == [1]
+    assert [w.shards for w in report.workers] == [1]
     after = pd.read_parquet(shard)
     assert after.to_json() == before.to_json()

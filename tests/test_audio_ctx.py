@@ -41,7 +41,7 @@ def test_reference_at_750_equals_whisper_with_its_embedding_sliced(
     mel's first 1500 frames with whisper.decode: the independent path."""
     import whisper
 
-    from harness.core.checkpoint import load_model
+    from harness.core.weights import load_model
 
     model = load_model(tiny_checkpoint)
     model.encoder.positional_embedding = model.encoder.positional_embedding[:750]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from converters import parity
+from converters import parity, torchscript_mtk_target
 from converters.registry import TARGETS, get_target
 from converters.store import BUILD_LOG, MANIFEST, artifact_key, ensure, load_artifact, lock_path, prepare, verify
 from harness.core.decoding import DecodingOptions, build_prompt
@@ -107,7 +107,8 @@ def test_a_crashing_converter_is_a_failed_cell_with_its_log(monkeypatch, tiny_ch
         os.write(2, b"native toolchain: lowering failed at node 42\n")
         raise RuntimeError("lowering failed\nwith a long C++ trace")
 
-    monkeypatch.setitem(TARGETS, "torchscript-mtk", dataclasses.replace(TARGETS["torchscript-mtk"], convert=crash))
+    broken = replace(torchscript_mtk_target.IMPLEMENTATION, convert=crash)
+    monkeypatch.setattr(torchscript_mtk_target, "IMPLEMENTATION", broken)
     result = prepare(tiny_checkpoint, ("tiny.en", "torchscript-mtk", "fp32"), tmp_path)
     assert result.status == "failed" and result.artifact is None
     assert result.reason.startswith("build error: RuntimeError: lowering failed (log: ")
@@ -129,7 +130,8 @@ def test_a_refused_build_is_recorded_and_not_retried(monkeypatch, tiny_checkpoin
         calls.append(quant)
         raise Refused("quantizer wrote a NaN scale")
 
-    monkeypatch.setitem(TARGETS, "torchscript-mtk", dataclasses.replace(TARGETS["torchscript-mtk"], convert=refused))
+    refusing = replace(torchscript_mtk_target.IMPLEMENTATION, convert=refused)
+    monkeypatch.setattr(torchscript_mtk_target, "IMPLEMENTATION", refusing)
     first = prepare(tiny_checkpoint, ("tiny.en", "torchscript-mtk", "fp32"), tmp_path)
     second = prepare(tiny_checkpoint, ("tiny.en", "torchscript-mtk", "fp32"), tmp_path)
     assert calls == ["fp32"] and first.status == second.status == "unavailable"
@@ -152,7 +154,7 @@ def large_v3_shaped(tmp_path_factory):
     import torch
     from whisper.model import ModelDimensions, Whisper
 
-    from harness.core.checkpoint import resolve_checkpoint
+    from harness.core.weights import resolve_checkpoint
 
     dims = ModelDimensions(
         n_mels=128, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,

@@ -63,7 +63,7 @@ def test_base_reference_tokens_equal_whisper_decode(embedded_utterances, models_
     from converters.reference_target import ReferenceRunner as Runner
     from converters.store import ensure
     from harness.core.audio import log_mel
-    from harness.core.checkpoint import load_model, resolve_checkpoint
+    from harness.core.weights import load_model, resolve_checkpoint
 
     checkpoint = resolve_checkpoint("base")
     artifact, _ = ensure(checkpoint, "base", "reference", "fp32", models_root)

@@ -2,8 +2,8 @@
 writer killed with SIGKILL and under two writers at once, on a SQLite file and on a PostgreSQL
 server (real processes, no mocks).
 
-One real short run (`nightly_run`, tests/conftest.py) is made; the other run folders are derived
-from its rows and re-scored by the harness (tests/nightly_runs.py)."""
+One real short run (`nightly_run`, tests/conftest.py) checks what a run appends; the other tests
+use synthetic nights, a run's files built by hand (tests/synthetic_nights.py)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.core.errors import HarnessError
 from harness.job.thresholds import ThresholdsSpec
+from harness.nightly.dialect import SQLite
 from harness.nightly.history import History
 from harness.results.record import read_run
 from harness.results.scoring import UTTERANCE_COLUMNS
-from tests.nightly_runs import derive_run, harness, in_process
+from tests.nightly_runs import harness, in_process
+from tests.synthetic_nights import night
 
 
 def _plain(value):
@@ -72,30 +75,31 @@ def test_a_run_appends_itself_and_a_first_night_passes(nightly_run):
         assert [_plain(v) for v in stored[col]] == [_plain(v) for v in written[col]], col
 
 
-def test_history_command_adds_lists_and_pins(nightly_run, tmp_path, monkeypatch):
+@pytest.mark.unit
+def test_history_command_adds_lists_and_pins(tmp_path, monkeypatch):
     monkeypatch.delenv("HARNESS_HISTORY", raising=False)
-    run_dir, run_id = nightly_run["run_dir"], nightly_run["run_dir"].name
-    second = derive_run(run_dir, tmp_path / "results", 1)
-    store = tmp_path / "h.sqlite"
-    assert in_process("history", "add", run_dir, second, "--history", store)[:2] == (
+    results = tmp_path / "results"
+    first, second = night(results, 1), night(results, 2)
+    run_id, store = first.name, tmp_path / "h.sqlite"
+    assert in_process("history", "add", first, second, "--history", store)[:2] == (
         0,
         f"{run_id}: appended to {store}\n{second.name}: appended to {store}\n",
     )
-    assert in_process("history", "add", run_dir, "--history", store)[1] == f"{run_id}: already in {store}\n"
-    # without --history: the history in the run's own results root, where `run` appended it
-    assert in_process("history", "add", run_dir)[1] == f"{run_id}: already in {nightly_run['history']}\n"
+    assert in_process("history", "add", first, "--history", store)[1] == f"{run_id}: already in {store}\n"
+    # without --history: the history in the run's own results root, where `run` appends it
+    assert in_process("history", "add", first)[1] == f"{run_id}: appended to {results / 'history.sqlite'}\n"
     monkeypatch.setenv("HARNESS_HISTORY", str(store))
     assert in_process("history", "pin", second.name, "--tag", "stable")[1] == f"stable -> {second.name}\n"
     moved = in_process("history", "pin", run_id, "--tag", "stable")[1]
     assert moved == f"stable -> {run_id} (moved from {second.name})\n"
     code, listed, _ = in_process("history", "--job", "librispeech_tiny_en", "--last", "1")
-    newest = max((run_dir, second), key=lambda d: json.loads((d / "run.json").read_text())["started"])
     assert code == 0 and [line for line in listed.splitlines() if line.startswith("| 2")] == [
-        line for line in listed.splitlines() if newest.name in line
+        line for line in listed.splitlines() if second.name in line
     ]
     everything = in_process("history", "--last", "0")[1].splitlines()
-    rows = {d.name: next(line for line in everything if d.name in line) for d in (run_dir, second)}
+    rows = {d.name: next(line for line in everything if d.name in line) for d in (first, second)}
     assert "stable" in rows[run_id] and "stable" not in rows[second.name]
+    assert in_process("history", "--job", "other_job")[1] == f"no runs of other_job in {store}\n"
     for args, message in (
         (("history", "pin", run_id, "--tag", "latest"), "error: --tag 'latest': expected a name"),
         (("history", "pin", "20990101-000000-000000", "--tag", "x"), "error: run 20990101-000000-000000: not in"),
@@ -112,7 +116,6 @@ WRITER = """
 import sys, time
 from pathlib import Path
 from harness.nightly.history import History
-from harness.results.record import read_run
 from harness.results.record import read_run
 
 history = History(sys.argv[1])
@@ -135,10 +138,10 @@ def _counts(store: str, run_id: str) -> tuple[int, int, int]:
         return int((runs["run_id"] == run_id).sum()), len(history.models(run_id)), len(history.utterances(run_id))
 
 
-def test_a_killed_writer_leaves_no_trace(store, nightly_run, tmp_path):
+def test_a_killed_writer_leaves_no_trace(store, tmp_path):
     import subprocess
 
-    killed, later = (derive_run(nightly_run["run_dir"], tmp_path / "results", n) for n in (1, 2))
+    killed, later = (night(tmp_path / "results", n) for n in (1, 2))
     History(store).close()  # the schema exists, as it would on any night but the first
     marker = tmp_path / "inside-the-transaction"
     writer = subprocess.Popen(
@@ -158,12 +161,12 @@ def test_a_killed_writer_leaves_no_trace(store, nightly_run, tmp_path):
     assert _counts(store, later.name) == _counts(store, killed.name) == (1, 2, 12)
 
 
-def test_two_writers_at_once(store, nightly_run, tmp_path):
-    """Two processes append four runs each, the first one the same run: each run is whole and
-    there once, and exactly one process appended the shared run."""
+def test_two_writers_at_once(store, tmp_path):
+    """Two processes append four runs each, the first one the same run, to a store neither has
+    created yet: each run is whole and there once, and exactly one process appended the shared run."""
     results = tmp_path / "results"
-    shared = derive_run(nightly_run["run_dir"], results, 1)
-    mine = [[derive_run(nightly_run["run_dir"], results, 10 * w + n) for n in range(1, 4)] for w in (1, 2)]
+    shared = night(results, 1)
+    mine = [[night(results, 10 * w + n) for n in range(1, 4)] for w in (1, 2)]
     writers = [harness("history", "add", shared, *dirs, "--history", store, wait=False) for dirs in mine]
     outputs = [w.communicate(timeout=180) for w in writers]
     assert [w.returncode for w in writers] == [0, 0], outputs
@@ -175,16 +178,28 @@ def test_two_writers_at_once(store, nightly_run, tmp_path):
         assert len(history.runs()) == 7
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("where", ["mysql://host/db", "/"])
 def test_an_unusable_history_is_one_error_line(where):
     code, _, err = in_process("history", "--history", where)
     assert code == 2 and err.startswith("error: history ") and err.count("\n") == 1, err
 
 
-def test_a_store_from_before_a_new_column_gets_it_and_keeps_its_runs(store, nightly_run):
+@pytest.mark.unit
+def test_a_server_that_does_not_answer_is_one_line_with_its_password_masked():
+    pytest.importorskip("psycopg")
+    where = "postgresql://nightly:s3cret@127.0.0.1:1/history"  # port 1: nothing listens, refused at once
+    with pytest.raises(HarnessError) as exc:
+        History(where)
+    assert str(exc.value).startswith("history postgresql://nightly:***@127.0.0.1:1/history: ")
+    assert "s3cret" not in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.unit
+def test_a_store_from_before_a_new_column_gets_it_and_keeps_its_runs(store, tmp_path):
     """A column a newer harness declares (here `runtime`, schema 5 of utterances.parquet) is added
     to an existing store; the runs already there read back with it empty."""
-    run_dir = nightly_run["run_dir"]
+    run_dir = night(tmp_path, 1)
     with History(store) as history:
         history.add(read_run(run_dir))
         history._conn.execute('ALTER TABLE "utterances" DROP COLUMN "runtime"')  # as a store of schema 4 had it
@@ -193,3 +208,26 @@ def test_a_store_from_before_a_new_column_gets_it_and_keeps_its_runs(store, nigh
         old = history.utterances(run_dir.name)
         assert old["runtime"].isna().all() and len(old) == 12
         assert history.models(run_dir.name)["runtime"].isna().all()
+        assert (history.models(run_dir.name)["target"] == ["reference", "torchscript-mtk"]).all()
+
+
+@pytest.mark.unit
+def test_a_history_reads_back_every_cell_it_was_given(store, tmp_path):
+    """A synthetic night appended and read back: its rows as utterances.parquet has them, its
+    models as summary.csv, on either database; the plain queries the gate chooses baselines with."""
+    run_dir = night(tmp_path, 1)
+    with History(store) as history:
+        assert history.add(read_run(run_dir)) and not history.add(read_run(run_dir))
+        stored, models = history.utterances(run_dir.name), history.models(run_dir.name)
+        assert history.has_run(run_dir.name) and not history.has_run("20990101-000000-000000")
+        assert history.jobs() == ["librispeech_tiny_en"] and history.pinned("stable").empty
+        history.pin(run_dir.name, "stable")
+        assert history.pinned("stable").to_dict("records") == [{"job": "librispeech_tiny_en", "run_id": run_dir.name}]
+        assert isinstance(history.dialect, SQLite) == (not store.startswith("postgresql"))
+    written = pd.read_parquet(run_dir / "utterances.parquet")
+    assert list(stored.columns) == UTTERANCE_COLUMNS
+    for col in UTTERANCE_COLUMNS:
+        assert [_plain(v) for v in stored[col]] == [_plain(v) for v in written[col]], col
+    summary = pd.read_csv(run_dir / "summary.csv")
+    for col in ("n", "wer", "exact_match", "p50_ms", "status"):
+        assert models[col].tolist() == summary[col].tolist(), col

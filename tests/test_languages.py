@@ -160,7 +160,7 @@ def base(embedded_utterances, models_root):
     """base's reference runner, openai-whisper's own model, its dims and three short clips."""
     from converters.reference_target import ReferenceRunner
     from converters.store import ensure
-    from harness.core.checkpoint import load_model, resolve_checkpoint
+    from harness.core.weights import load_model, resolve_checkpoint
 
     torch.set_num_threads(1)
     checkpoint = resolve_checkpoint("base")
@@ -246,3 +246,13 @@ def test_long_form_auto_equals_whisper_transcribe(base):
     theirs = whisper.transcribe(base["model"], utt.audio, temperature=0.0, condition_on_previous_text=True, fp16=False)
     assert list(ours.tokens) == [t for segment in theirs["segments"] for t in segment["tokens"]]
     assert ours.language == theirs["language"] == "en" and ours.n_windows > 1
+
+
+def test_the_written_out_language_tables_are_whispers_own():
+    """harness.core.languages spells whisper's tables out so that a job's language is checked
+    without torch: they must not drift from the installed openai-whisper."""
+    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+    from harness.core import languages
+
+    assert languages.LANGUAGES == LANGUAGES and languages.TO_LANGUAGE_CODE == TO_LANGUAGE_CODE

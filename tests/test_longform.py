@@ -69,7 +69,7 @@ def whisper_transcribed(tiny_checkpoint, longform_utterances):
     import torch
     import whisper
 
-    from harness.core.checkpoint import load_model
+    from harness.core.weights import load_model
 
     model, threads = load_model(tiny_checkpoint), torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers run: on a busy machine, a second thread mostly waits
@@ -214,8 +214,8 @@ def test_base_reference_long_form_equals_whisper_transcribe(longform_utterances,
 
     from converters.reference_target import ReferenceRunner
     from converters.store import ensure
-    from harness.core.checkpoint import load_model, resolve_checkpoint
     from harness.core.longform import transcribe
+    from harness.core.weights import load_model, resolve_checkpoint
 
     checkpoint = resolve_checkpoint("base")
     artifact, _ = ensure(checkpoint, "base", "reference", "fp32", models_root)

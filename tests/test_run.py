@@ -165,6 +165,7 @@ def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
     from harness.job.spec import ClusterSpec, DatasetSpec, JobSpec, ModelsSpec
     from harness.run import execute
     from harness.run.node_cache import cache_root
+    from harness.run.passes import PreparedModel
     from tests.conftest import broken_copy
 
     # a node that already holds a verified copy of the key rightly never fetches the broken one:
@@ -178,7 +179,7 @@ def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
         broken = broken_copy(good, tmp_path)
         (broken / "token_embedding.npy").write_bytes(b"changed after the driver's check")
         moved = Artifact(good.size, good.target, good.quant, broken, good.manifest)
-        return [prepared[0], execute.PreparedModel(prepared[1].cell, Prepared(moved, Status.REUSED))]
+        return [prepared[0], PreparedModel(prepared[1].cell, Prepared(moved, Status.REUSED))]
 
     real = execute.prepare_models
     monkeypatch.setattr(execute, "prepare_models", prepare_then_break)
@@ -205,7 +206,7 @@ def test_worker_errors_read_as_one_line(ray_local):
     import os
 
     from harness.core.errors import HarnessError
-    from harness.run.worker import worker_error
+    from harness.run.actors import worker_error
 
     class Worker:  # local, so Ray ships it by value
         def __init__(self, fail: bool) -> None:

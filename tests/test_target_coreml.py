@@ -39,7 +39,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def whisper_model(tiny_checkpoint):
-    from harness.core.checkpoint import load_model
+    from harness.core.weights import load_model
 
     return load_model(tiny_checkpoint)
 

@@ -96,14 +96,14 @@ def test_perturbed_weights_fail_the_gate(tiny_checkpoint, parity_of, tmp_path):
     import torch
 
     from converters import ctranslate2_target
-    from harness.core.checkpoint import load_model
     from harness.core.target import Artifact
+    from harness.core.weights import load_model
 
     model = load_model(tiny_checkpoint)
     with torch.no_grad():
         emb = model.decoder.token_embedding.weight
         emb.copy_(torch.from_numpy(with_noise(emb.numpy())))
-    ctranslate2_target.TARGET.convert(tiny_checkpoint, model, "fp32", tmp_path, ())
+    ctranslate2_target.IMPLEMENTATION.convert(tiny_checkpoint, model, "fp32", tmp_path, ())
     numbers = parity_of(ctranslate2_target.CTranslate2Runner(Artifact("tiny.en", "ctranslate2", "fp32", tmp_path, {})))
     for quant in QUANTS:
         assert any(
@@ -112,10 +112,9 @@ def test_perturbed_weights_fail_the_gate(tiny_checkpoint, parity_of, tmp_path):
 
 
 def test_missing_ctranslate2_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
-    from converters import ctranslate2_target
 
     check_unavailable_without(
-        "ctranslate2", ctranslate2_target, "not installed: ctranslate2", tiny_checkpoint, tmp_path, monkeypatch
+        "ctranslate2", "ctranslate2", "not installed: ctranslate2", tiny_checkpoint, tmp_path, monkeypatch
     )
 
 
@@ -133,8 +132,8 @@ def test_base_builds_and_matches_the_reference(embedded_utterances, models_root)
     starts from no-timestamps, so the length and blank rules shift; first ten utterances."""
     from converters.ctranslate2_target import CTranslate2Runner as Runner
     from converters.reference_target import ReferenceRunner as Reference
-    from harness.core.checkpoint import resolve_checkpoint
     from harness.core.decoding import Dims
+    from harness.core.weights import resolve_checkpoint
 
     checkpoint = resolve_checkpoint("base")
     reference = Reference(ensure(checkpoint, "base", "reference", "fp32", models_root)[0])

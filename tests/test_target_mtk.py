@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from converters import mtk_target, parity
+from converters import mtk_target, parity, registry
 from converters.litert import build as litert_build
 from converters.litert import graphs as litert_graphs
 from converters.litert import runtime as litert_runtime
@@ -58,7 +59,7 @@ def test_fp32_records_path_runtime_files_and_parity(fp32, tiny_checkpoint):
     assert set(m["files"]) == FILES and m["source"]["sha256"] == tiny_checkpoint.sha256
     assert m["path"] == ("mtk_converter" if mtk_target.mtk_converter_available() else "litert-torch")
     assert m["runtime"] == "litert-cpu (MediaTek emulation)" and "aot" not in m
-    assert m["settings"]["recipe"] == mtk_target.TARGET.recipe and "mtk_converter" in m["toolchain"]
+    assert m["settings"]["recipe"] == get_target("mtk").recipe and "mtk_converter" in m["toolchain"]
     step = m["io"][litert_graphs.DECODER]["inputs"]
     assert set(step) == {"token_embedding", "position_embedding", *litert_graphs.CACHE_INPUTS}
     assert step["token_embedding"] == {"shape": [1, 1, 384], "dtype": "float32"}
@@ -119,8 +120,9 @@ def test_aot_for_a_soc_without_the_neuropilot_sdk_is_unavailable(tiny_checkpoint
     monkeypatch.setenv(mtk_target.SOC_ENV, "MT6989")
     try:
         importlib.reload(mtk_target)
-        monkeypatch.setitem(TARGETS, "mtk", mtk_target.TARGET)  # the registry's entry, as built at import
-        assert mtk_target.TARGET.recipe.endswith("+aot:MT6989")
+        # the registry's entry, as built at import with the SoC in the environment
+        monkeypatch.setitem(TARGETS, "mtk", replace(TARGETS["mtk"], recipe=registry.mtk_recipe()))
+        assert get_target("mtk").recipe.endswith("+aot:MT6989")
         with pytest.raises(Unavailable, match="ai-edge-litert-sdk-mediatek"):
             ensure(tiny_checkpoint, "tiny.en", "mtk", "fp32", models_root)
         # nothing half-built is kept (the key's build lock stays: converters.store._locked)
@@ -128,7 +130,7 @@ def test_aot_for_a_soc_without_the_neuropilot_sdk_is_unavailable(tiny_checkpoint
     finally:
         monkeypatch.delenv(mtk_target.SOC_ENV)
         importlib.reload(mtk_target)
-    assert "+aot" not in mtk_target.TARGET.recipe
+    assert "+aot" not in registry.mtk_recipe()
 
 
 def test_unknown_quantization_is_refused_before_anything_is_built(tiny_checkpoint, tmp_path):

@@ -111,7 +111,7 @@ def test_perturbed_vocabulary_fails_the_gate(fp32_artifact, int8_from_fp32, pari
 
 def test_missing_toolchain_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
     check_unavailable_without(
-        "onnxruntime", onnx_target, "not installed: onnxruntime", tiny_checkpoint, tmp_path, monkeypatch
+        "onnxruntime", "onnx", "not installed: onnxruntime", tiny_checkpoint, tmp_path, monkeypatch
     )
 
 

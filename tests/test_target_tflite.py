@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import parity, tflite_target
+from converters import parity
 from converters.litert import build as litert_build
 from converters.litert import graphs as litert_graphs
 from converters.litert import runtime as litert_runtime
@@ -44,7 +44,7 @@ def test_fp32_records_files_io_and_parity(fp32, tiny_checkpoint):
     m = fp32.manifest
     assert m["status"] == "ok" and m["parity_failures"] == []
     assert set(m["files"]) == FILES and m["source"]["sha256"] == tiny_checkpoint.sha256
-    assert m["settings"]["recipe"] == tflite_target.TARGET.recipe and m["path"] == "litert-torch"
+    assert m["settings"]["recipe"] == get_target("tflite").recipe and m["path"] == "litert-torch"
     assert {"litert-torch", "ai-edge-litert", "ai-edge-quantizer"} <= set(m["toolchain"])
     assert m["io"][litert_graphs.ENCODER]["inputs"]["mel"] == {"shape": [1, 80, 3000], "dtype": "float32"}
     step = m["io"][litert_graphs.DECODER]
@@ -90,7 +90,7 @@ def _perturb_float_embedding(decoder: Path, embedding: np.ndarray) -> None:
 
 
 def test_perturbed_embedding_fails_the_gate(fp32, parity_of, tmp_path):
-    from harness.core.checkpoint import load_model
+    from harness.core.weights import load_model
 
     broken = broken_copy(fp32, tmp_path)
     embedding = load_model(fp32.checkpoint()).decoder.token_embedding.weight.detach().numpy()

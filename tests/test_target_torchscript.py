@@ -32,7 +32,7 @@ def _check_build(artifact, checkpoint, quant):
     m = artifact.manifest
     assert m["status"] == "ok" and m["parity_failures"] == []
     assert set(m["files"]) == FILES and m["source"]["sha256"] == checkpoint.sha256
-    assert m["settings"]["recipe"] == torchscript_target.TARGET.recipe
+    assert m["settings"]["recipe"] == get_target("torchscript").recipe
     assert m["cache_dtype"] == ("float16" if quant == "fp16" else "float32")
     step = m["io"]["decoder_step.pt"]
     assert step["inputs"]["tokens"] == [1, "n"] and step["inputs"]["self_k"] == [4, 1, "T", 384]

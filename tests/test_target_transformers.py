@@ -109,10 +109,9 @@ def test_perturbed_weights_fail_the_gate(hf_artifact, parity_of, tmp_path):
 
 
 def test_missing_transformers_is_unavailable(monkeypatch, tiny_checkpoint, tmp_path):
-    from converters import transformers_target
 
     check_unavailable_without(
-        "transformers", transformers_target, "not installed: transformers", tiny_checkpoint, tmp_path, monkeypatch
+        "transformers", "transformers", "not installed: transformers", tiny_checkpoint, tmp_path, monkeypatch
     )
 
 
@@ -128,8 +127,8 @@ def test_base_builds_and_matches_the_reference(embedded_utterances, models_root)
     """The main job's size, multilingual (a four-token prompt), on the first ten utterances."""
     from converters.reference_target import ReferenceRunner as Reference
     from converters.transformers_target import TransformersRunner as Runner
-    from harness.core.checkpoint import resolve_checkpoint
     from harness.core.decoding import Dims
+    from harness.core.weights import resolve_checkpoint
 
     checkpoint = resolve_checkpoint("base")
     reference = ensure(checkpoint, "base", "reference", "fp32", models_root)[0]

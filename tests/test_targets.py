@@ -8,17 +8,28 @@ import inspect
 
 import pytest
 
-from converters.registry import TARGETS, get_target
+from converters.registry import TARGETS, get_target, module_of
 from converters.store import ensure
 from harness.core.decoding import build_prompt, greedy_decode
 from harness.core.errors import HarnessError
-from harness.core.target import DEFAULT_THREADS, REFERENCE, Runner, SelfDecodingRunner, Target, Tolerance
+from harness.core.target import (
+    DEFAULT_THREADS,
+    REFERENCE,
+    Implementation,
+    Runner,
+    SelfDecodingRunner,
+    Target,
+    Tolerance,
+)
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_every_registry_entry_keeps_the_contract(name):
     target = TARGETS[name]
     assert target.name == name and target.description and target.recipe and target.runtime
+    # its code is the module named after it, whose IMPLEMENTATION is imported on first use
+    assert target.implementation == f"{module_of(name)}:IMPLEMENTATION"
+    assert isinstance(target.load(), Implementation)
     assert target.quants and all(t.why.strip() for t in target.tolerances.values())
     assert set(target.calibrated) <= set(target.quants)
     assert target.resource is None or isinstance(target.resource, str)
@@ -60,12 +71,23 @@ def test_a_declaration_without_a_required_field_fails_naming_it(field):
         ({"tolerances": {}}, "tolerances is empty"),
         ({"tolerances": {"fp32": Tolerance(80.0, 1e-3, 1.0, "")}}, r"tolerances\['fp32'\] is not a Tolerance"),
         ({"calibrated": frozenset({"int4"})}, "calibrated names quantizations it does not offer"),
-        ({"runner": object}, "is not a subclass of harness.core.target.Runner"),
+        ({"implementation": "converters.onnx_target"}, "is not 'module:attribute'"),
     ],
 )
 def test_a_declaration_with_a_wrong_field_fails_naming_it(change, message):
     with pytest.raises(TypeError, match=message):
         dataclasses.replace(TARGETS["onnx"], **change)
+
+
+def test_an_implementation_with_a_wrong_field_fails_naming_it():
+    implementation = TARGETS["onnx"].load()
+    with pytest.raises(TypeError, match="is not a subclass of harness.core.target.Runner"):
+        dataclasses.replace(implementation, runner=object)
+    with pytest.raises(TypeError, match="convert is not callable"):
+        dataclasses.replace(implementation, convert=None)
+    # a declaration whose module holds something else under the name: refused when loaded, naming it
+    with pytest.raises(TypeError, match="converters.onnx_target:OnnxRunner is not an Implementation"):
+        dataclasses.replace(TARGETS["onnx"], implementation="converters.onnx_target:OnnxRunner").load()
 
 
 @pytest.fixture(scope="module")

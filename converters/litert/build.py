@@ -19,13 +19,11 @@ import torch
 from torch import nn
 from whisper.model import Whisper
 
+from converters.litert import CALIBRATED
 from converters.litert.calibration import CALIBRATION_STEPS, Calibration, calibration_sets
 from converters.litert.graphs import MASKED, IoNames, Part
 from converters.litert.runtime import Runner, interpreter_unavailable, make_interpreter, signature
 from harness.core.target import DEFAULT_THREADS, Artifact, Refused, Unavailable
-
-TOOLCHAIN = ("litert-torch", "litert-converter", "ai-edge-litert", "ai-edge-quantizer")
-CALIBRATED = "int8-static"  # the one recipe that needs calibration audio
 
 
 def require_toolchain() -> None:

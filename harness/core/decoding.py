@@ -27,6 +27,7 @@ import numpy as np
 
 from harness.core.audio import FULL_AUDIO_CTX, N_SAMPLES, SAMPLE_RATE, log_mel, window_samples
 from harness.core.errors import HarnessError
+from harness.core.languages import TO_LANGUAGE_CODE
 from harness.core.target import Runner, SelfDecodingRunner
 from harness.core.timestamps import TimestampRules, apply_timestamp_rules
 
@@ -53,8 +54,6 @@ AUTO = "auto"  # decoding.language: detect each utterance's language and decode 
 def english_only_refusal(options: DecodingOptions) -> str | None:
     """What an English-only (`.en`) model cannot do under `options`, or None: it has no language
     or task tokens, so it neither detects, nor transcribes another language, nor translates."""
-    from whisper.tokenizer import TO_LANGUAGE_CODE
-
     if options.language == AUTO:
         return "language auto (detection)"
     if TO_LANGUAGE_CODE.get(options.language.lower(), options.language.lower()) != "en":

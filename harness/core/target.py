@@ -1,10 +1,12 @@
 """The contracts every target keeps: `Target` (one per module), `Runner`, `Artifact`.
 
-A target module declares one `Target` — name, quantizations with their parity tolerances (and
-why), runtime label, the Ray resource its hardware advertises, how its availability is decided,
-its recipe and toolchain (both part of the store key), `convert` and its `Runner` — and
-`converters.registry` lists it in one line. The `Target` checks itself when it is made, so a
-module that leaves something out fails at import, naming what is missing.
+A `Target` is a declaration — name, quantizations with their parity tolerances (and why), runtime
+label, the Ray resource its hardware advertises, the modules its runner needs, its recipe and
+toolchain (both part of the store key) — made in `converters.registry` without importing any
+runtime. Its code lives in one module per target (`converters.<name>_target`), whose
+`IMPLEMENTATION` (an `Implementation`: `convert`, its `Runner`, any further availability check) is
+imported the first time the target converts or runs. Both check themselves when made, naming what
+is missing.
 
 - `convert(checkpoint, model, quant, out, calibration) -> dict`: writes artifact files into `out`
   and returns manifest facts (I/O names and shapes; `parity` only when the target checks itself,
@@ -20,6 +22,7 @@ module that leaves something out fails at import, naming what is missing.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.core.checkpoint import Checkpoint
-from harness.core.errors import HarnessError, did_you_mean
+from harness.core.errors import HarnessError, did_you_mean, one_line
 
 if TYPE_CHECKING:
     from whisper.model import Whisper
@@ -169,8 +172,29 @@ def needs(*modules: str) -> Callable[[], str | None]:
 
 
 @dataclass(frozen=True)
+class Implementation:
+    """What a target's module provides, as its `IMPLEMENTATION`: the converter, the runner and, where
+    the runtime needs more than installed modules (an OS, native libraries), the check of that."""
+
+    convert: Converter
+    runner: type[Runner]
+    unavailable: Callable[[], str | None] = always_available  # why its runner cannot run here, or None
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} is not callable" for name in ("convert", "unavailable") if not callable(getattr(self, name))
+        ]
+        if not (isinstance(self.runner, type) and issubclass(self.runner, Runner)):
+            problems.append(f"runner {self.runner!r} is not a subclass of harness.core.target.Runner")
+        if problems:
+            raise TypeError("; ".join(problems))
+
+
+@dataclass(frozen=True)
 class Target:
-    """One target's whole contract; made once, in its module, and checked here."""
+    """One target's declaration: facts only, so that naming, validating and keying a target imports
+    no runtime. Its code is `implementation` ("module:attribute", an `Implementation`), imported the
+    first time it converts or runs. Made once, in `converters.registry`, and checked here."""
 
     name: str
     description: str
@@ -178,9 +202,8 @@ class Target:
     toolchain: tuple[str, ...]  # packages whose versions shape the files (store key)
     tolerances: Mapping[str, Tolerance]  # every quantization offered, with its parity tolerance
     runtime: str  # what executes it, for tables (a manifest's own `runtime` overrides it)
-    convert: Converter
-    runner: type[Runner]
-    unavailable: Callable[[], str | None]  # why its runner cannot run on this machine, or None
+    implementation: str  # "module:attribute" of its `Implementation`
+    requires: tuple[str, ...] = ()  # modules its runner needs, checked without importing them
     # a Ray resource that nodes with this target's hardware advertise (e.g. MediaTek boards):
     # when the cluster has one, the target's workers are placed there; otherwise it runs in emulation
     resource: str | None = None
@@ -199,13 +222,41 @@ class Target:
         ]
         if unknown := sorted(set(self.calibrated) - set(self.tolerances)):
             problems.append(f"calibrated names quantizations it does not offer: {unknown}")
-        problems += [
-            f"{name} is not callable" for name in ("convert", "unavailable") if not callable(getattr(self, name))
-        ]
-        if not (isinstance(self.runner, type) and issubclass(self.runner, Runner)):
-            problems.append(f"runner {self.runner!r} is not a subclass of harness.core.target.Runner")
+        module, _, attribute = self.implementation.partition(":")
+        if not (module and attribute):
+            problems.append(f"implementation {self.implementation!r} is not 'module:attribute'")
         if problems:
             raise TypeError(f"target {self.name or '?'}: " + "; ".join(problems))
+
+    def load(self) -> Implementation:
+        """The target's code, imported now (Python keeps the module: later calls cost a lookup).
+        A module that fails to import makes this target unavailable, never the others."""
+        module_name, _, attribute = self.implementation.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # any import-time failure of one target's SDK: that target only
+            raise Unavailable(f"{module_name} failed to import: {one_line(exc)}") from exc
+        found = getattr(module, attribute, None)
+        if not isinstance(found, Implementation):
+            raise TypeError(f"target {self.name}: {self.implementation} is not an Implementation ({found!r})")
+        return found
+
+    def unavailable(self) -> str | None:
+        """Why this target's runner cannot run on this machine, or None."""
+        if reason := missing(*self.requires):
+            return reason
+        try:
+            return self.load().unavailable()
+        except Unavailable as exc:
+            return str(exc)
+
+    @property
+    def convert(self) -> Converter:
+        return self.load().convert
+
+    @property
+    def runner(self) -> type[Runner]:
+        return self.load().runner
 
     @property
     def quants(self) -> tuple[str, ...]:

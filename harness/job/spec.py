@@ -17,6 +17,7 @@ from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.checkpoint import OFFICIAL_NAMES
 from harness.core.decoding import AUTO, DecodingOptions, english_only_refusal
 from harness.core.errors import clip, did_you_mean, quote
+from harness.core.languages import LANGUAGES, TO_LANGUAGE_CODE
 from harness.core.target import REFERENCE
 from harness.job.file import read_job_yaml
 from harness.job.thresholds import ThresholdsSpec, parse_thresholds
@@ -238,8 +239,6 @@ def _check_decoding(
     errors: list[str],
 ) -> DecodingOptions:
     """The decoding section's values, the language as whisper's code; and what a model cannot do."""
-    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-
     if decoding.task not in ("transcribe", "translate"):
         errors.append(f"decoding.task: expected 'transcribe' or 'translate', got {quote(decoding.task)}")
     if isinstance(decoding.long_form, str) and decoding.long_form != "auto":

@@ -1,17 +1,14 @@
 """The regression gate: a candidate run against a baseline run, per model, with statistics.
 
 Per model (size/target/quant at its audio context: a model at a trimmed `audio_ctx` is another
-model, never gated against the full one), over the utterances both runs decoded:
-- ΔWER = WER(candidate) - WER(baseline) with a 95% paired bootstrap interval
-  (`scoring.wer_delta`, the same definition the summary's Δwer uses);
-- the share of utterances where the candidate has no more word errors than the baseline;
-- the fall in exact match (the share token-identical to each run's own reference model);
-- the latency ratio Σcandidate ms / Σbaseline ms with its paired bootstrap interval, only when
-  both ran on the same kind of CPU (rows' `cpu`): a different CPU times, and quantizes, differently;
-- a latency change point over the history: the median p50 of the last N runs against the runs
-  before them (`latency_drift`), so a slow drift is caught, not only a one-night jump.
+model, never gated against the full one), the rules of `harness.nightly.rules` over the utterances
+both runs decoded: ΔWER with its paired bootstrap interval, the no-worse share, the fall in exact
+match, the latency ratio on one kind of CPU, latency drift over the history, lost utterances.
 A model the baseline decoded that the candidate lacks, or could not run, is a regression.
 The limits come from the job's `thresholds:` (`thresholds.ThresholdsSpec`).
+
+Which run is the baseline is decided here too (`resolve`): a run id, a tag pinned with `history
+pin`, `latest` or `previous`, from the history's plain queries.
 
 The verdict (`harness.nightly.verdict`) is kept with the candidate run, as `gate.json` in its folder when
 that folder is on this machine, for the report (`harness.report.page`) to show.
@@ -20,49 +17,20 @@ that folder is on this machine, for the report (`harness.report.page`) to show.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
 from harness.job.spec import ModelCell
 from harness.job.thresholds import ThresholdsSpec, thresholds_from_dict
-from harness.nightly.history import History, display
-from harness.nightly.verdict import Comparison, Drift, ModelCheck, Verdict, format_comparison, pct, save_verdict
+from harness.nightly.history import RESERVED_REFS, History, display
+from harness.nightly.rules import Evidence, judge, unpaired
+from harness.nightly.verdict import Comparison, ModelCheck, Verdict, format_comparison, save_verdict
 from harness.results.record import read_run
-from harness.results.summary import paired_bootstrap, wer_delta
-
-MAD_SCALE = 1.4826  # MAD * this estimates a normal distribution's standard deviation
-
-
-def latency_drift(values: list[float], window: int, mads: float, min_ratio: float) -> Drift | None:
-    """The last `window` values against the up to 3 * `window` before them; None below 2 * `window`.
-
-    Medians make one noisy night count for little on either side; a step of any size shows once
-    `window` runs sit above it, and a slow drift once it has accumulated past the limit.
-    """
-    if window <= 0 or len(values) < 2 * window:
-        return None
-    recent, earlier = np.asarray(values[-window:]), np.asarray(values[-4 * window : -window])
-    centre = float(np.median(earlier))
-    spread = MAD_SCALE * float(np.median(np.abs(earlier - centre)))
-    limit = centre + max(mads * spread, (min_ratio - 1) * centre)
-    return Drift(float(np.median(recent)), centre, limit, len(recent), len(earlier))
-
-
-def no_worse_share(candidate_errors: np.ndarray, baseline_errors: np.ndarray) -> float:
-    """Share of paired utterances where the candidate has at most the baseline's word errors."""
-    return float(np.mean(candidate_errors <= baseline_errors))
-
-
-def latency_ratio(candidate_ms: np.ndarray, baseline_ms: np.ndarray) -> tuple[float, float, float]:
-    """Σcandidate / Σbaseline over paired utterances, with its 95% paired bootstrap interval."""
-    return paired_bootstrap(lambda c, b: c.sum(axis=-1) / b.sum(axis=-1), candidate_ms, baseline_ms)
 
 
 def compare(
@@ -115,75 +83,16 @@ def _check(
     cand_status: str | None,
     limits: ThresholdsSpec,
 ) -> ModelCheck:
+    """One model's check: the rules on its rows, and its latency trend from the history."""
     model = ModelCell(*key).label
-    base_ok = base[base["error"].isna()] if base is not None else pd.DataFrame()
-    if base_ok.empty:  # nothing to hold the candidate to
-        return ModelCheck(model, notes=(f"no baseline: the baseline decoded nothing ({base_status})",))
-    if cand is None or cand_status is None:
-        return ModelCheck(model, regressions=(f"missing from the candidate (the baseline decoded {len(base_ok)})",))
+    settled = unpaired(model, base, cand, base_status, cand_status)
+    if settled is not None:
+        return settled
+    assert base is not None and cand is not None  # `unpaired` settles a model either run lacks
     cand_ok = cand[cand["error"].isna()]
-    if cand_ok.empty:
-        return ModelCheck(model, regressions=(f"decoded nothing: {cand_status} (the baseline decoded {len(base_ok)})",))
-    regressions, notes = [], []
-    lost = sorted(set(base_ok["utt_id"]) - set(cand_ok["utt_id"]))
-    if len(lost) > limits.max_lost_utterances:
-        why = cand.loc[cand["utt_id"] == lost[0], "error"].dropna()
-        example = f", e.g. {lost[0]}: {why.iloc[0]}" if len(why) else ""
-        regressions.append(f"{len(lost)} of {len(base_ok)} utterances no longer decoded{example}")
-    paired = base_ok.merge(cand_ok, on="utt_id", suffixes=("_b", "_c"))
-    check: dict[str, Any] = {"paired": len(paired)}
-
-    delta = wer_delta(cand_ok, base_ok)
-    if not math.isnan(delta[0]):  # NaN: no reference words among the paired utterances
-        check["wer_delta"] = delta
-        if delta[2] > limits.max_wer_delta:
-            regressions.append(
-                f"ΔWER {pct(delta[0])} [95% CI {pct(delta[1])}, {pct(delta[2])}] above {pct(limits.max_wer_delta)}"
-            )
-    if len(paired):
-        share = no_worse_share(*(paired[f"wer_errors_{s}"].to_numpy(dtype=float) for s in "cb"))
-        check["no_worse"] = share
-        if share < limits.min_no_worse_share:
-            regressions.append(
-                f"no worse on {share:.1%} of {len(paired)} utterances, below {limits.min_no_worse_share:.1%}"
-            )
-        matched = paired.dropna(subset=["exact_match_b", "exact_match_c"])
-        if len(matched):
-            b, c = (float(matched[f"exact_match_{s}"].astype(float).mean()) for s in "bc")
-            check["exact_match"] = (b, c)
-            if b - c > limits.max_exact_match_drop:
-                regressions.append(
-                    f"exact match {b:.1%} → {c:.1%}: down {100 * (b - c):.1f} points, "
-                    f"above {100 * limits.max_exact_match_drop:.1f}"
-                )
-
-    base_cpus, cand_cpus = set(base_ok["cpu"].dropna()), set(cand_ok["cpu"].dropna())
-    if base_cpus != cand_cpus:
-        notes.append(f"latency not compared: baseline ran on {_names(base_cpus)}, candidate on {_names(cand_cpus)}")
-    elif limits.max_latency_ratio is not None and len(paired):
-        timed = paired.dropna(subset=["total_ms_b", "total_ms_c"])
-        if len(timed):
-            ratio = latency_ratio(timed["total_ms_c"].to_numpy(float), timed["total_ms_b"].to_numpy(float))
-            check["latency"] = ratio
-            if ratio[1] > limits.max_latency_ratio:
-                regressions.append(
-                    f"latency ratio {ratio[0]:.2f} [95% CI {ratio[1]:.2f}, {ratio[2]:.2f}] "
-                    f"above {limits.max_latency_ratio:.2f}"
-                )
-    if len(cand_cpus) == 1:  # a trend means something on one kind of CPU only
-        values = history.latency_trend(candidate, *key, next(iter(cand_cpus))).tolist()
-        drift = latency_drift(values, limits.drift_window, limits.drift_mads, limits.drift_min_ratio)
-        check["drift"] = drift
-        if drift is not None and drift.flagged:
-            regressions.append(
-                f"latency drift: median p50 {drift.recent:.1f} ms over the last {drift.recent_runs} runs, "
-                f"{drift.earlier:.1f} ms over the {drift.earlier_runs} before (limit {drift.limit:.1f} ms)"
-            )
-    return ModelCheck(model, **check, regressions=tuple(regressions), notes=tuple(notes))
-
-
-def _names(cpus: set[str]) -> str:
-    return " + ".join(sorted(cpus)) or "an unrecorded CPU"
+    cpus = set(cand_ok["cpu"].dropna())
+    trend = history.latency_trend(candidate, *key, next(iter(cpus))).tolist() if len(cpus) == 1 else None
+    return judge(model, Evidence(base[base["error"].isna()], cand, cand_ok, trend), limits)
 
 
 def _now() -> str:
@@ -227,7 +136,7 @@ def record_and_gate(run_dir: Path, where: str, baseline: str | None) -> int:
         print(f"history: {record.run_id} appended to {display(where)}")
         if baseline is None:
             return 0
-        baseline_id = history.resolve(baseline, candidate=record.run_id)
+        baseline_id = resolve(history, baseline, candidate=record.run_id)
         if baseline_id is None:
             note = f"gate: no earlier run of {record.job} in the history: nothing to compare with ({baseline})"
             print(note)
@@ -236,12 +145,50 @@ def record_and_gate(run_dir: Path, where: str, baseline: str | None) -> int:
         return gate(history, baseline_id, record.run_id, requested=baseline)
 
 
+def resolve(history: History, ref: str, job: str | None = None, candidate: str | None = None) -> str | None:
+    """A run id, a tag pinned with `history pin`, `latest` or `previous` → a run id.
+
+    Relative to a `candidate`: `latest` is the newest other run of its job on its dataset,
+    `previous` the newest such run started before it (an ad-hoc `--limit` run is not a
+    baseline for a full night). Without one: the job's newest and second-newest runs. None
+    when there is no such run yet (a first night); an unknown id or tag is an error.
+    """
+    if ref not in RESERVED_REFS:
+        if history.has_run(ref):
+            return ref
+        job = job or (history.run(candidate)["job"] if candidate else None)
+        pins = history.pinned(ref)
+        if job:
+            pins = pins[pins["job"] == job]
+        if len(pins) > 1:
+            raise HarnessError(f"tag {ref!r} is pinned in jobs {', '.join(pins['job'])}: name one with --job")
+        if pins.empty:
+            raise HarnessError(
+                f"{ref!r}: no such run id or tag{f' of job {job}' if job else ''} in history {display(history.where)}"
+            )
+        return str(pins["run_id"].iloc[0])
+    if candidate:
+        this = history.run(candidate)
+        runs = history.runs(this["job"])
+        runs = runs[(runs["run_id"] != candidate) & (runs["dataset"] == this["dataset"])]
+        if ref == "previous":
+            runs = runs[runs["started"] < this["started"]]
+        return str(runs["run_id"].iloc[-1]) if len(runs) else None
+    if job is None:
+        jobs = history.jobs()
+        if len(jobs) > 1:
+            raise HarnessError(f"'{ref}': the history holds runs of {', '.join(jobs)}: name one with --job")
+    ids = history.runs(job)["run_id"]
+    chosen = ids.iloc[-1:] if ref == "latest" else ids.iloc[-2:-1]
+    return str(chosen.iloc[0]) if len(chosen) else None
+
+
 def resolve_pair(history: History, baseline: str, candidate: str, job: str | None) -> tuple[str, str]:
     """`compare`'s two arguments → run ids; the baseline's `latest`/`previous` are relative to the candidate."""
-    candidate_id = history.resolve(candidate, job=job)
+    candidate_id = resolve(history, candidate, job=job)
     if candidate_id is None:
         raise HarnessError(f"candidate {candidate!r}: no such run in history {display(history.where)}")
-    baseline_id = history.resolve(baseline, job=job, candidate=candidate_id)
+    baseline_id = resolve(history, baseline, job=job, candidate=candidate_id)
     if baseline_id is None:
         raise HarnessError(f"baseline {baseline!r}: no run of the job before {candidate_id}")
     return baseline_id, candidate_id

@@ -18,21 +18,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
 from harness.core.errors import HarnessError
-from harness.nightly.history_schema import SCHEMA, TABLES, create, migrate_1_to_2
+from harness.nightly.dialect import Dialect, dialect_of, display
+from harness.nightly.history_schema import SCHEMA, TABLES, create, migrate_1_to_2, sql_type
 from harness.results.record import BOOL, INT, JSON, REAL, RUN_COLUMNS, UTTERANCE_HISTORY_COLUMNS, RunRecord
 
 HISTORY_ENV = "HARNESS_HISTORY"
 DEFAULT_FILE = "history.sqlite"
+# the gate's relative baselines (`harness.nightly.gate.resolve`): no tag may take these names
 RESERVED_REFS = ("latest", "previous")
 
 
@@ -41,54 +41,19 @@ def location(explicit: str | None, results_root: Path) -> str:
     return explicit or os.environ.get(HISTORY_ENV) or str(results_root / DEFAULT_FILE)
 
 
-def is_url(where: str) -> bool:
-    return where.startswith(("postgresql://", "postgres://"))
-
-
-def display(where: str) -> str:
-    """The location as printed: a URL's password masked."""
-    if not is_url(where):
-        return where
-    parts = urlsplit(where)
-    if parts.password is None:
-        return where
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
-
-
 # ---------------------------------------------------------------------------------------------
 # The store
 
 
 class History:
-    """A connection to one history (SQLite file or PostgreSQL database), its schema ensured."""
+    """A connection to one history (SQLite file or PostgreSQL database), its schema ensured.
+    Its `dialect`, chosen here once, holds every way the two databases differ."""
 
     def __init__(self, where: str, create: bool = True) -> None:
         self.where = where
-        self.postgres = is_url(where)
-        if not self.postgres and "://" in where:
-            raise HarnessError(f"history {where}: expected a file path or a postgresql:// URL")
-        if self.postgres:
-            try:
-                import psycopg
-            except ImportError:
-                raise HarnessError(f"history {display(where)}: PostgreSQL needs the psycopg package") from None
-            self._driver: Any = psycopg
-            with self._errors():
-                # autocommit: reads hold no transaction open; writes open one explicitly
-                self._conn: Any = psycopg.connect(where, autocommit=True, connect_timeout=10)
-        else:
-            path = Path(where)
-            if not create and not path.is_file():
-                raise HarnessError(f"history {where}: no such file (a run appends to it when it completes)")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._driver = sqlite3
-            with self._errors():
-                # isolation_level=None: no implicit transactions, so BEGIN IMMEDIATE below is the only one;
-                # timeout: a second writer waits up to a minute for the first one's lock
-                self._conn = sqlite3.connect(path, timeout=60, isolation_level=None)
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=FULL")  # a committed night survives a power cut
-                self._conn.execute("PRAGMA foreign_keys=ON")
+        self.dialect: Dialect = dialect_of(where)
+        with self._errors():
+            self._conn: Any = self.dialect.connect(where, create)
         self._ensure_schema()
 
     def close(self) -> None:
@@ -105,53 +70,41 @@ class History:
         """A database error becomes one line naming the store; anything else keeps its traceback."""
         try:
             yield
-        except self._driver.Error as exc:
+        except self.dialect.driver.Error as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise HarnessError(f"history {display(self.where)}: {first}") from exc
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
-        with self._errors():
-            if self.postgres:
-                with self._conn.transaction():
-                    yield self._conn.cursor()
-                return
-            # IMMEDIATE: take the write lock now, so two writers queue instead of failing at commit
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn.cursor()
-            except BaseException:
-                self._conn.rollback()
-                raise
-            self._conn.commit()
+        with self._errors(), self.dialect.transaction(self._conn) as cur:
+            yield cur
 
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.postgres else sql
+    def _frame(self, on: Any, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        """A statement's rows, run on the connection or on a transaction's cursor."""
+        cur = on.execute(self.dialect.sql(sql), tuple(params))
+        # object columns: NULL stays None (pandas would make it NaN in a column of text)
+        return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description], dtype=object)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
         with self._errors():
-            cur = self._conn.execute(self._sql(sql), tuple(params))
-            # object columns: NULL stays None (pandas would make it NaN in a column of text)
-            return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description], dtype=object)
+            return self._frame(self._conn, sql, params)
 
     def _ensure_schema(self) -> None:
         """Create the tables on first use; refuse a store of another schema. Only a new store takes
         the write lock here, so readers of an existing one never wait for a writer."""
         if not self._has_schema():
             with self._transaction() as cur:
-                if self.postgres:  # one creator at a time: concurrent CREATE TABLEs collide in the catalog
-                    cur.execute("SELECT pg_advisory_xact_lock(7246168)")
+                self.dialect.lock_schema(cur)
                 # checked again under the lock: CREATE INDEX locks its table even when the index
                 # exists, which would deadlock against a writer that created the schema and appends
                 if not self._has_schema():
                     for statement in create():
                         cur.execute(statement)
-                    cur.execute(self._sql('INSERT INTO "meta" VALUES (?, ?)'), ("schema", str(SCHEMA)))
+                    cur.execute(self.dialect.sql('INSERT INTO "meta" VALUES (?, ?)'), ("schema", str(SCHEMA)))
         found = self._schema()
         if found == "1":
             with self._transaction() as cur:
-                if self.postgres:  # one migrator at a time (the creator's lock)
-                    cur.execute("SELECT pg_advisory_xact_lock(7246168)")
+                self.dialect.lock_schema(cur)
                 cur.execute('SELECT "value" FROM "meta" WHERE "key" = \'schema\'')
                 if cur.fetchone()[0] == "1":  # checked again under the write lock: another may have migrated
                     for statement in migrate_1_to_2():
@@ -165,28 +118,18 @@ class History:
     def _add_new_columns(self) -> None:
         """Add the columns a newer harness declares and this store lacks (older runs: NULL there).
         An added column is not a new schema: every reader of the old columns reads them as before."""
-        if not self._missing_columns(self._query):
-            return
+        with self._errors():
+            if not self._missing_columns(self._conn):
+                return
         with self._transaction() as cur:
-            if self.postgres:
-                cur.execute("SELECT pg_advisory_xact_lock(7246168)")
+            self.dialect.lock_schema(cur)
+            for table, column in self._missing_columns(cur):  # under the lock: another may have added them
+                cur.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type(TABLES[table][column])}')
 
-            def query(sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:  # under the lock: checked again
-                cur.execute(self._sql(sql), tuple(params))
-                return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description], dtype=object)
-
-            for table, column in self._missing_columns(query):
-                kind = TABLES[table][column]
-                cur.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {"TEXT" if kind == JSON else kind}')
-
-    def _missing_columns(self, query: Callable[..., pd.DataFrame]) -> list[tuple[str, str]]:
+    def _missing_columns(self, on: Any) -> list[tuple[str, str]]:
         missing = []
         for table, columns in TABLES.items():
-            if self.postgres:
-                sql = "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
-                have = set(query(sql + "AND table_name = ?", (table,))["column_name"])
-            else:
-                have = set(query("SELECT name FROM pragma_table_info(?)", (table,))["name"])
+            have = set(self._frame(on, self.dialect.columns_sql, (table,))["name"])
             missing += [(table, c) for c in columns if c not in have]
         return missing
 
@@ -194,11 +137,7 @@ class History:
         return self._query('SELECT "value" FROM "meta" WHERE "key" = ?', ("schema",))["value"].iloc[0]
 
     def _has_schema(self) -> bool:
-        if self.postgres:  # pg_tables, read with this statement's snapshot: to_regclass may answer from
-            # a cache that still says "no such table" inside a transaction begun before the creator committed
-            found = "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'meta')"
-            return bool(self._query(found).iloc[0, 0])
-        return not self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").empty
+        return bool(self._query(self.dialect.has_schema_sql).iloc[0, 0])
 
     # -- writing
 
@@ -209,7 +148,7 @@ class History:
             marks = ", ".join("?" * (len(RUN_COLUMNS) + 1))
             # ON CONFLICT: a concurrent writer of the same run waits for the first, then adds nothing
             cur.execute(
-                self._sql(f'INSERT INTO "runs" ({names}, "added") VALUES ({marks}) ON CONFLICT DO NOTHING'),
+                self.dialect.sql(f'INSERT INTO "runs" ({names}, "added") VALUES ({marks}) ON CONFLICT DO NOTHING'),
                 (*record.run, _now()),
             )
             if cur.rowcount != 1:
@@ -221,7 +160,7 @@ class History:
     def _insert(self, cur: Any, table: str, rows: list[tuple]) -> None:
         names = ", ".join(f'"{c}"' for c in TABLES[table])
         marks = ", ".join("?" * len(TABLES[table]))
-        cur.executemany(self._sql(f'INSERT INTO "{table}" ({names}) VALUES ({marks})'), rows)
+        cur.executemany(self.dialect.sql(f'INSERT INTO "{table}" ({names}) VALUES ({marks})'), rows)
 
     def pin(self, run_id: str, tag: str) -> str | None:
         """Name a run `tag` within its job (moving the tag if it named another run); the run it named."""
@@ -232,10 +171,10 @@ class History:
             )
         job = self.run(run_id)["job"]
         with self._transaction() as cur:
-            cur.execute(self._sql('SELECT "run_id" FROM "pins" WHERE "job" = ? AND "tag" = ?'), (job, tag))
+            cur.execute(self.dialect.sql('SELECT "run_id" FROM "pins" WHERE "job" = ? AND "tag" = ?'), (job, tag))
             before = cur.fetchone()
             cur.execute(
-                self._sql(
+                self.dialect.sql(
                     'INSERT INTO "pins" VALUES (?, ?, ?, ?) ON CONFLICT ("job", "tag") '
                     'DO UPDATE SET "run_id" = excluded."run_id", "pinned_at" = excluded."pinned_at"'
                 ),
@@ -298,42 +237,16 @@ class History:
         )
         return rows.set_index("run_id")["p50_ms"].astype(float)
 
-    def resolve(self, ref: str, job: str | None = None, candidate: str | None = None) -> str | None:
-        """A run id, a tag pinned with `history pin`, `latest` or `previous` → a run id.
+    def has_run(self, run_id: str) -> bool:
+        return not self._query('SELECT 1 FROM "runs" WHERE "run_id" = ?', (run_id,)).empty
 
-        Relative to a `candidate`: `latest` is the newest other run of its job on its dataset,
-        `previous` the newest such run started before it (an ad-hoc `--limit` run is not a
-        baseline for a full night). Without one: the job's newest and second-newest runs. None
-        when there is no such run yet (a first night); an unknown id or tag is an error.
-        """
-        if ref not in RESERVED_REFS:
-            if not self._query('SELECT 1 FROM "runs" WHERE "run_id" = ?', (ref,)).empty:
-                return ref
-            job = job or (self.run(candidate)["job"] if candidate else None)
-            pins = self._query('SELECT "job", "run_id" FROM "pins" WHERE "tag" = ?', (ref,))
-            if job:
-                pins = pins[pins["job"] == job]
-            if len(pins) > 1:
-                raise HarnessError(f"tag {ref!r} is pinned in jobs {', '.join(pins['job'])}: name one with --job")
-            if pins.empty:
-                raise HarnessError(
-                    f"{ref!r}: no such run id or tag{f' of job {job}' if job else ''} in history {display(self.where)}"
-                )
-            return str(pins["run_id"].iloc[0])
-        if candidate:
-            this = self.run(candidate)
-            runs = self.runs(this["job"])
-            runs = runs[(runs["run_id"] != candidate) & (runs["dataset"] == this["dataset"])]
-            if ref == "previous":
-                runs = runs[runs["started"] < this["started"]]
-            return str(runs["run_id"].iloc[-1]) if len(runs) else None
-        if job is None:
-            jobs = self._query('SELECT DISTINCT "job" FROM "runs" ORDER BY "job"')["job"].tolist()
-            if len(jobs) > 1:
-                raise HarnessError(f"'{ref}': the history holds runs of {', '.join(jobs)}: name one with --job")
-        ids = self.runs(job)["run_id"]
-        chosen = ids.iloc[-1:] if ref == "latest" else ids.iloc[-2:-1]
-        return str(chosen.iloc[0]) if len(chosen) else None
+    def pinned(self, tag: str) -> pd.DataFrame:
+        """The runs `tag` names, one per job it is pinned in: columns job, run_id."""
+        return self._query('SELECT "job", "run_id" FROM "pins" WHERE "tag" = ? ORDER BY "job"', (tag,))
+
+    def jobs(self) -> list[str]:
+        """The jobs with runs in the history, by name."""
+        return self._query('SELECT DISTINCT "job" FROM "runs" ORDER BY "job"')["job"].tolist()
 
 
 def _now() -> str:

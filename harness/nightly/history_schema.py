@@ -17,11 +17,16 @@ ADDED_IN_2 = {  # columns schema 2 added to each table (every other column was i
 }  # fmt: skip
 
 
+def sql_type(kind: str) -> str:
+    """A column's type as both databases declare it (JSON is kept as its text)."""
+    return "TEXT" if kind == JSON else kind
+
+
 def create() -> list[str]:
     """One schema for both databases: types both understand, every name quoted."""
 
     def columns(table: str) -> str:
-        return ", ".join(f'"{c}" {"TEXT" if t == JSON else t}' for c, t in TABLES[table].items())
+        return ", ".join(f'"{c}" {sql_type(t)}' for c, t in TABLES[table].items())
 
     return [
         'CREATE TABLE IF NOT EXISTS "meta" ("key" TEXT PRIMARY KEY, "value" TEXT NOT NULL)',
@@ -38,7 +43,7 @@ def create() -> list[str]:
 
 
 def models_table(name: str) -> str:
-    columns = ", ".join(f'"{c}" {"TEXT" if t == JSON else t}' for c, t in TABLES["models"].items())
+    columns = ", ".join(f'"{c}" {sql_type(t)}' for c, t in TABLES["models"].items())
     return (
         f'CREATE TABLE IF NOT EXISTS "{name}" ({columns}, PRIMARY KEY ("run_id", "size", "target", "quant", '
         '"audio_ctx"), FOREIGN KEY ("run_id") REFERENCES "runs" ("run_id"))'
@@ -52,9 +57,8 @@ def migrate_1_to_2() -> list[str]:
     kinds = {**TABLES["utterances"], **TABLES["models"]}
 
     def added(table: str, column: str) -> str:
-        kind = "TEXT" if kinds[column] == JSON else kinds[column]
         default = f" DEFAULT {FULL_AUDIO_CTX}" if column == "audio_ctx" else ""
-        return f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}{default}'
+        return f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type(kinds[column])}{default}'
 
     old = ", ".join(f'"{c}"' for c in TABLES["models"] if c not in ADDED_IN_2["models"])
     return [

@@ -9,11 +9,9 @@ Every string from data is HTML-escaped (texts come from datasets others assemble
 
 from __future__ import annotations
 
-import json
 import time
 from html import escape
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,12 +21,13 @@ from harness.core.status import Status
 from harness.nightly.history import History, display
 from harness.nightly.verdict import comparison_rows, describe_run, read_verdict, verdict_lines
 from harness.report.tables import cell, divergence_section, table, utterance_section
-from harness.results.record import dataset_label
+from harness.results import run_info
 from harness.results.run_dir import list_runs, write_atomic
+from harness.results.run_info import RUN_JSON, RunInfo
 from harness.results.summary import DELTA_COLUMN, status_notes, summary_cells
 
 REPORT_FILE = "report.html"
-RUN_FILES = ("run.json", "summary.csv", "utterances.parquet")  # a complete run has them all
+RUN_FILES = (RUN_JSON, "summary.csv", "utterances.parquet")  # a complete run has them all
 TREND_RUNS = 30  # the trends show at most the job's last this many runs
 _ASSETS = Path(__file__).with_name("assets")
 
@@ -69,7 +68,7 @@ def write_report(run_dir: Path, history: str, out: Path | None = None) -> Path:
 
 
 def render(run_dir: Path, history: str) -> str:
-    info = json.loads((run_dir / "run.json").read_text())
+    info = run_info.read(run_dir / RUN_JSON)
     summary = pd.read_csv(run_dir / "summary.csv", keep_default_na=False, na_values=[""])
     utts = pd.read_parquet(run_dir / "utterances.parquet")
     sections = [
@@ -82,7 +81,7 @@ def render(run_dir: Path, history: str) -> str:
     ]
     nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
     body = "\n".join(f'<section id="{key}">\n<h2>{title}</h2>\n{html}\n</section>' for key, title, html in sections)
-    title = f"{info['job']['name']} · {info['run_id']}"
+    title = f"{info.job_name} · {info.run_id}"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -113,21 +112,17 @@ from {escape(str(run_dir))}</footer>
 """
 
 
-def _run_facts(info: dict[str, Any], run_dir: Path) -> str:
-    host = info.get("host", {})
+def _run_facts(info: RunInfo, run_dir: Path) -> str:
     facts = {
-        "dataset": f"{dataset_label(info['job']['dataset'])} ({info.get('utterances')} utterances)",
-        "started": f"{info.get('started')} → {info.get('finished')}",
-        "git commit": str(info.get("git_commit") or "-"),
-        "host": f"{host.get('hostname', '-')} · {host.get('cpu', '-')}",
+        "dataset": f"{info.dataset_label} ({info.utterances} utterances)",
+        "started": f"{info.started} → {info.finished}",
+        "git commit": str(info.git_commit or "-"),
+        "host": f"{info.host.hostname or '-'} · {info.host.cpu or '-'}",
         "folder": str(run_dir),
     }
     items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts.items())
-    models = [
-        f"<li>{escape(m['model'])}: {escape(str(m.get('status')))} {escape(str(m.get('artifact') or ''))}</li>"
-        for m in info.get("models", [])
-    ]
-    packages = ", ".join(f"{k} {v}" for k, v in (info.get("packages") or {}).items())
+    models = [f"<li>{escape(m.model)}: {escape(str(m.status))} {escape(m.artifact or '')}</li>" for m in info.models]
+    packages = ", ".join(f"{k} {v}" for k, v in (info.packages or {}).items())
     return (
         f'<dl class="facts">{items}</dl>\n<details><summary>artifacts and packages</summary>'
         f"<ul>{''.join(models)}</ul><p>{escape(packages)}</p></details>"
@@ -196,15 +191,15 @@ def _scatter(summary: pd.DataFrame) -> str:
     )
 
 
-def _trends(info: dict[str, Any], where: str) -> str:
+def _trends(info: RunInfo, where: str) -> str:
     """The job's runs on this dataset in the history, up to this run (the last TREND_RUNS)."""
     from harness.report.plots import trends
 
-    job, dataset, run_id = info["job"]["name"], dataset_label(info["job"]["dataset"]), info["run_id"]
+    job, dataset, run_id = info.job_name, info.dataset_label, info.run_id
     try:
         with History(where, create=False) as history:
             runs = history.runs(job)
-            runs = runs[(runs["dataset"] == dataset) & (runs["started"] <= info["started"])].tail(TREND_RUNS)
+            runs = runs[(runs["dataset"] == dataset) & (runs["started"] <= info.started)].tail(TREND_RUNS)
             models = [history.models(r).assign(started=s) for r, s in zip(runs["run_id"], runs["started"], strict=True)]
     except HarnessError as exc:
         return f'<p class="muted">no trends: {escape(str(exc))}</p>'

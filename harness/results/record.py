@@ -1,5 +1,6 @@
 """A completed run folder as the rows the history stores (`harness.nightly.history`): the tables' columns
-with their SQL types, and the reading of `run.json`, `summary.csv` and `utterances.parquet`."""
+with their SQL types, and the reading of `run.json` (`harness.results.run_info`), `summary.csv` and
+`utterances.parquet`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pandas as pd
 from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.errors import HarnessError
 from harness.job.spec import ModelCell
+from harness.results import run_info
+from harness.results.run_info import RUN_JSON
 from harness.results.scoring import UTTERANCE_COLUMNS
 
 TEXT, INT, REAL, BOOL, JSON = "TEXT", "BIGINT", "DOUBLE PRECISION", "BOOLEAN", "JSON"  # JSON: stored as TEXT
@@ -64,30 +67,29 @@ class RunRecord:
 
 def read_run(run_dir: Path) -> RunRecord:
     """A complete run folder (`results/<job>/<run id>/`) → its rows; a folder that is not one is an error."""
-    files = {name: run_dir / name for name in ("run.json", "summary.csv", "utterances.parquet")}
+    files = {name: run_dir / name for name in (RUN_JSON, "summary.csv", "utterances.parquet")}
     missing = [name for name, path in files.items() if not path.is_file()]
     if missing:
         raise HarnessError(f"{run_dir}: not a complete run folder (no {', '.join(missing)})")
-    info = json.loads(files["run.json"].read_text())
+    info = run_info.read(files[RUN_JSON])
     utts = pd.read_parquet(files["utterances.parquet"])
     summary = pd.read_csv(files["summary.csv"])
-    job = info["job"]
     run = {
-        "run_id": info["run_id"],
-        "job": job["name"],
-        "started": info["started"],
-        "finished": info.get("finished"),
-        "git_commit": info.get("git_commit"),
-        "dataset": dataset_label(job["dataset"]),
-        "utterances": info.get("utterances"),
-        "cpu": info.get("host", {}).get("cpu"),
-        "hostname": info.get("host", {}).get("hostname"),
-        "packages": info.get("packages"),
-        "thresholds": job.get("thresholds"),  # runs from before `thresholds:` have none: defaults apply
-        "schema_version": info.get("schema_version"),
+        "run_id": info.run_id,
+        "job": info.job_name,
+        "started": info.started,
+        "finished": info.finished,
+        "git_commit": info.git_commit,
+        "dataset": info.dataset_label,
+        "utterances": info.utterances,
+        "cpu": info.host.cpu,
+        "hostname": info.host.hostname,
+        "packages": info.packages,
+        "thresholds": info.thresholds,
+        "schema_version": info.schema_version,
         "run_dir": str(run_dir.resolve()),
     }
-    artifacts = {m["model"]: m for m in info.get("models", [])}
+    artifacts = {m.model: m for m in info.models}
     for col in UTTERANCE_COLUMNS:  # a run from an older schema lacks newer columns (v1: no `cpu`)
         if col not in utts:  # before v5 every model ran at the full audio context
             utts[col] = FULL_AUDIO_CTX if col == "audio_ctx" else None
@@ -96,8 +98,9 @@ def read_run(run_dir: Path) -> RunRecord:
     models = []
     for position, row in enumerate(summary.to_dict("records")):
         cell = ModelCell(row["size"], row["target"], row["quant"], int(row["audio_ctx"]))
-        label = cell.label
-        key, toolchain = _artifact_facts(artifacts.get(label, {}).get("artifact"))
+        prepared = artifacts.get(cell.label)
+        artifact = prepared.artifact if prepared else None
+        key, toolchain = _artifact_facts(artifact)
         rows = utts[
             (utts["size"] == cell.size)
             & (utts["target"] == cell.target)
@@ -111,9 +114,9 @@ def read_run(run_dir: Path) -> RunRecord:
                 "run_id": run["run_id"],
                 "position": position,
                 "artifact_key": key,
-                "artifact": artifacts.get(label, {}).get("artifact"),
+                "artifact": artifact,
                 "toolchain": toolchain,
-                "prepared": artifacts.get(label, {}).get("status"),
+                "prepared": prepared.status if prepared else None,
                 "cpu": cpus.mode().iloc[0] if len(cpus) else None,  # the kind most of its rows ran on
             }
         )
@@ -127,12 +130,6 @@ def read_run(run_dir: Path) -> RunRecord:
             for i, u in enumerate(utts[UTTERANCE_COLUMNS].to_dict("records"))
         ],
     )
-
-
-def dataset_label(dataset: dict[str, Any]) -> str:
-    """How the history names a run's dataset (run.json's job.dataset): runs on the same one compare."""
-    where = dataset["path"] if dataset.get("path") else f"hub:{dataset['hub']}"
-    return where + "".join(f" {k}={dataset[k]}" for k in ("config", "split", "limit") if dataset.get(k) is not None)
 
 
 _KEY_SUFFIX = re.compile(r"-([0-9a-f]{16})$")  # converters.store.artifact_dir: <target>-<quant>-<key>

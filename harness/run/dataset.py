@@ -18,6 +18,7 @@ import numpy as np
 
 from harness.core.audio import SAMPLE_RATE, decode_audio
 from harness.core.errors import HarnessError, did_you_mean, quote, some
+from harness.core.languages import LANGUAGES, TO_LANGUAGE_CODE
 from harness.core.target import CalibrationSource
 from harness.job.spec import DatasetSpec
 
@@ -170,8 +171,6 @@ def audio_file(folder: Path, file_name: object) -> Path:
 def language_of(value: object, column: str) -> str:
     """A language column's value (a whisper language code or name, any case) as whisper's code;
     else a HarnessError saying why the utterance cannot be decoded in it."""
-    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-
     if isinstance(value, str) and (code := value.lower()) in LANGUAGES:
         return code
     if isinstance(value, str) and value.lower() in TO_LANGUAGE_CODE:

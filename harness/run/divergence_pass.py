@@ -5,9 +5,9 @@ It needs the reference's tokens, so it runs once every main-pass row exists: per
 and the reference's runner encodes the utterance with both, teacher-forces both decoders on the
 reference's tokens, decodes the two hybrids and finds the first divergent token
 (`harness.results.divergence` computes the numbers and documents every column). It runs on the same
-scheduler as the main pass (`harness.run.scheduler`), with `DivergenceWorker` for `ModelWorker`: same
-slots, placement, retries and failure rows; the workers get both artifacts through the node cache
-(`harness.run.node_cache`), never a driver path.
+scheduler as the main pass, as a pass of its own (`harness.run.passes`) with `DivergenceWorker` for
+`ModelWorker`: same slots, placement, retries and failure rows; the workers get both artifacts
+through the node cache (`harness.run.node_cache`), never a driver path.
 
 Each finished (model, shard) is persisted at once in `<run dir>/divergence/`, as the main pass's
 rows are in `raw/`, so `--resume` re-plans only the analysis shards that are missing. Then
@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,15 +45,13 @@ from harness.results.divergence import (
     teacher_targets,
 )
 from harness.results.run_dir import RunDir, write_parquet_atomic
+from harness.results.run_info import PassReport
 from harness.results.timing import prepare_worker_threads
-from harness.run.artifact_server import start_server
 from harness.run.dataset import Shard, open_dataset, plan_shards, read_index, read_shard
-from harness.run.node_cache import PublishedArtifact, publish
-from harness.run.scheduler import Scheduler, SchedulerOptions, Work
+from harness.run.node_cache import PublishedArtifact
+from harness.run.passes import Pass, PreparedModel, serving
+from harness.run.scheduler import Index, Work
 from harness.run.worker import Loaded, load_runner, node_name
-
-if TYPE_CHECKING:
-    from harness.run.execute import PreparedModel
 
 DIVERGENCE = "divergence"  # the run directory's folder of per-(model, shard) analysis rows
 
@@ -142,8 +140,8 @@ def analyse(
 
 
 class DivergenceWorker(Loaded):
-    """Holds a candidate and its reference; the analysis pass's `ModelWorker` (a plain class
-    wrapped with ray.remote by the scheduler, testable without Ray)."""
+    """Holds a candidate and its reference; the analysis pass's `ModelWorker` (a plain class, made
+    an actor by the scheduler's cluster, testable without Ray)."""
 
     def __init__(self, setup: AnalysisSetup) -> None:
         started = time.perf_counter()
@@ -179,6 +177,11 @@ class DivergenceWorker(Loaded):
 
 # -- the driver's side -----------------------------------------------------------------------------
 
+# the analysis as a pass: its rows in divergence/, a row per candidate model and utterance
+ANALYSIS = Pass(
+    "divergence analysis", DIVERGENCE, DivergenceWorker, divergence_frame, failure_row, ("size", "target", "quant")
+)
+
 
 def analysed(cell: ModelCell) -> bool:
     """Whether the analysis covers a model: every candidate at the full audio context (one at a
@@ -208,28 +211,16 @@ def transcripts_of(raw: pd.DataFrame, cell: ModelCell) -> dict[str, Transcripts 
 
 def run_divergence(
     spec: JobSpec, models: Sequence[PreparedModel], run: RunDir, raw: pd.DataFrame, progress: bool, log
-) -> dict[str, Any]:
+) -> PassReport:
     """Analyse every (candidate model, shard) without a file in `divergence/`, from the main pass's
     rows `raw`; returns the scheduler's report (nodes, workers, failures)."""
     ids, texts = read_index(spec.dataset)
     shards = plan_shards(len(ids), spec.cluster.shard_size)
     references = {p.cell.size: p for p in models if p.cell.target == REFERENCE}
-    server = start_server()
-    published: dict[str, PublishedArtifact] = {}
-
-    def persist(cell: ModelCell, shard: Shard, rows: list[dict[str, Any]]) -> None:
-        run.write_shard(cell, shard.index, divergence_frame(rows), DIVERGENCE)
-
-    def publish_once(p: PreparedModel) -> PublishedArtifact:
-        assert p.prepared.artifact is not None  # it decoded in the main pass
-        if p.cell.label not in published:
-            published[p.cell.label] = publish(server, p.prepared.artifact)
-        return published[p.cell.label]
-
-    work = []
-    try:
+    with serving() as server:
+        work = []
         for p in models:
-            todo = [s for s in shards if analysed(p.cell) and not run.done(p.cell, s.index, DIVERGENCE)]
+            todo = ANALYSIS.todo(run, p.cell, shards) if analysed(p.cell) else ()
             if not todo:
                 continue
             inputs = transcripts_of(raw, p.cell)
@@ -240,14 +231,13 @@ def run_divergence(
                     runnable.append(s)
                 else:  # nothing to analyse: its rows are written here, without a worker
                     rows = [divergence_row(p.cell, u, Status.UNAVAILABLE, str(g)) for u, g in given.items()]
-                    persist(p.cell, s, rows)
+                    ANALYSIS.persist(run, p.cell, s, rows)
             if not runnable:
                 continue
-            ref = references[p.cell.size]
             setup = AnalysisSetup(
                 p.cell,
-                publish_once(p),
-                publish_once(ref),
+                server.publish(p),
+                server.publish(references[p.cell.size]),
                 p.dims,
                 build_prompt(p.dims, spec.decoding),
                 spec.decoding,
@@ -257,36 +247,20 @@ def run_divergence(
             )
             work.append(Work(setup, tuple(runnable), get_target(p.cell.target).resource))
         if not work:
-            return {}
+            return PassReport()
         log(f"divergence analysis: {len(work)} models, {sum(len(w.shards) for w in work)} shards")
-        c = spec.cluster
-        options = SchedulerOptions(c.slots, c.threads, c.max_attempts, float(c.stall_timeout_s), c.emulate)
-        scheduler = Scheduler(
-            work, options, persist, lambda: (ids, texts), progress, log, DivergenceWorker, failure_row
-        )
-        return scheduler.run()
-    finally:
-        import ray
-
-        ray.kill(server)
+        return ANALYSIS.schedule(run, work, spec.cluster, lambda: (ids, texts), progress, log)
 
 
-def write_divergence(run: RunDir, candidates: Sequence[ModelCell], n_rows: int) -> pd.DataFrame:
+def write_divergence(run: RunDir, candidates: Sequence[ModelCell], n_rows: int, index: Index) -> pd.DataFrame:
     """divergence.parquet (every analysis row, with the run id), divergence.csv and .md (per model);
-    returns the per-model table. Exactly one row per (candidate, utterance), or it raises: a
-    scheduling bug must never pass as a result."""
+    returns the per-model table. Exactly one row per (candidate, utterance), or it raises
+    (`Pass.check_complete`)."""
     from harness.results.divergence import format_divergence
 
-    folder = run.path / DIVERGENCE
-    rows = run.read_raw(DIVERGENCE) if any(folder.glob("*.parquet")) else divergence_frame([])  # no candidates
+    rows = ANALYSIS.rows(run)
+    ANALYSIS.check_complete(rows, candidates, n_rows, index)
     rows = rows.assign(run_id=run.run_id)[DIVERGENCE_COLUMNS]
-    counts = rows.groupby(["size", "target", "quant"]).size()
-    if (
-        rows.duplicated(["size", "target", "quant", "utt_id"]).any()
-        or sorted(counts.index) != sorted(c.as_tuple()[:3] for c in candidates)
-        or (counts != n_rows).any()
-    ):
-        raise RuntimeError(f"divergence rows per model differ from {n_rows} utterances: {counts.to_dict()}")
     summary = summarize_divergence(rows)
     write_parquet_atomic(rows, run.path / "divergence.parquet")
     summary.to_csv(run.path / "divergence.csv", index=False)

@@ -2,10 +2,11 @@
 
 Data flows one way. The driver checks the dataset and connects to Ray before building anything
 (an unusable dataset or an unreachable cluster costs seconds, not a matrix of conversions),
-prepares artifacts, plans shards as row ranges, and hands them to the scheduler
-(`harness.run.scheduler`); workers read their own audio and stream rows back. Every finished shard
-is persisted at once in the run directory (`harness.results.run_dir`), so an interrupted or failed run
-keeps its work and `--resume` re-plans only what is missing.
+prepares artifacts, plans shards as row ranges, and runs the transcription pass over them
+(`harness.run.passes`, on `harness.run.scheduler`); workers read their own audio and stream rows
+back. Every finished shard is persisted at once in the run directory (`harness.results.run_dir`),
+so an interrupted or failed run keeps its work and `--resume` re-plans only what is missing. The
+divergence analysis, when the job asks, is a second pass (`harness.run.divergence_pass`).
 """
 
 from __future__ import annotations
@@ -15,61 +16,40 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from converters.matrix import prepare_cells
 from converters.registry import get_target
-from converters.store import Prepared
-from harness.core.decoding import Dims, build_prompt
+from harness.core.decoding import build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
 from harness.job.spec import JobSpec, ModelCell
-from harness.results.run_dir import (
-    RunDir,
-    RunState,
-    fingerprint,
-    raw_frame,
-    row,
-    write_json_atomic,
-    write_parquet_atomic,
-)
+from harness.results.run_dir import RAW, RunDir, RunState, fingerprint, raw_frame, row, write_parquet_atomic
+from harness.results.run_info import RUN_JSON, Host, ModelInfo, PassReport, RunInfo, job_json
 from harness.results.scoring import SCHEMA_VERSION, score_rows
 from harness.results.summary import format_summary, summarize
 from harness.results.timing import Phases, cpu_description
-from harness.run.artifact_server import start_server
 from harness.run.cluster import connect
 from harness.run.dataset import Shard, calibration_source, check_dataset, plan_shards, read_index
 from harness.run.divergence_pass import analysed, run_divergence, write_divergence
-from harness.run.node_cache import publish
-from harness.run.scheduler import Scheduler, SchedulerOptions, Work
-from harness.run.worker import WorkerSetup
+from harness.run.passes import Pass, PreparedModel, Publisher, serving
+from harness.run.scheduler import Index, Work
+from harness.run.worker import ModelWorker, WorkerSetup
 
 
-@dataclass(frozen=True)
-class PreparedModel:
-    cell: ModelCell
-    prepared: Prepared
+def raw_failure_row(cell: ModelCell, utt_id: str, text: str, status: Status, reason: str, attempt: int) -> dict:
+    """The row of an utterance no worker transcribed (`harness.run.scheduler.FailureRow`)."""
+    return row(cell, utt_id, text, status, reason, attempt=attempt)
 
-    @property
-    def facts(self) -> dict[str, object]:
-        """What the summary shows of the artifact: its runtime label and size on disk."""
-        art = self.prepared.artifact
-        if art is None:
-            return {}
-        return {"runtime": art.manifest.get("runtime") or get_target(self.cell.target).runtime, "artifact_mb": art.mb}
 
-    @property
-    def dims(self) -> Dims:
-        """The model's dims at the cell's audio context (a converted artifact was built for it;
-        the reference slices its encoder to it)."""
-        assert self.prepared.artifact is not None
-        return replace(Dims.of(self.prepared.artifact.manifest["dims"]), n_audio_ctx=self.cell.audio_ctx)
+# the main pass: a row per model and utterance in raw/ (harness.results.run_dir)
+TRANSCRIPTION = Pass(
+    "transcription", RAW, ModelWorker, raw_frame, raw_failure_row, ("size", "target", "quant", "audio_ctx")
+)
 
 
 @dataclass(frozen=True)
@@ -123,13 +103,19 @@ def run_job(
         run.resume(marks)
         log(f"resuming {run.path}")
     shards = plan_shards(dataset.n_rows, spec.cluster.shard_size)
+
+    @functools.cache
+    def index() -> tuple[list[str], list[str]]:  # ids and texts, read once and only if a model has no transcripts
+        return read_index(spec.dataset)
+
     try:
-        report = _execute(spec, prepared, shards, run, progress, log, phases)
-        raw = run.read_raw()
-        _check_one_row_each(raw, prepared, dataset.n_rows)
+        transcription = _transcribe(spec, prepared, shards, run, index, progress, log, phases)
+        raw = TRANSCRIPTION.rows(run)
+        TRANSCRIPTION.check_complete(raw, [p.cell for p in prepared], dataset.n_rows, index)
+        analysis = None
         if spec.analysis.divergence:  # needs every reference row, so after the main pass
             with phases("divergence"):
-                report["divergence_pass"] = run_divergence(spec, prepared, run, raw, progress, log)
+                analysis = run_divergence(spec, prepared, run, raw, progress, log)
         with phases("score"):
             utts = score_rows(raw.assign(run_id=run.run_id))
             summary = summarize(utts, {p.cell.as_tuple(): p.facts for p in prepared})
@@ -137,9 +123,9 @@ def run_job(
             summary.to_csv(run.path / "summary.csv", index=False)
             (run.path / "summary.md").write_text(format_summary(summary) + "\n")
             candidates = [p.cell for p in prepared if analysed(p.cell)]
-            divergence = write_divergence(run, candidates, dataset.n_rows) if spec.analysis.divergence else None
-        info = _run_info(spec, run, prepared, dataset.n_rows, started, {**report, "phases": phases.report()})
-        write_json_atomic(info, run.path / "run.json")
+            divergence = write_divergence(run, candidates, dataset.n_rows, index) if spec.analysis.divergence else None
+        info = _run_info(spec, run, prepared, dataset.n_rows, started, transcription, analysis, phases.report())
+        info.write(run.path / RUN_JSON)
         run.complete()
     except KeyboardInterrupt:
         run.stop(RunState.INTERRUPTED, "interrupted")
@@ -150,44 +136,31 @@ def run_job(
     return RunResult(run.path, utts, summary, divergence)
 
 
-def _execute(
-    spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], run: RunDir, progress: bool, log, phases: Phases
-) -> dict[str, Any]:
-    @functools.cache
-    def index() -> tuple[list[str], list[str]]:  # ids and texts, read once and only if a model has no transcripts
-        return read_index(spec.dataset)
-
-    def persist(cell: ModelCell, shard: Shard, rows: list[dict[str, Any]]) -> None:
-        run.write_shard(cell, shard.index, raw_frame(rows))
-
-    c = spec.cluster
-    options = SchedulerOptions(c.slots, c.threads, c.max_attempts, float(c.stall_timeout_s), c.emulate)
-    server = start_server()  # nodes share no filesystem with the driver: they fetch artifacts from it
-    try:
-        with phases("publish"):
-            work = _work(spec, prepared, shards, run, server, index, persist)
-        with phases("schedule"):
-            return Scheduler(work, options, persist, index, progress, log).run()
-    finally:
-        import ray
-
-        ray.kill(server)
-
-
-def _work(
+def _transcribe(
     spec: JobSpec,
     prepared: list[PreparedModel],
     shards: list[Shard],
     run: RunDir,
-    server: Any,
-    index: Callable[[], tuple[list[str], list[str]]],
-    persist: Callable[[ModelCell, Shard, list[dict[str, Any]]], None],
-) -> list[Work]:
+    index: Index,
+    progress: bool,
+    log,
+    phases: Phases,
+) -> PassReport:
+    with serving() as server:
+        with phases("publish"):
+            work = _work(spec, prepared, shards, run, server, index)
+        with phases("schedule"):
+            return TRANSCRIPTION.schedule(run, work, spec.cluster, index, progress, log)
+
+
+def _work(
+    spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], run: RunDir, server: Publisher, index: Index
+) -> list[Work[WorkerSetup]]:
     """What the scheduler runs: each runnable model's published artifact and the shards it has
     left; a model that cannot run gets its rows now, with its status."""
     work = []
     for p in prepared:
-        todo = tuple(s for s in shards if not run.done(p.cell, s.index))
+        todo = TRANSCRIPTION.todo(run, p.cell, shards)
         if not todo:
             continue
         # a model that failed its parity gate is reported, not evaluated, unless the job asks for it
@@ -198,12 +171,11 @@ def _work(
                 rows = [
                     row(p.cell, ids[i], texts[i], p.prepared.status, p.prepared.reason) for i in range(s.start, s.stop)
                 ]
-                persist(p.cell, s, rows)
+                TRANSCRIPTION.persist(run, p.cell, s, rows)
             continue
-        assert p.prepared.artifact is not None
         setup = WorkerSetup(
             p.cell,
-            publish(server, p.prepared.artifact),  # once per artifact, however many workers
+            server.publish(p),
             p.dims,
             build_prompt(p.dims, spec.decoding),
             spec.decoding,
@@ -212,15 +184,6 @@ def _work(
         )
         work.append(Work(setup, todo, get_target(p.cell.target).resource))
     return work
-
-
-def _check_one_row_each(raw: pd.DataFrame, prepared: list[PreparedModel], n_rows: int) -> None:
-    """Exactly one row per (model, utterance): a scheduling bug must never pass as a result."""
-    counts = raw.groupby(["size", "target", "quant", "audio_ctx"]).size()
-    wrong = {"/".join(map(str, k)): int(v) for k, v in counts.items() if v != n_rows}
-    missing = [p.cell.label for p in prepared if p.cell.as_tuple() not in counts.index]
-    if wrong or missing or raw.duplicated(["size", "target", "quant", "audio_ctx", "utt_id"]).any():
-        raise RuntimeError(f"rows per model differ from {n_rows} utterances: {wrong}, missing {missing}")
 
 
 def _git_commit() -> str | None:
@@ -234,8 +197,15 @@ def _git_commit() -> str | None:
 
 
 def _run_info(
-    spec: JobSpec, run: RunDir, prepared: list[PreparedModel], n_rows: int, started: float, report: dict[str, Any]
-) -> dict[str, Any]:
+    spec: JobSpec,
+    run: RunDir,
+    prepared: list[PreparedModel],
+    n_rows: int,
+    started: float,
+    transcription: PassReport,
+    analysis: PassReport | None,
+    phases: dict[str, float],
+) -> RunInfo:
     packages = (
         "torch",
         "openai-whisper",
@@ -248,32 +218,36 @@ def _run_info(
         "soundfile",
         "soxr",
     )
-    return {
-        "run_id": run.run_id,
-        "schema_version": SCHEMA_VERSION,
-        "job": asdict(spec),
-        "models": [
-            {
-                "model": p.cell.label,
-                "artifact": p.prepared.artifact.path if p.prepared.artifact else None,
-                "key": p.prepared.artifact.manifest.get("key") if p.prepared.artifact else None,
-                "status": p.prepared.status.value,
-                "reason": p.prepared.reason,
-            }
+    return RunInfo(
+        run_id=run.run_id,
+        schema_version=SCHEMA_VERSION,
+        job=job_json(spec),
+        models=tuple(
+            ModelInfo(
+                model=p.cell.label,
+                artifact=str(p.prepared.artifact.path) if p.prepared.artifact else None,
+                key=p.prepared.artifact.manifest.get("key") if p.prepared.artifact else None,
+                status=p.prepared.status.value,
+                reason=p.prepared.reason,
+            )
             for p in prepared
-        ],
-        "utterances": n_rows,
-        "packages": {p: metadata.version(p) for p in packages},
-        "git_commit": _git_commit(),
-        "host": {
-            "hostname": platform.node(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "cpu": cpu_description(),
-        },
-        **report,
-        "resumed": run.state().get("resumed", []),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        ),
+        utterances=n_rows,
+        packages={p: metadata.version(p) for p in packages},
+        git_commit=_git_commit(),
+        host=Host(
+            hostname=platform.node(),
+            platform=platform.platform(),
+            python=platform.python_version(),
+            cpus=os.cpu_count(),
+            cpu=cpu_description(),
+        ),
+        nodes=transcription.nodes,
+        workers=transcription.workers,
+        failures=transcription.failures,
+        divergence_pass=analysis,
+        phases=phases,
+        resumed=tuple(run.state().get("resumed", [])),
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )

@@ -6,10 +6,11 @@ node can run a model, and can set aside a node whose workers keep dying.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+
+from harness.results.run_info import NodeReport
+from harness.run.actors import Cluster
 
 NODE_FAILURES_TO_SET_ASIDE = 2
 NODES_EVERY_S = 10.0  # how often the cluster's nodes are looked at again (joins, departures)
@@ -41,32 +42,28 @@ class NodeInfo:
 
 
 class Nodes:
-    def __init__(self, threads: int, slots: int | None, log: Callable[[str], None]) -> None:
-        import ray
-
-        self.ray, self.threads, self.cap, self.log = ray, threads, slots, log
+    def __init__(self, cluster: Cluster, threads: int, slots: int | None, log: Callable[[str], None]) -> None:
+        self.cluster, self.threads, self.cap, self.log = cluster, threads, slots, log
         self.nodes: dict[str, NodeInfo] = {}
         self.seen = 0.0
         self.refresh()
 
     def refresh(self) -> None:
         """Nodes that left are set aside; nodes that joined offer their slots."""
-        alive = {}
-        for n in self.ray.nodes():
-            if n.get("Alive"):
-                cpus = int(n["Resources"].get("CPU", 0))
-                host = n.get("NodeManagerHostname", "?")
-                alive[n["NodeID"]] = NodeInfo(n["NodeID"], host, dict(n["Resources"]), cpus // self.threads)
+        alive = {
+            n.node_id: NodeInfo(n.node_id, n.host, dict(n.resources), int(n.resources.get("CPU", 0)) // self.threads)
+            for n in self.cluster.nodes()
+        }
         for node_id, node in self.nodes.items():
             if node_id not in alive and not node.set_aside:
                 node.set_aside = True
                 self.log(f"node {node.host}: left the cluster")
         for node_id, node in alive.items():
             self.nodes.setdefault(node_id, node)
-        self.seen = time.monotonic()
+        self.seen = self.cluster.time()
 
     def refresh_if_due(self) -> None:
-        if time.monotonic() - self.seen > NODES_EVERY_S:
+        if self.cluster.time() - self.seen > NODES_EVERY_S:
             self.refresh()
 
     def free_slots(self, workers: int) -> int:
@@ -136,18 +133,18 @@ class Nodes:
         if node_id in self.nodes:
             self.nodes[node_id].shards += 1
 
-    def report(self) -> list[dict[str, Any]]:
+    def report(self) -> tuple[NodeReport, ...]:
         """Per node: its resources, slots, shards, failures and busy time (for run.json)."""
-        return [
-            {
-                "node": n.host,
-                "node_id": n.node_id,
-                "resources": n.resources,
-                "slots": n.slots,
-                "shards": n.shards,
-                "failures": n.failures,
-                "set_aside": n.set_aside,
-                "busy_s": round(n.busy_s, 2),
-            }
+        return tuple(
+            NodeReport(
+                node=n.host,
+                node_id=n.node_id,
+                resources=n.resources,
+                slots=n.slots,
+                shards=n.shards,
+                failures=n.failures,
+                set_aside=n.set_aside,
+                busy_s=round(n.busy_s, 2),
+            )
             for n in self.nodes.values()
-        ]
+        )

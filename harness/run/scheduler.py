@@ -14,6 +14,9 @@
   worker that sends nothing for `stall_timeout_s` is ended and treated as dead. A model that
   cannot be loaded (its constructor raised: a refused artifact, an unsupported op) is not retried:
   its utterances become `worker failed` rows with the reason.
+
+The policy is all here and in `harness.run.placement`; what it does to the cluster (start a worker
+on a node, wait for rows, list nodes) goes through `harness.run.actors.Cluster`, Ray's by default.
 """
 
 from __future__ import annotations
@@ -21,25 +24,34 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic
 
 from harness.core.status import Status
 from harness.job.spec import ModelCell
-from harness.results.run_dir import row
+from harness.results.run_info import Failure, PassReport, WorkerReport
+from harness.run.actors import (
+    Actor,
+    Cluster,
+    LoadFailed,
+    RayCluster,
+    S,
+    ShardFailed,
+    WorkerClass,
+    WorkerDied,
+)
 from harness.run.dataset import Shard
-from harness.run.placement import Nodes
-from harness.run.worker import ModelWorker, worker_error
+from harness.run.placement import NodeInfo, Nodes
 
 PROGRESS_EVERY_S = 30.0  # one line of progress this often when stderr is not a terminal
 
 
 @dataclass(frozen=True)
-class Work:
+class Work(Generic[S]):
     """One model to evaluate and the shards it still has to do."""
 
-    setup: Any  # what its worker is made with: a WorkerSetup, or the analysis pass's setup; has `.cell`
+    setup: S  # what its worker is made with
     shards: tuple[Shard, ...]
     resource: str | None  # a board resource its workers need (None: any CPU)
 
@@ -70,10 +82,9 @@ class Worker:
     work: Work
     node_id: str
     started: float
-    ready: Any = None  # the `ready` call's ref while loading
-    info: dict[str, Any] = field(default_factory=dict)
+    loading: bool = True  # until its model is loaded
+    info: dict[str, Any] = field(default_factory=dict)  # its `ready()`, and `ready_s`
     task: Task | None = None
-    stream: Any = None  # the ObjectRefGenerator of the running shard
     last_seen: float = 0.0
     busy_s: float = 0.0
     shards: int = 0
@@ -83,44 +94,39 @@ class Worker:
 ShardDone = Callable[[ModelCell, Shard, list[dict[str, Any]]], None]
 # the row of an utterance no worker decoded: (model, utt id, reference text, status, reason, attempt)
 FailureRow = Callable[[ModelCell, str, str, Status, str, int], dict[str, Any]]
+Index = Callable[[], tuple[list[str], list[str]]]  # the dataset's utterance ids and reference texts
 
 
-def raw_failure_row(cell: ModelCell, utt_id: str, text: str, status: Status, reason: str, attempt: int) -> dict:
-    return row(cell, utt_id, text, status, reason, attempt=attempt)
-
-
-class Scheduler:
+class Scheduler(Generic[S]):
     def __init__(
         self,
-        work: list[Work],
+        work: Sequence[Work[S]],
         options: SchedulerOptions,
+        worker: WorkerClass[S],
         on_shard: ShardDone,
-        index: Callable[[], tuple[list[str], list[str]]],
+        failure_row: FailureRow,
+        index: Index,
         progress: bool,
         log: Callable[[str], None] = print,
-        worker: type = ModelWorker,
-        failure_row: FailureRow = raw_failure_row,
+        cluster: Cluster | None = None,
     ) -> None:
-        """`worker`: the actor class, made with a `Work.setup`, with `ready`, `peak_rss_mb` and a
-        `run_shard(shard, skip, attempt)` generator of rows; `failure_row` makes its kind of row
-        for the utterances it could not do."""
-        import ray
-
-        self.ray = ray
-        self.options, self.on_shard, self.index, self.log = options, on_shard, index, log
+        """`worker` is made with each `Work.setup`; every finished shard's rows go to `on_shard`,
+        those of utterances no worker could do made by `failure_row` (`index` gives their ids and
+        texts). `cluster`: the one this process joined, unless given."""
+        self.cluster = cluster or RayCluster()
+        self.options, self.worker, self.on_shard, self.index, self.log = options, worker, on_shard, index, log
         self.failure_row = failure_row
         self.work = {w.cell.label: w for w in work}
         self.pending = {w.cell.label: deque(Task(s) for s in w.shards) for w in work}
         self.remaining = {w.cell.label: sum(s.stop - s.start for s in w.shards) for w in work}
         self.seconds_per_utt: dict[str, float] = {}
-        self.workers: dict[Any, Worker] = {}
-        self.failures: list[dict[str, Any]] = []
-        self.finished_workers: list[dict[str, Any]] = []
-        self.nodes = Nodes(options.threads, options.slots, log)
-        self.remote = ray.remote(worker)
+        self.workers: dict[Actor, Worker] = {}
+        self.failures: list[Failure] = []
+        self.finished_workers: list[WorkerReport] = []
+        self.nodes = Nodes(self.cluster, options.threads, options.slots, log)
         self.progress = progress
         self.bars = self._bars(progress)
-        self.last_line = time.monotonic()
+        self.last_line = self.cluster.time()
 
     def runnable_here(self, work: Work) -> str | None:
         """Why no node of this cluster may run `work`, or None."""
@@ -128,7 +134,7 @@ class Scheduler:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> PassReport:
         for label, work in self.work.items():
             if reason := self.runnable_here(work):
                 self._give_up(label, Status.UNAVAILABLE, reason)
@@ -147,7 +153,7 @@ class Scheduler:
 
     def _fill(self) -> None:
         """Start workers on free slots, each for the model with the most work left per worker."""
-        now = time.monotonic()
+        now = self.cluster.time()
         self.nodes.refresh_if_due()
         for label, queue in self.pending.items():
             if queue and not self._workers_of(label) and (reason := self.runnable_here(self.work[label])):
@@ -184,88 +190,66 @@ class Scheduler:
         paces = self.seconds_per_utt.values()
         return self.remaining[label] * self.seconds_per_utt.get(label, sum(paces) / len(paces) if paces else 1.0)
 
-    def _start(self, label: str, node: Any) -> None:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    def _start(self, label: str, node: NodeInfo) -> None:
         work = self.work[label]
         resources = self.nodes.take(node, work.resource)
-        actor = self.remote.options(
-            num_cpus=self.options.threads,
-            resources=resources,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-        ).remote(work.setup)
-        now = time.monotonic()
-        self.workers[actor] = Worker(
-            work, node.node_id, now, ready=actor.ready.remote(), last_seen=now, resources=resources
-        )
+        actor = self.cluster.start(self.worker, work.setup, node.node_id, self.options.threads, resources)
+        now = self.cluster.time()
+        self.workers[actor] = Worker(work, node.node_id, now, last_seen=now, resources=resources)
 
     def _step(self) -> None:
-        waiting = {}
-        for actor, w in self.workers.items():
-            ref = w.ready if w.ready is not None else w.stream
-            if ref is not None:
-                waiting[ref] = actor
-        if not waiting:
-            time.sleep(0.2)  # only back-off timers are running
+        if not self.workers:
+            self.cluster.sleep(0.2)  # only back-off timers are running
             return
-        done, _ = self.ray.wait(list(waiting), num_returns=1, timeout=1.0)
-        for ref in done:
-            actor = waiting[ref]
+        for actor in self.cluster.wait(list(self.workers), timeout=1.0):
             worker = self.workers[actor]
-            if worker.ready is not None:
+            if worker.loading:
                 self._on_ready(actor, worker)
             else:
                 self._on_row(actor, worker)
 
-    def _on_ready(self, actor: Any, worker: Worker) -> None:
-        ray = self.ray
+    def _on_ready(self, actor: Actor, worker: Worker) -> None:
+        worker.loading = False
         try:
-            worker.info = ray.get(worker.ready)
-        except ray.exceptions.RayActorError as exc:
-            worker.ready = None
-            if exc.actor_init_failed:  # the model cannot be loaded: retrying would fail the same way
-                self._end(actor)
-                self._give_up(worker.work.cell.label, Status.WORKER_FAILED, worker_error(exc))
-            else:
-                self._died(actor, worker, exc)
+            worker.info = actor.loaded()
+        except LoadFailed as exc:  # the model cannot be loaded: retrying would fail the same way
+            self._end(actor)
+            self._give_up(worker.work.cell.label, Status.WORKER_FAILED, str(exc))
             return
-        worker.ready, worker.last_seen = None, time.monotonic()
+        except WorkerDied as exc:
+            self._died(actor, worker, str(exc))
+            return
+        worker.last_seen = self.cluster.time()
         # from the request to a loaded, warmed model: process start and imports too, not only `load_s`
         worker.info["ready_s"] = round(worker.last_seen - worker.started, 2)
         self._next_task(actor, worker)
 
-    def _next_task(self, actor: Any, worker: Worker) -> None:
+    def _next_task(self, actor: Actor, worker: Worker) -> None:
         queue = self.pending[worker.work.cell.label]
-        now = time.monotonic()
+        now = self.cluster.time()
         if not queue or queue[0].not_before > now:
             self._end(actor, graceful=True)  # its slot goes to the model with the most work left
             return
         task = queue.popleft()
         worker.task, worker.last_seen = task, now
-        worker.stream = actor.run_shard.remote(task.shard, len(task.rows), task.attempt)
+        actor.run_shard(task.shard, len(task.rows), task.attempt)
 
-    def _on_row(self, actor: Any, worker: Worker) -> None:
-        ray = self.ray
+    def _on_row(self, actor: Actor, worker: Worker) -> None:
         task = worker.task
         assert task is not None
         try:
-            ref = next(worker.stream)
-        except StopIteration:
+            values = actor.next_row()
+        except WorkerDied as exc:
+            self._died(actor, worker, str(exc))
+            return
+        except ShardFailed as exc:
+            self._end(actor)
+            self._fail_task(worker.work.cell.label, task, Status.WORKER_FAILED, str(exc))
+            return
+        if values is None:
             self._shard_done(actor, worker)
             return
-        except ray.exceptions.RayActorError as exc:
-            self._died(actor, worker, exc)
-            return
-        try:
-            values = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
-            self._died(actor, worker, exc)
-            return
-        except ray.exceptions.RayTaskError as exc:  # a bug in the worker's loop: not a dead process
-            self._end(actor)
-            self._fail_task(worker.work.cell.label, task, Status.WORKER_FAILED, worker_error(exc))
-            return
-        now = time.monotonic()
+        now = self.cluster.time()
         label = worker.work.cell.label
         took = now - worker.last_seen
         worker.busy_s += took
@@ -276,20 +260,20 @@ class Scheduler:
         if label in self.bars:
             self.bars[label].update(1)
 
-    def _shard_done(self, actor: Any, worker: Worker) -> None:
+    def _shard_done(self, actor: Actor, worker: Worker) -> None:
         task = worker.task
         assert task is not None
         worker.shards += 1
         self.nodes.shard_done(worker.node_id)
         self.on_shard(worker.work.cell, task.shard, task.rows)
-        worker.task = worker.stream = None
+        worker.task = None
         self._next_task(actor, worker)
 
-    def _died(self, actor: Any, worker: Worker, exc: BaseException) -> None:
+    def _died(self, actor: Actor, worker: Worker, reason: str) -> None:
         """A worker process (or its node) died: its shard's remaining utterances go back in the queue."""
-        label, reason = worker.work.cell.label, worker_error(exc)
+        label = worker.work.cell.label
         host = self.nodes.failed(worker.node_id)
-        self.failures.append({"model": label, "node": host, "node_id": worker.node_id, "reason": reason, "at": _now()})
+        self.failures.append(Failure(model=label, node=host, node_id=worker.node_id, reason=reason, at=_now()))
         task = worker.task
         self._end(actor)
         if task is None:  # died while loading: the model may still load elsewhere
@@ -299,43 +283,42 @@ class Scheduler:
         if task.attempt >= self.options.max_attempts:
             self._fail_task(label, task, Status.WORKER_FAILED, f"{reason} (after {task.attempt} attempts)")
             return
-        task.not_before = time.monotonic() + 2.0**task.attempt
+        task.not_before = self.cluster.time() + 2.0**task.attempt
         self.pending[label].appendleft(task)
 
     def _retry_load(self, label: str, reason: str) -> None:
-        deaths = sum(1 for f in self.failures if f["model"] == label)
+        deaths = sum(1 for f in self.failures if f.model == label)
         if deaths >= self.options.max_attempts:
             self._give_up(label, Status.WORKER_FAILED, f"{reason} (after {deaths} attempts)")
 
     def _reap_stalled(self) -> None:
-        now = time.monotonic()
+        now = self.cluster.time()
         for actor, worker in list(self.workers.items()):
             if now - worker.last_seen > self.options.stall_timeout_s:
-                what = "loading its model" if worker.ready is not None else "on one utterance"
+                what = "loading its model" if worker.loading else "on one utterance"
                 self.log(f"{worker.work.cell.label}: a worker spent over {self.options.stall_timeout_s:.0f} s {what}")
-                self.ray.kill(actor)
-                self._died(actor, worker, TimeoutError(f"no progress for {self.options.stall_timeout_s:.0f} s {what}"))
+                actor.kill()
+                self._died(actor, worker, f"TimeoutError: no progress for {self.options.stall_timeout_s:.0f} s {what}")
 
-    def _end(self, actor: Any, graceful: bool = False) -> None:
+    def _end(self, actor: Actor, graceful: bool = False) -> None:
         worker = self.workers.pop(actor, None)
         if worker is None:
             return
-        if graceful:  # its peak memory over the whole run, not only at load
-            try:
-                worker.info["rss_mb"] = self.ray.get(actor.peak_rss_mb.remote(), timeout=10)
-            except (self.ray.exceptions.RayError, TimeoutError):
-                pass  # the figure taken at load stays
-        self.ray.kill(actor)
+        if graceful and (peak := actor.peak_rss_mb()) is not None:  # over the whole run, not only at load
+            worker.info["rss_mb"] = peak
+        actor.kill()
         self.nodes.release(worker.node_id, worker.resources, worker.busy_s)
         self.finished_workers.append(
-            {
-                "model": worker.work.cell.label,
-                "node": worker.info.get("node") or self.nodes.host(worker.node_id),
-                **{k: worker.info[k] for k in ("load_s", "ready_s", "rss_mb") if k in worker.info},
-                "shards": worker.shards,
-                "busy_s": round(worker.busy_s, 2),
-                "alive_s": round(time.monotonic() - worker.started, 2),
-            }
+            WorkerReport(
+                model=worker.work.cell.label,
+                node=worker.info.get("node") or self.nodes.host(worker.node_id),
+                load_s=worker.info.get("load_s"),
+                ready_s=worker.info.get("ready_s"),
+                rss_mb=worker.info.get("rss_mb"),
+                shards=worker.shards,
+                busy_s=round(worker.busy_s, 2),
+                alive_s=round(self.cluster.time() - worker.started, 2),
+            )
         )
 
     # -- failures as rows ------------------------------------------------------------------------
@@ -371,7 +354,7 @@ class Scheduler:
         }
 
     def _report_progress(self) -> None:
-        now = time.monotonic()
+        now = self.cluster.time()
         if not self.progress or self.bars or now - self.last_line < PROGRESS_EVERY_S:
             return
         self.last_line = now
@@ -379,14 +362,12 @@ class Scheduler:
         nodes = len({w.node_id for w in self.workers.values()})
         print(f"progress: {done}; {len(self.workers)} workers on {nodes} nodes", file=sys.stderr, flush=True)
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> PassReport:
         """For run.json: per node its resources, shards, failures and busy time; per worker its model
         load time, peak memory and work."""
-        return {
-            "nodes": self.nodes.report(),
-            "workers": self.finished_workers,
-            "failures": self.failures,
-        }
+        return PassReport(
+            nodes=self.nodes.report(), workers=tuple(self.finished_workers), failures=tuple(self.failures)
+        )
 
 
 def _now() -> str:

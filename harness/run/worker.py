@@ -53,7 +53,8 @@ def peak_rss_mb() -> float:
 
 
 class Loaded:
-    """What the scheduler asks of every kind of worker once it has loaded its models."""
+    """What the scheduler asks of every kind of worker once it has loaded its models (with
+    `run_shard`: `harness.run.actors.ShardWorker`)."""
 
     node: str  # host/Ray node
     load_s: float  # seconds spent loading
@@ -81,7 +82,8 @@ def node_name() -> str:
 
 
 class ModelWorker(Loaded):
-    """Wrapped with ray.remote by the driver; plain class so it is testable without Ray."""
+    """The transcription pass's worker; a plain class, made an actor by the scheduler's cluster
+    (`harness.run.actors`), so it is testable without Ray."""
 
     def __init__(self, setup: WorkerSetup) -> None:
         started = time.perf_counter()
@@ -137,25 +139,3 @@ class ModelWorker(Loaded):
                 **out.costs(),
                 **where,
             )
-
-
-def worker_error(exc: BaseException) -> str:
-    """The worker's own exception as `Type: first line`; Ray wraps it in pages of traceback (for a
-    failed `__init__` only as text), or says in its first line why a process died."""
-    import re
-
-    import ray
-
-    from harness.core.errors import one_line
-
-    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
-        return one_line(exc.cause)
-    if not isinstance(exc, ray.exceptions.RayError):
-        return one_line(exc)
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()
-    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
-    after = [line for line in lines[frames[-1] + 1 :] if line[:1].strip()] if frames else []
-    if after:  # the traceback's last line names the exception: `module.Type: message`
-        name, _, message = after[0].partition(": ")
-        return f"{name.rsplit('.', 1)[-1]}: {message}".strip()
-    return lines[0].strip() if lines else type(exc).__name__
