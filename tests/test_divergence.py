@@ -24,6 +24,8 @@ from harness.results.divergence import (
     verdict,
 )
 
+pytestmark = pytest.mark.unit  # pure logic: the unit tier
+
 # a 6-token vocabulary: 0 = start, 5 = EOT, 4 never sampled, 3 (blank) not first
 TOY = Prompt(tokens=(0,), eot=5, suppress=(4,), suppress_at_begin=(3, 5), max_new_tokens=3, n_ctx=10)
 

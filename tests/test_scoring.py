@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from harness.results.scoring import first_divergence
 from harness.results.summary import wer_delta
+
+pytestmark = pytest.mark.unit  # pure logic: the unit tier
 
 
 def test_first_divergence():

@@ -12,6 +12,8 @@ from harness.cli import main
 from harness.core.errors import HarnessError
 from harness.job.spec import load_job
 
+pytestmark = pytest.mark.unit  # pure logic: the unit tier
+
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
 

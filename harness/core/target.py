@@ -1,4 +1,4 @@
-"""The contracts every target keeps: `Target` (one per module), `Runner`, `Artifact`.
+"""The contracts every target keeps: `Target` (its declaration), `Implementation`, `Runner`, `Artifact`.
 
 A `Target` is a declaration — name, quantizations with their parity tolerances (and why), runtime
 label, the Ray resource its hardware advertises, the modules its runner needs, its recipe and
