@@ -30,10 +30,10 @@ from whisper.model import Whisper
 from converters import parity
 from converters.forms.ane_host import AneHost, TorchAneRunner
 from converters.forms.ane_model import WhisperANE, from_whisper, vocab_chunks
-from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.decoding import Dims, build_prompt
 from harness.core.target import DEFAULT_THREADS, Artifact, Implementation, Unavailable
+from harness.core.window import mel_frames
 
 ENCODER, DECODER = "encoder.mlpackage.zip", "decoder.mlpackage.zip"
 DEPLOYMENT_TARGET = "macOS13"  # the ML Program opset of macOS 13 / iOS 16: nothing here needs a newer one

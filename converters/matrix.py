@@ -14,12 +14,12 @@ import pandas as pd
 
 from converters.registry import TARGETS, get_target
 from converters.store import Cell, Prepared, prepare
-from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.checkpoint import OFFICIAL_NAMES, Checkpoint, WeightsError
 from harness.core.errors import HarnessError, did_you_mean
 from harness.core.status import Status
 from harness.core.target import CalibrationSource
 from harness.core.weights import resolve_checkpoint
+from harness.core.window import FULL_AUDIO_CTX
 
 
 def expand(sizes: str, targets: str, quants: str) -> list[Cell]:

@@ -26,9 +26,9 @@ import torch
 from whisper.model import Whisper
 
 from converters.forms.cached_step import TransposedVocab, modules
-from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.target import DEFAULT_THREADS, Artifact, Implementation, Runner, require
+from harness.core.window import mel_frames
 
 ENCODER, CROSS_KV, DECODER = "encoder.onnx", "cross_kv.onnx", "decoder_step.onnx"
 # export sample sizes: torch.export refuses 0 and 1 as samples of a dynamic dimension

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from whisper.model import Whisper
 
-from harness.core.audio import FRAMES_PER_POSITION
 from harness.core.checkpoint import Checkpoint
 from harness.core.target import (
     DEFAULT_THREADS,
@@ -25,6 +24,7 @@ from harness.core.target import (
     Runner,
 )
 from harness.core.weights import load_model
+from harness.core.window import FRAMES_PER_POSITION
 
 
 def convert(checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]) -> dict:

@@ -31,7 +31,6 @@ from typing import Any
 
 from converters import parity
 from converters.registry import get_target
-from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.checkpoint import Checkpoint
 from harness.core.decoding import Dims, build_prompt
 from harness.core.errors import HarnessError, one_line, quote, some
@@ -40,6 +39,7 @@ from harness.core.hashing import file_sha256
 from harness.core.status import Status
 from harness.core.target import REFERENCE, Artifact, CalibrationSource, Refused, Target, Unavailable
 from harness.core.weights import load_model, with_audio_ctx
+from harness.core.window import FULL_AUDIO_CTX
 
 MANIFEST = "manifest.json"
 BUILD_LOG = "build.log"  # what the toolchains printed; kept beside the files, not one of them

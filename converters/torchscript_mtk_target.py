@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from whisper.model import Whisper
 
-from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.target import (
     DEFAULT_THREADS,
@@ -28,6 +27,7 @@ from harness.core.target import (
     Runner,
     encoder_io,
 )
+from harness.core.window import mel_frames
 
 ENCODER, DECODER, EMBEDDING = "encoder.pt", "decoder.pt", "token_embedding.npy"
 TRACE_LENGTH = 4  # traced on a 4-token prompt; slicing by the input's length keeps L dynamic

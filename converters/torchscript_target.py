@@ -28,7 +28,6 @@ from torch import nn
 from whisper.model import Whisper
 
 from converters.forms.cached_step import modules
-from harness.core.audio import mel_frames
 from harness.core.checkpoint import Checkpoint
 from harness.core.target import (
     DEFAULT_THREADS,
@@ -37,6 +36,7 @@ from harness.core.target import (
     Runner,
     encoder_io,
 )
+from harness.core.window import mel_frames
 
 ENCODER, CROSS_KV, DECODER = "encoder.pt", "cross_kv.pt", "decoder_step.pt"
 # traced with 2 new tokens on a 3-position cache: neither length is 0 or 1, so the tracer

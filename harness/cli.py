@@ -245,9 +245,10 @@ def _runs(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     from harness.nightly.history import History, display, format_runs, location
-    from harness.results.record import read_run
 
     if args.action == "add":
+        from harness.results.record import read_run  # reading a run's rows needs pandas; listing does not
+
         for run_dir in args.run_dirs:
             where = location(args.history, run_dir.parent.parent)  # results/<job>/<run id>
             record = read_run(run_dir)
@@ -265,7 +266,7 @@ def _history(args: argparse.Namespace) -> int:
         if args.last < 0:
             raise HarnessError(f"--last: expected 0 or more, got {args.last}")
         runs = history.runs(args.job, args.last)
-    print(format_runs(runs) if len(runs) else f"no runs{f' of {args.job}' if args.job else ''} in {display(where)}")
+    print(format_runs(runs) if runs else f"no runs{f' of {args.job}' if args.job else ''} in {display(where)}")
     return ExitCode.OK
 
 

@@ -193,6 +193,19 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tiny_artifacts, models_root, tmp_path_factory):
+    """The main tiny job (jobs/librispeech_tiny_en.yaml: reference and torchscript-mtk on all 70
+    embedded utterances) run once for the session: its rows serve test_run's result checks and
+    test_decoding's token-for-token comparison with `whisper.decode`."""
+    from harness.job.spec import load_job
+    from harness.run.execute import run_job
+
+    embedded_ray()
+    spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml")
+    return run_job(spec, tmp_path_factory.mktemp("results"), models_root, progress=False, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
 def nightly_run(tiny_artifacts, models_root, tmp_path_factory):
     """One real short run (tiny.en reference and torchscript-mtk, 6 utterances) through the command
     line, as a first night: `run --baseline previous` on an empty history. Its folder is the source

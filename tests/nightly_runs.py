@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.job.spec import ModelCell
-from harness.results.run_dir import RAW_COLUMNS  # what workers return (score_rows derives the rest)
+from harness.results.schema import RAW_COLUMNS  # what workers return (score_rows derives the rest)
 from harness.results.scoring import score_rows
 from harness.results.summary import format_summary, summarize
 

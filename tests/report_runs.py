@@ -20,8 +20,9 @@ from converters.registry import TARGETS
 from harness.core.status import Status
 from harness.core.target import REFERENCE
 from harness.job.spec import DatasetSpec, JobSpec, ModelCell
-from harness.results.run_dir import raw_frame, row
-from harness.results.scoring import SCHEMA_VERSION, score_rows
+from harness.results.run_dir import raw_frame
+from harness.results.schema import SCHEMA_VERSION, row
+from harness.results.scoring import score_rows
 from harness.results.summary import summarize
 
 # what a hostile dataset may put in a transcript: markup, an attribute breaker, a closing tag

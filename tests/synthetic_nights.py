@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.core.audio import FULL_AUDIO_CTX
+from harness.core.window import FULL_AUDIO_CTX
 from harness.job.spec import DatasetSpec, JobSpec, ModelCell
-from harness.results.scoring import SCHEMA_VERSION, UTTERANCE_COLUMNS
+from harness.results.schema import SCHEMA_VERSION, UTTERANCE_COLUMNS
 from harness.results.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]

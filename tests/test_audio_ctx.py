@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from converters.store import artifact_key, ensure
-from harness.core.audio import N_FRAMES, log_mel
+from harness.core.audio import log_mel
 from harness.core.decoding import DecodingOptions, Dims, TooLong, build_prompt, greedy_decode
 from harness.core.errors import HarnessError
 from harness.core.longform import transcribe
+from harness.core.window import N_FRAMES
 from harness.job.spec import load_job
 from tests.conftest import language_folder
 
@@ -96,6 +97,7 @@ def test_audio_longer_than_the_window_is_refused_not_trimmed(reference, tiny_dim
     assert transcribe(reference, long.audio, _at(tiny_dims, 1000), DecodingOptions()).tokens
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("value", "problem"),
     [
@@ -117,6 +119,7 @@ def test_audio_ctx_is_validated(tmp_path, value, problem):
     assert problem in str(exc.value)
 
 
+@pytest.mark.unit
 def test_sweep_job_makes_a_model_per_context():
     spec = load_job(ROOT / "jobs" / "audio_ctx_sweep_base.yaml")
     labels = [c.label for c in spec.models.cells()]

@@ -17,6 +17,7 @@ from harness.core.hashing import file_sha256
 from tests.conftest import broken_copy, with_noise
 
 
+@pytest.mark.unit
 def test_unknown_target_suggests_the_closest():
     with pytest.raises(HarnessError, match="did you mean 'torchscript-mtk'"):
         get_target("torchscript-mkt")
@@ -180,6 +181,7 @@ def test_every_target_converts_a_large_v3_shaped_model(large_v3_shaped, target, 
     assert m["parity"]["top1_agreement"] == 1.0 and m["parity"]["logits_max_abs_err"] < 1e-3, m["parity"]
 
 
+@pytest.mark.unit
 def test_nan_numbers_fail_every_check():
     """NaN compares false with everything: an artifact that computes NaN must not slip through."""
     nan = float("nan")

@@ -1,4 +1,4 @@
-"""Datasets through `datasets`: the embedded audiofolder, other layouts, resampling, bad files."""
+"""Datasets: the embedded audiofolder (metadata read without `datasets`), a hub-style parquet, bad files."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import soundfile as sf
 import soxr
 
@@ -24,6 +25,7 @@ def test_embedded_set_is_whole(embedded_utterances):
         assert utt.text == m["text"]
 
 
+@pytest.mark.unit
 def test_split_filter_limit_and_shards():
     spec = DatasetSpec(path=EMBEDDED, split="test-clean")
     assert count_rows(spec) == 8

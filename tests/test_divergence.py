@@ -154,7 +154,8 @@ def test_what_is_not_analysed_says_why():
     form, gets its reason; the others their tokens."""
     from harness.core.decoding import LONG_FORM, SHORT_FORM
     from harness.job.spec import ModelCell
-    from harness.results.run_dir import raw_frame, row
+    from harness.results.run_dir import raw_frame
+    from harness.results.schema import row
     from harness.run.divergence_pass import Transcripts, transcripts_of
 
     ref, cand = ModelCell("tiny.en", "reference", "fp32"), ModelCell("tiny.en", "onnx", "int8")

@@ -25,7 +25,7 @@ from harness.job.thresholds import ThresholdsSpec
 from harness.nightly.dialect import SQLite
 from harness.nightly.history import History
 from harness.results.record import read_run
-from harness.results.scoring import UTTERANCE_COLUMNS
+from harness.results.schema import UTTERANCE_COLUMNS
 from tests.nightly_runs import harness, in_process
 from tests.synthetic_nights import night
 
@@ -134,8 +134,8 @@ history.add(read_run(Path(sys.argv[2])))
 
 def _counts(store: str, run_id: str) -> tuple[int, int, int]:
     with History(store) as history:
-        runs = history.runs()
-        return int((runs["run_id"] == run_id).sum()), len(history.models(run_id)), len(history.utterances(run_id))
+        runs = sum(run["run_id"] == run_id for run in history.runs())
+        return runs, len(history.models(run_id)), len(history.utterances(run_id))
 
 
 def test_a_killed_writer_leaves_no_trace(store, tmp_path):
@@ -220,9 +220,11 @@ def test_a_history_reads_back_every_cell_it_was_given(store, tmp_path):
         assert history.add(read_run(run_dir)) and not history.add(read_run(run_dir))
         stored, models = history.utterances(run_dir.name), history.models(run_dir.name)
         assert history.has_run(run_dir.name) and not history.has_run("20990101-000000-000000")
-        assert history.jobs() == ["librispeech_tiny_en"] and history.pinned("stable").empty
+        assert history.jobs() == ["librispeech_tiny_en"] and history.pinned("stable") == []
         history.pin(run_dir.name, "stable")
-        assert history.pinned("stable").to_dict("records") == [{"job": "librispeech_tiny_en", "run_id": run_dir.name}]
+        assert history.pinned("stable") == [{"job": "librispeech_tiny_en", "run_id": run_dir.name}]
+        (listed,) = history.runs()  # its runs row, with its model count and tags
+        assert (listed["run_id"], listed["models"], listed["tags"]) == (run_dir.name, 2, "stable")
         assert isinstance(history.dialect, SQLite) == (not store.startswith("postgresql"))
     written = pd.read_parquet(run_dir / "utterances.parquet")
     assert list(stored.columns) == UTTERANCE_COLUMNS

@@ -9,7 +9,8 @@ from harness.nightly.dialect import dialect_of
 from harness.nightly.gate import compare
 from harness.nightly.history import History
 from harness.nightly.history_schema import ADDED_IN_2, SCHEMA, sql_type
-from harness.results.record import TABLES, RunRecord, read_run
+from harness.results.record import RunRecord, read_run
+from harness.results.schema import TABLES
 from tests.synthetic_nights import night
 
 

@@ -138,17 +138,20 @@ def _refused(tmp_path: Path, content: bytes | str) -> str:
     return msg
 
 
+@pytest.mark.unit
 def test_non_utf8_job_file_names_the_byte_offset(tmp_path):
     msg = _refused(tmp_path, b"name: caf\xe9\n" + GOOD.encode())
     assert msg.endswith("not UTF-8 text (byte 0xe9 at offset 9)")
 
 
+@pytest.mark.unit
 def test_oversized_job_file_is_refused_unparsed(tmp_path):
     """Valid YAML (a comment) just over the limit: refused for its size alone."""
     content = f"name: big\n{GOOD}# " + "x" * MAX_JOB_BYTES + "\n"
     assert "larger than 64 KiB, the limit for a job file; not parsed" in _refused(tmp_path, content)
 
 
+@pytest.mark.unit
 def test_alias_bomb_is_refused_in_one_short_line(tmp_path):
     levels = "".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 10))
     msg = _refused(tmp_path, f"name: bomb\n{GOOD}l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n{levels}")
@@ -157,11 +160,13 @@ def test_alias_bomb_is_refused_in_one_short_line(tmp_path):
     assert "anchors and aliases" in _refused(tmp_path, f"name: a\n{GOOD}cluster: &c {{slots: 1}}\n")
 
 
+@pytest.mark.unit
 def test_name_is_matched_whole(tmp_path):
     assert "name: expected a name" in _refused(tmp_path, f'name: "job\\n"\n{GOOD}')
     assert "name: expected a name" in _refused(tmp_path, f"name: ok/../../etc\n{GOOD}")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -175,6 +180,7 @@ def test_other_hostile_yaml_gets_one_line(tmp_path, content, expected):
     assert expected in _refused(tmp_path, content)
 
 
+@pytest.mark.unit
 def test_error_messages_stay_short(tmp_path):
     """A huge offending value is quoted clipped, and thousands of problems are counted, not listed."""
     msg = _refused(tmp_path, "name: " + "x" * 50_000 + "\n" + GOOD)

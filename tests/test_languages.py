@@ -21,7 +21,8 @@ from harness.core.decoding import AUTO, DecodingOptions, Dims, detect_language
 from harness.core.errors import HarnessError
 from harness.core.longform import transcribe
 from harness.job.spec import load_job
-from harness.results.run_dir import RAW_COLUMNS, raw_frame
+from harness.results.run_dir import raw_frame
+from harness.results.schema import RAW_COLUMNS
 from harness.results.scoring import CER_LANGUAGES, headline, normalize, score_rows
 from harness.results.summary import summarize
 from tests.conftest import language_folder
@@ -39,6 +40,7 @@ def _job(tmp_path: Path, decoding: str, sizes: str = "[tiny.en]", dataset: str =
     return job
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("decoding", "line"),
     [
@@ -54,6 +56,7 @@ def test_english_only_sizes_refuse_other_languages_at_validation(tmp_path, decod
     load_job(_job(tmp_path, decoding, sizes="[base]"))  # the multilingual size takes it
 
 
+@pytest.mark.unit
 def test_language_values(tmp_path):
     assert load_job(_job(tmp_path, "{language: German}", sizes="[base]")).decoding.language == "de"
     assert load_job(_job(tmp_path, "{language: auto}", sizes="[base]")).decoding.language == AUTO
@@ -87,6 +90,7 @@ def test_language_column_is_read_and_checked(tmp_path):
         check_dataset(DatasetSpec(path=tmp_path, language_column="language"))
 
 
+@pytest.mark.unit
 def test_normalisers_and_headline_by_hand():
     from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
@@ -113,6 +117,7 @@ def _raw(model: str, rows: list[tuple], detected: list[str | None]) -> list[dict
     return out
 
 
+@pytest.mark.unit
 def test_scoring_by_language_equals_jiwer_by_hand():
     """Each utterance by its language's rules: the dataset's language first, else the reference's;
     translations in English. CER languages count grapheme errors (spaces never count); the summary

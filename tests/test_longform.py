@@ -114,7 +114,8 @@ def test_converted_fp32_target_matches_the_reference_in_long_form(
 
 
 def test_short_form_refuses_audio_over_30_s_as_an_error_row(ray_local, reference_artifact, reference_rows):
-    from harness.results.scoring import UTTERANCE_COLUMNS, score_rows
+    from harness.results.schema import UTTERANCE_COLUMNS
+    from harness.results.scoring import score_rows
     from harness.results.summary import summarize
 
     rows = worker_rows(reference_artifact, DecodingOptions(long_form=False))
@@ -137,7 +138,8 @@ def test_windowed_log_mel_is_whisper_transcribe_front_end_bit_for_bit(longform_u
     import torch
     import whisper
 
-    from harness.core.audio import N_FRAMES, N_SAMPLES, WindowedMel
+    from harness.core.audio import WindowedMel
+    from harness.core.window import N_FRAMES, N_SAMPLES
 
     audio = longform_utterances[0].audio
     whole = whisper.log_mel_spectrogram(torch.from_numpy(audio), 80, padding=N_SAMPLES)
@@ -155,7 +157,8 @@ import json, pathlib, resource, sys
 import numpy as np, torch
 from converters.reference_target import ReferenceRunner
 from converters.store import load_artifact
-from harness.core.audio import SAMPLE_RATE, decode_audio
+from harness.core.audio import decode_audio
+from harness.core.window import SAMPLE_RATE
 from harness.core.decoding import DecodingOptions, Dims
 from harness.core.longform import transcribe
 
@@ -192,6 +195,7 @@ def test_forty_minutes_decode_in_bounded_memory(reference_artifact, longform_utt
     assert out["kib"] < 50 * 1024, out
 
 
+@pytest.mark.unit
 def test_long_form_setting_is_validated(tmp_path):
     from harness.core.errors import HarnessError
     from harness.job.spec import load_job

@@ -227,6 +227,7 @@ def test_a_run_never_opens_the_drivers_store_on_the_node(
     assert {f.split("-")[0] for f in folders if not f.startswith(".")} == keys
 
 
+@pytest.mark.unit
 def test_the_artifact_server_imports_nothing_heavy():
     """Ray imports the server's module in the actor's own process before any node can fetch:
     torch, whisper or pandas there would cost every run seconds of start-up."""

@@ -216,6 +216,7 @@ def test_a_15_model_70_utterance_report_is_well_under_5_mb_and_escapes_data(synt
     assert "<link" not in html and "@import" not in html and "url(" not in html.replace("url(#", "")
 
 
+@pytest.mark.unit
 def test_pareto_front_by_hand():
     wer = np.array([0.10, 0.08, 0.08, 0.12, np.nan, 0.05])
     latency = np.array([100.0, 200.0, 250.0, 90.0, 10.0, 400.0])

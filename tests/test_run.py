@@ -12,18 +12,12 @@ import jiwer
 import pandas as pd
 import pytest
 
-from harness.job.spec import load_job
-from harness.results.scoring import SCHEMA_VERSION, UTTERANCE_COLUMNS, normalize
+from harness.results.schema import SCHEMA_VERSION, UTTERANCE_COLUMNS
+from harness.results.scoring import normalize
 from harness.results.summary import format_summary
 from harness.results.timing import cpu_description
 from harness.run.execute import run_job
 from tests.conftest import EMBEDDED, ROOT
-
-
-@pytest.fixture(scope="module")
-def tiny_run(ray_local, tiny_artifacts, models_root, tmp_path_factory):
-    spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml")
-    return run_job(spec, tmp_path_factory.mktemp("results"), models_root, progress=False, log=lambda *a: None)
 
 
 def test_run_writes_complete_results(tiny_run):

@@ -155,9 +155,9 @@ def test_long_form_is_refused_with_its_reason(ct2_runners, tiny_dims):
     differently-ruled transcript; a 30 s item stays short form and decodes."""
     import numpy as np
 
-    from harness.core.audio import N_SAMPLES
     from harness.core.longform import transcribe
     from harness.core.target import Unavailable
+    from harness.core.window import N_SAMPLES
 
     with pytest.raises(Unavailable, match=r"long form \(30\.0 s\).*CTranslate2Runner decodes by itself"):
         transcribe(ct2_runners["fp32"], np.zeros(N_SAMPLES + 1, np.float32), tiny_dims, DecodingOptions())

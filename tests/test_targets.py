@@ -81,12 +81,12 @@ def test_a_declaration_with_a_wrong_field_fails_naming_it(change, message):
 
 def test_an_implementation_with_a_wrong_field_fails_naming_it():
     implementation = TARGETS["onnx"].load()
-    with pytest.raises(TypeError, match="is not a subclass of harness.core.target.Runner"):
+    with pytest.raises(TypeError, match=r"is not a subclass of harness\.core\.target\.Runner"):
         dataclasses.replace(implementation, runner=object)
     with pytest.raises(TypeError, match="convert is not callable"):
         dataclasses.replace(implementation, convert=None)
     # a declaration whose module holds something else under the name: refused when loaded, naming it
-    with pytest.raises(TypeError, match="converters.onnx_target:OnnxRunner is not an Implementation"):
+    with pytest.raises(TypeError, match=r"converters\.onnx_target:OnnxRunner is not an Implementation"):
         dataclasses.replace(TARGETS["onnx"], implementation="converters.onnx_target:OnnxRunner").load()
 
 

@@ -129,6 +129,7 @@ def test_file_that_is_not_a_whisper_checkpoint(tmp_path: Path) -> None:
         resolve_checkpoint(str(other))
 
 
+@pytest.mark.unit
 def test_unknown_name_suggests_official_name() -> None:
     with pytest.raises(WeightsError) as err:
         resolve_checkpoint("tiny-en")
@@ -137,6 +138,7 @@ def test_unknown_name_suggests_official_name() -> None:
     assert "did you mean 'tiny.en'?" in message
 
 
+@pytest.mark.unit
 def test_missing_path_says_no_such_file(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="no such file"):
         resolve_checkpoint(str(tmp_path / "missing.pt"))
@@ -173,6 +175,7 @@ def test_base_converts_from_split_packages(tmp_path: Path) -> None:
     assert heads == [[3, 1], [4, 2], [4, 3], [4, 7], [5, 1], [5, 2], [5, 4], [5, 6]]
 
 
+@pytest.mark.unit
 def test_tensor_sha256_covers_names_dtypes_shapes_and_bytes() -> None:
     a = {"x": torch.arange(6, dtype=torch.float16), "y": torch.ones(2, dtype=torch.bfloat16)}
     digest = tensor_sha256(a)
@@ -185,6 +188,7 @@ def test_tensor_sha256_covers_names_dtypes_shapes_and_bytes() -> None:
     assert tensor_sha256({"t": t.T}) == tensor_sha256({"t": t.T.contiguous()})
 
 
+@pytest.mark.unit
 def test_truncated_ct2_file_is_a_value_error() -> None:
     # _convert_packaged turns ValueError into a one-line WeightsError; a damaged
     # install must not surface as a struct or torch traceback instead.

@@ -21,7 +21,7 @@ from torch import nn
 from whisper.model import Whisper
 
 from converters.forms.blocks import CrossKV, DecoderBlock
-from harness.core.audio import mel_frames
+from harness.core.window import mel_frames
 
 ENCODER, CROSS_KV, DECODER = "encoder.tflite", "cross_kv.tflite", "decoder.tflite"
 CACHE_INPUTS = ("mask", "k_cache", "v_cache", "cross_k", "cross_v")

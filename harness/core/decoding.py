@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from harness.core.audio import FULL_AUDIO_CTX, N_SAMPLES, SAMPLE_RATE, log_mel, window_samples
+from harness.core.audio import log_mel
 from harness.core.errors import HarnessError
 from harness.core.languages import TO_LANGUAGE_CODE
 from harness.core.target import Runner, SelfDecodingRunner
 from harness.core.timestamps import TimestampRules, apply_timestamp_rules
+from harness.core.window import FULL_AUDIO_CTX, N_SAMPLES, SAMPLE_RATE, window_samples
 
 
 @dataclass(frozen=True)

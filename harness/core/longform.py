@@ -41,7 +41,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from harness.core.audio import FULL_AUDIO_CTX, N_FRAMES, SAMPLE_RATE, WindowedMel
+from harness.core.audio import WindowedMel
 from harness.core.decoding import (
     AUTO,
     LONG_FORM,
@@ -59,6 +59,7 @@ from harness.core.decoding import (
 )
 from harness.core.target import Runner, SelfDecodingRunner, Unavailable
 from harness.core.timestamps import TimestampRules, split_window
+from harness.core.window import FULL_AUDIO_CTX, N_FRAMES, SAMPLE_RATE
 
 NO_SPEECH_THRESHOLD = 0.6  # whisper.transcribe's defaults, both needed for a window to be silence
 LOGPROB_THRESHOLD = -1.0

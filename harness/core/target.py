@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from harness.core.checkpoint import Checkpoint
 from harness.core.errors import HarnessError, did_you_mean, one_line
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: declaring a target loads no numerics
+    import numpy as np
     from whisper.model import Whisper
 
     from harness.core.decoding import Prompt
@@ -136,12 +135,12 @@ class CalibrationSource:
     load: Callable[[], list[np.ndarray]]  # 16 kHz mono float32 utterances
 
 
-Converter = Callable[["Checkpoint", "Whisper", str, Path, Sequence[np.ndarray]], dict[str, Any]]
+Converter = Callable[["Checkpoint", "Whisper", str, Path, "Sequence[np.ndarray]"], dict[str, Any]]
 
 
 def encoder_io(dims: Any, mel: str = "mel", features: str = "audio_features") -> dict[str, Any]:
     """The manifest's description of an encoder: mel [1, n_mels, 2 x n_audio_ctx] → [1, n_audio_ctx, d]."""
-    from harness.core.audio import mel_frames
+    from harness.core.window import mel_frames
 
     return {
         "inputs": {mel: [1, dims.n_mels, mel_frames(dims.n_audio_ctx)]},

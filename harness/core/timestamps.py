@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.core.audio import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+from harness.core.window import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 
 # One audio-context position per 2 mel frames: N_FRAMES / n_audio_ctx, 1500 in every Whisper (its
 # encoder's positional embedding has to cover exactly the 3000 frames the front end makes)

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from converters.registry import TARGETS
-
-# every official name; any other size must be a path to an openai-whisper .pt
-from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.checkpoint import OFFICIAL_NAMES
 from harness.core.decoding import AUTO, DecodingOptions, english_only_refusal
 from harness.core.errors import clip, did_you_mean, quote
 from harness.core.languages import LANGUAGES, TO_LANGUAGE_CODE
 from harness.core.target import REFERENCE
+
+# every official name; any other size must be a path to an openai-whisper .pt
+from harness.core.window import FULL_AUDIO_CTX
 from harness.job.file import read_job_yaml
 from harness.job.thresholds import ThresholdsSpec, parse_thresholds
 from harness.job.validation import raise_all, simple, unknown_keys

@@ -157,30 +157,33 @@ def resolve(history: History, ref: str, job: str | None = None, candidate: str |
         if history.has_run(ref):
             return ref
         job = job or (history.run(candidate)["job"] if candidate else None)
-        pins = history.pinned(ref)
-        if job:
-            pins = pins[pins["job"] == job]
+        pins = [pin for pin in history.pinned(ref) if not job or pin["job"] == job]
         if len(pins) > 1:
-            raise HarnessError(f"tag {ref!r} is pinned in jobs {', '.join(pins['job'])}: name one with --job")
-        if pins.empty:
+            raise HarnessError(
+                f"tag {ref!r} is pinned in jobs {', '.join(p['job'] for p in pins)}: name one with --job"
+            )
+        if not pins:
             raise HarnessError(
                 f"{ref!r}: no such run id or tag{f' of job {job}' if job else ''} in history {display(history.where)}"
             )
-        return str(pins["run_id"].iloc[0])
+        return str(pins[0]["run_id"])
     if candidate:
         this = history.run(candidate)
-        runs = history.runs(this["job"])
-        runs = runs[(runs["run_id"] != candidate) & (runs["dataset"] == this["dataset"])]
-        if ref == "previous":
-            runs = runs[runs["started"] < this["started"]]
-        return str(runs["run_id"].iloc[-1]) if len(runs) else None
+        others = [
+            run["run_id"]
+            for run in history.runs(this["job"])
+            if run["run_id"] != candidate
+            and run["dataset"] == this["dataset"]
+            and (ref != "previous" or run["started"] < this["started"])
+        ]
+        return str(others[-1]) if others else None
     if job is None:
         jobs = history.jobs()
         if len(jobs) > 1:
             raise HarnessError(f"'{ref}': the history holds runs of {', '.join(jobs)}: name one with --job")
-    ids = history.runs(job)["run_id"]
-    chosen = ids.iloc[-1:] if ref == "latest" else ids.iloc[-2:-1]
-    return str(chosen.iloc[0]) if len(chosen) else None
+    ids = [run["run_id"] for run in history.runs(job)]
+    chosen = ids[-1:] if ref == "latest" else ids[-2:-1]
+    return str(chosen[0]) if chosen else None
 
 
 def resolve_pair(history: History, baseline: str, candidate: str, job: str | None) -> tuple[str, str]:

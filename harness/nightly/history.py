@@ -20,15 +20,19 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from harness.core.errors import HarnessError
 from harness.nightly.dialect import Dialect, dialect_of, display
 from harness.nightly.history_schema import SCHEMA, TABLES, create, migrate_1_to_2, sql_type
-from harness.results.record import BOOL, INT, JSON, REAL, RUN_COLUMNS, UTTERANCE_HISTORY_COLUMNS, RunRecord
+from harness.results.schema import BOOL, INT, JSON, REAL, RUN_COLUMNS, UTTERANCE_HISTORY_COLUMNS
+
+if TYPE_CHECKING:  # both load pandas: listing runs (`history`) needs neither, so they are imported where used
+    import pandas as pd
+
+    from harness.results.record import RunRecord
 
 HISTORY_ENV = "HARNESS_HISTORY"
 DEFAULT_FILE = "history.sqlite"
@@ -79,15 +83,25 @@ class History:
         with self._errors(), self.dialect.transaction(self._conn) as cur:
             yield cur
 
-    def _frame(self, on: Any, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
-        """A statement's rows, run on the connection or on a transaction's cursor."""
+    def _fetch(self, on: Any, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[Sequence[Any]]]:
+        """A statement's column names and rows, run on the connection or on a transaction's cursor."""
         cur = on.execute(self.dialect.sql(sql), tuple(params))
-        # object columns: NULL stays None (pandas would make it NaN in a column of text)
-        return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description], dtype=object)
+        return [d[0] for d in cur.description], cur.fetchall()
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """A statement's rows as plain dicts (NULL: None): the catalogue's small queries, no pandas."""
         with self._errors():
-            return self._frame(self._conn, sql, params)
+            names, rows = self._fetch(self._conn, sql, params)
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def _frame(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        """A statement's rows as a DataFrame: the bulk tables (a run's models and utterances)."""
+        import pandas as pd
+
+        with self._errors():
+            names, rows = self._fetch(self._conn, sql, params)
+        # object columns: NULL stays None (pandas would make it NaN in a column of text)
+        return pd.DataFrame(rows, columns=names, dtype=object)
 
     def _ensure_schema(self) -> None:
         """Create the tables on first use; refuse a store of another schema. Only a new store takes
@@ -129,15 +143,16 @@ class History:
     def _missing_columns(self, on: Any) -> list[tuple[str, str]]:
         missing = []
         for table, columns in TABLES.items():
-            have = set(self._frame(on, self.dialect.columns_sql, (table,))["name"])
+            names, rows = self._fetch(on, self.dialect.columns_sql, (table,))
+            have = {row[names.index("name")] for row in rows}
             missing += [(table, c) for c in columns if c not in have]
         return missing
 
     def _schema(self) -> str:
-        return self._query('SELECT "value" FROM "meta" WHERE "key" = ?', ("schema",))["value"].iloc[0]
+        return self._rows('SELECT "value" FROM "meta" WHERE "key" = ?', ("schema",))[0]["value"]
 
     def _has_schema(self) -> bool:
-        return bool(self._query(self.dialect.has_schema_sql).iloc[0, 0])
+        return any(self._rows(self.dialect.has_schema_sql)[0].values())  # one row, one cell
 
     # -- writing
 
@@ -185,33 +200,38 @@ class History:
     # -- reading
 
     def run(self, run_id: str) -> dict[str, Any]:
-        rows = self._query('SELECT * FROM "runs" WHERE "run_id" = ?', (run_id,))
-        if rows.empty:
+        rows = self._rows('SELECT * FROM "runs" WHERE "run_id" = ?', (run_id,))
+        if not rows:
             raise HarnessError(f"run {run_id}: not in history {display(self.where)}")
-        row = rows.iloc[0].to_dict()
+        row = rows[0]
         return {k: json.loads(v) if RUN_COLUMNS.get(k) == JSON and v is not None else v for k, v in row.items()}
 
-    def runs(self, job: str | None = None, last: int | None = None) -> pd.DataFrame:
-        """Runs, oldest first (the last `last` of them), with their model count and pinned tags."""
+    def runs(self, job: str | None = None, last: int | None = None) -> list[dict[str, Any]]:
+        """Runs, oldest first (the last `last` of them): their `runs` rows as stored (JSON as its
+        text), with `models` (how many) and `tags` (the tags pinned to each, comma-separated)."""
         where, params = ('WHERE "job" = ?', (job,)) if job else ("", ())
-        runs = self._query(f'SELECT * FROM "runs" {where} ORDER BY "started", "run_id"', params)
+        runs = self._rows(f'SELECT * FROM "runs" {where} ORDER BY "started", "run_id"', params)
         if last:
-            runs = runs.tail(last)
-        counts = self._query('SELECT "run_id", COUNT(*) AS "models" FROM "models" GROUP BY "run_id"')
-        pins = self._query('SELECT "run_id", "tag" FROM "pins" ORDER BY "tag"')
-        models = dict(zip(counts["run_id"], counts["models"], strict=True))
-        tags = pins.groupby("run_id")["tag"].agg(", ".join).to_dict() if len(pins) else {}
-        runs["models"] = [int(models.get(r, 0)) for r in runs["run_id"]]
-        runs["tags"] = [tags.get(r, "") for r in runs["run_id"]]
-        return runs.reset_index(drop=True)
+            runs = runs[-last:]
+        counts = self._rows('SELECT "run_id", COUNT(*) AS "models" FROM "models" GROUP BY "run_id"')
+        models = {row["run_id"]: int(row["models"]) for row in counts}
+        tags: dict[str, list[str]] = {}
+        for pin in self._rows('SELECT "run_id", "tag" FROM "pins" ORDER BY "tag"'):
+            tags.setdefault(pin["run_id"], []).append(pin["tag"])
+        return [
+            {**run, "models": models.get(run["run_id"], 0), "tags": ", ".join(tags.get(run["run_id"], ()))}
+            for run in runs
+        ]
 
     def models(self, run_id: str) -> pd.DataFrame:
-        return self._query('SELECT * FROM "models" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
+        return self._frame('SELECT * FROM "models" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
 
     def utterances(self, run_id: str) -> pd.DataFrame:
         """A run's per-utterance rows as utterances.parquet has them (tokens as lists, pandas dtypes)."""
+        import pandas as pd
+
         names = ", ".join(f'"{c}"' for c in UTTERANCE_HISTORY_COLUMNS)
-        df = self._query(f'SELECT {names} FROM "utterances" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
+        df = self._frame(f'SELECT {names} FROM "utterances" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
         for col, kind in UTTERANCE_HISTORY_COLUMNS.items():
             if kind == JSON:
                 df[col] = [None if v is None else json.loads(v) for v in df[col]]
@@ -228,7 +248,7 @@ class History:
     ) -> pd.Series:
         """A model's median latency (p50_ms) in each run of `run`'s job and dataset on `cpu`, oldest
         first, up to and including `run`."""
-        rows = self._query(
+        rows = self._frame(
             'SELECT r."run_id", m."p50_ms" FROM "models" m JOIN "runs" r ON r."run_id" = m."run_id" '
             'WHERE r."job" = ? AND r."dataset" = ? AND m."size" = ? AND m."target" = ? AND m."quant" = ? '
             'AND m."audio_ctx" = ? AND m."cpu" = ? AND m."p50_ms" IS NOT NULL AND r."started" <= ? '
@@ -238,35 +258,37 @@ class History:
         return rows.set_index("run_id")["p50_ms"].astype(float)
 
     def has_run(self, run_id: str) -> bool:
-        return not self._query('SELECT 1 FROM "runs" WHERE "run_id" = ?', (run_id,)).empty
+        return bool(self._rows('SELECT 1 FROM "runs" WHERE "run_id" = ?', (run_id,)))
 
-    def pinned(self, tag: str) -> pd.DataFrame:
-        """The runs `tag` names, one per job it is pinned in: columns job, run_id."""
-        return self._query('SELECT "job", "run_id" FROM "pins" WHERE "tag" = ? ORDER BY "job"', (tag,))
+    def pinned(self, tag: str) -> list[dict[str, Any]]:
+        """The runs `tag` names, one per job it is pinned in, by job: dicts of job, run_id."""
+        return self._rows('SELECT "job", "run_id" FROM "pins" WHERE "tag" = ? ORDER BY "job"', (tag,))
 
     def jobs(self) -> list[str]:
         """The jobs with runs in the history, by name."""
-        return self._query('SELECT DISTINCT "job" FROM "runs" ORDER BY "job"')["job"].tolist()
+        return [row["job"] for row in self._rows('SELECT DISTINCT "job" FROM "runs" ORDER BY "job"')]
 
 
 def _now() -> str:
-    return pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def format_runs(runs: pd.DataFrame) -> str:
+def format_runs(runs: list[dict[str, Any]]) -> str:
+    """`History.runs` as the `history` command prints it."""
     from tabulate import tabulate
 
-    shown = pd.DataFrame(
+    shown = [
         {
-            "run_id": runs["run_id"],
-            "job": runs["job"],
-            "started": runs["started"],
-            "commit": runs["git_commit"].fillna("").str[:10],
-            "dataset": runs["dataset"].map(lambda d: d if len(d) <= 40 else "…" + d[-39:]),
-            "utterances": runs["utterances"],
-            "models": runs["models"],
-            "cpu": runs["cpu"].fillna(""),
-            "tags": runs["tags"],
+            "run_id": run["run_id"],
+            "job": run["job"],
+            "started": run["started"],
+            "commit": (run["git_commit"] or "")[:10],
+            "dataset": run["dataset"] if len(run["dataset"]) <= 40 else "…" + run["dataset"][-39:],
+            "utterances": run["utterances"],
+            "models": run["models"],
+            "cpu": "" if run["cpu"] is None else run["cpu"],
+            "tags": run["tags"],
         }
-    )
-    return tabulate(shown, headers="keys", tablefmt="github", showindex=False)
+        for run in runs
+    ]
+    return tabulate(shown, headers="keys", tablefmt="github")

@@ -3,8 +3,8 @@ migration of a store written by an earlier schema."""
 
 from __future__ import annotations
 
-from harness.core.audio import FULL_AUDIO_CTX
-from harness.results.record import JSON, TABLES
+from harness.core.window import FULL_AUDIO_CTX
+from harness.results.schema import JSON, TABLES
 
 # the tables' schema: 2 keys models on their audio context and adds the language columns. A
 # store of schema 1 is migrated in one transaction when opened (its rows ran at the full context);

@@ -198,9 +198,9 @@ def _trends(info: RunInfo, where: str) -> str:
     job, dataset, run_id = info.job_name, info.dataset_label, info.run_id
     try:
         with History(where, create=False) as history:
-            runs = history.runs(job)
-            runs = runs[(runs["dataset"] == dataset) & (runs["started"] <= info.started)].tail(TREND_RUNS)
-            models = [history.models(r).assign(started=s) for r, s in zip(runs["run_id"], runs["started"], strict=True)]
+            runs = [r for r in history.runs(job) if r["dataset"] == dataset and r["started"] <= info.started]
+            runs = runs[-TREND_RUNS:]
+            models = [history.models(r["run_id"]).assign(started=r["started"]) for r in runs]
     except HarnessError as exc:
         return f'<p class="muted">no trends: {escape(str(exc))}</p>'
     if not models:
@@ -212,7 +212,7 @@ def _trends(info: RunInfo, where: str) -> str:
         f"{len(runs)} runs of job {job} on {dataset} in history {display(where)} (the last {TREND_RUNS} at most), "
         f"oldest first."
     ]
-    if run_id not in set(runs["run_id"]):
+    if run_id not in {r["run_id"] for r in runs}:
         notes.append("This run is not in the history: `python -m harness history add RUN_DIR` appends it.")
     if len(cpus) > 1:
         notes.append(f"Latency comes from {len(cpus)} kinds of CPU ({'; '.join(cpus)}): compare like with like.")

@@ -13,45 +13,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.errors import HarnessError
+from harness.core.window import FULL_AUDIO_CTX
 from harness.job.spec import ModelCell
 from harness.results import run_info
 from harness.results.run_info import RUN_JSON
-from harness.results.scoring import UTTERANCE_COLUMNS
-
-TEXT, INT, REAL, BOOL, JSON = "TEXT", "BIGINT", "DOUBLE PRECISION", "BOOLEAN", "JSON"  # JSON: stored as TEXT
-
-RUN_COLUMNS = {
-    "run_id": TEXT, "job": TEXT, "started": TEXT, "finished": TEXT, "git_commit": TEXT, "dataset": TEXT,
-    "utterances": INT, "cpu": TEXT, "hostname": TEXT, "packages": JSON, "thresholds": JSON,
-    "schema_version": INT, "run_dir": TEXT,
-}  # fmt: skip
-# per model: its place in the summary, its artifact (key, the toolchain that built it), summary.csv's columns
-MODEL_COLUMNS = {
-    "run_id": TEXT, "position": INT, "size": TEXT, "target": TEXT, "quant": TEXT, "audio_ctx": INT,
-    "language": TEXT, "headline": TEXT, "lang_agreement": REAL, "artifact_key": TEXT,
-    "artifact": TEXT, "toolchain": JSON, "prepared": TEXT, "cpu": TEXT, "n": INT, "errors": INT, "wer": REAL,
-    "wer_delta": REAL, "wer_delta_lo": REAL, "wer_delta_hi": REAL, "sub": INT, "del": INT, "ins": INT, "cer": REAL,
-    "exact_match": REAL, "mean_first_div": REAL, "token_edit_rate": REAL, "p50_ms": REAL, "p90_ms": REAL,
-    "p99_ms": REAL, "enc_p50_ms": REAL, "dec_ms_per_tok": REAL, "rtfx": REAL, "runtime": TEXT,
-    "artifact_mb": REAL, "status": TEXT, "reason": TEXT,
-}  # fmt: skip
-_UTTERANCE_TYPES = {
-    **dict.fromkeys(("run_id", "utt_id", "size", "target", "quant", "ref_text", "hyp_text", "ref_norm",
-                     "hyp_norm", "node", "cpu", "runtime", "status", "error", "decoding", "task", "language",
-                     "detected_language", "ref_language", "scoring_language"), TEXT),
-    **dict.fromkeys(("hyp_tokens", "reference_tokens"), JSON),
-    **dict.fromkeys(("wer_errors", "substitutions", "deletions", "insertions", "ref_words", "cer_errors",
-                     "ref_chars", "first_divergence", "n_steps", "n_windows", "n_tokens", "attempt", "audio_ctx"), INT),
-    **dict.fromkeys(("token_edit_rate", "audio_s", "frontend_ms", "encode_ms", "decode_ms", "total_ms",
-                     "language_prob"), REAL),
-    **dict.fromkeys(("exact_match", "language_match"), BOOL),
-}  # fmt: skip
-# utterances.parquet's declared columns, each with its SQL type (a KeyError here: a new column needs one)
-UTTERANCE_HISTORY_COLUMNS = {c: _UTTERANCE_TYPES[c] for c in UTTERANCE_COLUMNS}
-# `position`: the row's place in utterances.parquet, so the rows read back in the order written
-TABLES = {"runs": RUN_COLUMNS, "models": MODEL_COLUMNS, "utterances": {**UTTERANCE_HISTORY_COLUMNS, "position": INT}}
+from harness.results.schema import (
+    BOOL,
+    INT,
+    JSON,
+    MODEL_COLUMNS,
+    REAL,
+    RUN_COLUMNS,
+    TABLES,
+    UTTERANCE_COLUMNS,
+)
 
 
 @dataclass(frozen=True)

@@ -20,50 +20,25 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from harness.core.errors import HarnessError
 from harness.core.files import write_atomic
 from harness.core.hashing import file_sha256
-from harness.core.status import Status
 from harness.job.spec import DatasetSpec, JobSpec, ModelCell
+from harness.results.schema import RAW_COLUMNS
+
+if TYPE_CHECKING:  # frames only where rows are read or written: `runs` lists folders without pandas
+    import pandas as pd
 
 STATE = "state.json"
 RAW = "raw"
 
-# The raw rows workers (and the driver, for models that produced nothing) write: name → dtype.
-# `language`: what it was decoded in; `detected_language`/`language_prob`: what the model itself
-# detected (multilingual models); `ref_language`: the dataset's language column; `audio_ctx`: the
-# encoder's audio context (harness.job.spec.ModelCell); `task`: transcribe or translate
-RAW_COLUMNS: dict[str, str] = {
-    "size": "string", "target": "string", "quant": "string", "audio_ctx": "Int64", "utt_id": "string",
-    "ref_text": "string", "ref_language": "string", "audio_s": "float64", "hyp_text": "string",
-    "hyp_tokens": "object", "frontend_ms": "float64", "encode_ms": "float64", "decode_ms": "float64",
-    "n_steps": "Int64", "n_windows": "Int64", "decoding": "string", "task": "string", "language": "string",
-    "detected_language": "string", "language_prob": "float64",
-    "node": "string",
-    "cpu": "string", "runtime": "string",
-    "status": "string", "error": "string", "attempt": "Int64",
-}  # fmt: skip
-
-
-def row(cell: ModelCell, utt_id: str, text: str, status: Status, reason: str | None = None, **facts: Any) -> dict:
-    """One raw row, for a transcript (`facts`: hyp_text, hyp_tokens, timings, node, cpu, attempt)
-    or for an utterance without one (`reason`): the one constructor for both."""
-    unknown = set(facts) - set(RAW_COLUMNS)
-    assert not unknown, f"not raw columns: {unknown}"
-    values = {c: None for c in RAW_COLUMNS}
-    values.update(size=cell.size, target=cell.target, quant=cell.quant, audio_ctx=cell.audio_ctx)
-    values.update(utt_id=utt_id, ref_text=text)
-    values.update({"audio_s": 0.0, "attempt": 0, **facts})
-    values.update(status=Status(status).value, error=reason)
-    return values
-
 
 def raw_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Rows as a frame with every raw column, in the declared order and dtypes."""
+    import pandas as pd
+
     frame = pd.DataFrame(rows, columns=list(RAW_COLUMNS))
     return frame.astype({c: t for c, t in RAW_COLUMNS.items() if t != "object"})
 
@@ -180,6 +155,8 @@ class RunDir:
         write_parquet_atomic(rows, self.shard_file(cell, shard_index, folder))
 
     def read_raw(self, folder: str = RAW) -> pd.DataFrame:
+        import pandas as pd
+
         files = sorted((self.path / folder).glob("*.parquet"))
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 

@@ -21,33 +21,15 @@ import numpy as np
 import pandas as pd
 from rapidfuzz.distance import Levenshtein
 
-from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.status import Status
 from harness.core.target import REFERENCE
-
-# 2: `cpu`; 3: `status` (a harness.core.status.Status value) beside `error`, the reason, and
-# `attempt`; 4: `n_windows` (30 s windows decoded: 1 in short form) and `decoding` (short or long
-# form, and how); 5: `audio_ctx` (the encoder's audio context), `task`, `language` (decoded in),
-# `detected_language` and `language_prob` (the model's own detection), `ref_language` (the
-# dataset's), `scoring_language` (whose rules scored it) and `language_match` (detection equal to
-# the reference's); the reference every model is compared with is the one at the full context;
-# `runtime` per row (what executed it: a board's NPU, a CPU interpreter, …)
-SCHEMA_VERSION = 5
+from harness.core.window import FULL_AUDIO_CTX
+from harness.results.schema import UTTERANCE_COLUMNS
 
 # Languages written without spaces between words: CER is their headline figure. Chinese (and
 # Cantonese), Japanese, Thai, Lao, Burmese, Khmer, Tibetan; Korean separates its words, so WER.
 CER_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"})
 ENGLISH = "en"
-
-# The declared schema of utterances.parquet, in column order.
-UTTERANCE_COLUMNS = [
-    "run_id", "utt_id", "size", "target", "quant", "audio_ctx", "ref_text", "hyp_text", "ref_norm", "hyp_norm",
-    "hyp_tokens", "reference_tokens", "wer_errors", "substitutions", "deletions", "insertions",
-    "ref_words", "cer_errors", "ref_chars", "exact_match", "first_divergence", "token_edit_rate",
-    "audio_s", "frontend_ms", "encode_ms", "decode_ms", "n_steps", "n_windows", "n_tokens", "total_ms", "decoding",
-    "task", "language", "detected_language", "language_prob", "ref_language", "scoring_language", "language_match",
-    "node", "cpu", "runtime", "attempt", "status", "error",
-]  # fmt: skip
 
 
 def headline(language: str) -> str:

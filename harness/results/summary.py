@@ -14,9 +14,9 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from harness.core.audio import FULL_AUDIO_CTX
 from harness.core.status import Status
 from harness.core.target import REFERENCE
+from harness.core.window import FULL_AUDIO_CTX
 from harness.results.scoring import headline
 from harness.results.timing import rtfx
 

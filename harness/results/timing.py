@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.core.audio import SAMPLE_RATE
 from harness.core.decoding import Dims, Prompt, greedy_decode
 from harness.core.target import Runner
+from harness.core.window import SAMPLE_RATE
 
 WARM_UP_SECONDS = 5.0
 # CPU features that decide which kernels run: timings, and the results of int8 forms that quantize

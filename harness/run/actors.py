@@ -175,10 +175,10 @@ class _RayActor:
         return self._ready if self._ready is not None else self._stream
 
     def loaded(self) -> dict[str, Any]:
-        ray, ref, self._ready = self.ray, self._ready, None
+        ref, self._ready = self._ready, None  # answered once; from now on it streams shards
         try:
-            return ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:
             if exc.actor_init_failed:
                 raise LoadFailed(worker_error(exc)) from exc
             raise WorkerDied(worker_error(exc)) from exc

@@ -1,4 +1,5 @@
-"""Datasets through Hugging Face `datasets`: a local audiofolder or a hub id, read in shards.
+"""Datasets: a local audiofolder (its metadata read with the standard library) or a Hugging Face
+hub id (through `datasets`), read in shards.
 
 Audio is never decoded by `datasets` (its default decoder needs torchcodec and FFmpeg): rows keep
 the encoded bytes or the file path, and soundfile + soxr turn them into 16 kHz mono float32.
@@ -8,7 +9,9 @@ counts rows and plans shards; each worker reads its own shard.
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from harness.core.audio import SAMPLE_RATE, decode_audio
+from harness.core.audio import decode_audio
 from harness.core.errors import HarnessError, did_you_mean, quote, some
 from harness.core.languages import LANGUAGES, TO_LANGUAGE_CODE
 from harness.core.target import CalibrationSource
+from harness.core.window import SAMPLE_RATE
 from harness.job.spec import DatasetSpec
 
 # train-clean-100 utterances shipped for int8 calibration: never an evaluation split
@@ -55,34 +59,50 @@ def _metadata_file(folder: Path) -> Path:
 
 
 def open_dataset(spec: DatasetSpec) -> Any:
-    """The dataset as `datasets` sees it, before any audio is touched. A worker opens it once as
-    it loads its model, so the first shard does not pay for the `datasets` import and cache."""
+    """The dataset's rows before any audio is touched: a local audiofolder's metadata as a list of
+    dicts (read with the standard library: the commands that only check a job need no `datasets`),
+    a hub dataset as `datasets` loads it. A worker opens it once as it loads its model."""
+    if spec.path is not None:
+        return _local_rows(spec)
     import datasets
 
     datasets.disable_progress_bars()
-    if spec.path is not None:
-        meta = _metadata_file(spec.path)
-        builder = "json" if meta.suffix == ".jsonl" else "csv"
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(meta), split="train")
-        except Exception as exc:  # datasets raises many types for a malformed file
-            raise HarnessError(f"{meta}: cannot be read as {builder} ({type(exc).__name__}: {exc})") from None
-        missing = {"file_name", spec.text_column, spec.language_column} - {None, *ds.column_names}
-        if missing:
-            raise HarnessError(f"{meta}: missing column(s) {sorted(missing)}; has {ds.column_names}")
-        if spec.split is not None:
-            if "split" not in ds.column_names:
-                raise HarnessError(f"{meta}: dataset.split is {spec.split!r} but the metadata has no 'split' column")
-            ds = ds.filter(lambda s: s == spec.split, input_columns="split")
-    else:
-        try:
-            ds = datasets.load_dataset(spec.hub, spec.config, split=spec.split or "test", streaming=spec.streaming)
-        except Exception as exc:
-            raise HarnessError(f"dataset hub:{spec.hub}: cannot be loaded ({type(exc).__name__}: {exc})") from None
-        ds = ds.cast_column(spec.audio_column, datasets.Audio(decode=False))
+    try:
+        ds = datasets.load_dataset(spec.hub, spec.config, split=spec.split or "test", streaming=spec.streaming)
+    except Exception as exc:
+        raise HarnessError(f"dataset hub:{spec.hub}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+    ds = ds.cast_column(spec.audio_column, datasets.Audio(decode=False))
     if spec.limit is not None and not spec.streaming:
         ds = ds.select(range(min(spec.limit, len(ds))))
     return ds
+
+
+def _local_rows(spec: DatasetSpec) -> list[dict[str, Any]]:
+    """An audiofolder's metadata rows (`metadata.jsonl`: one JSON object a line; `metadata.csv`:
+    a header, then text cells), split-filtered and limited; one error line naming the file when it
+    cannot be read or lacks a column the job needs."""
+    assert spec.path is not None
+    meta = _metadata_file(spec.path)
+    kind = "JSON lines" if meta.suffix == ".jsonl" else "csv"
+    try:
+        with meta.open(encoding="utf-8", newline="") as handle:
+            if meta.suffix == ".jsonl":
+                rows = [json.loads(line) for line in handle if line.strip()]
+            else:
+                rows = list(csv.DictReader(handle))
+    except (ValueError, csv.Error) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise HarnessError(f"{meta}: cannot be read as {kind} ({type(exc).__name__}: {exc})") from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise HarnessError(f"{meta}: cannot be read as {kind} (every line must be a JSON object)")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    missing = {"file_name", spec.text_column, spec.language_column} - {None, *columns}
+    if missing:
+        raise HarnessError(f"{meta}: missing column(s) {sorted(missing)}; has {columns}")
+    if spec.split is not None:
+        if "split" not in columns:
+            raise HarnessError(f"{meta}: dataset.split is {spec.split!r} but the metadata has no 'split' column")
+        rows = [row for row in rows if row.get("split") == spec.split]
+    return rows if spec.limit is None else rows[: spec.limit]
 
 
 def count_rows(spec: DatasetSpec) -> int:
@@ -198,6 +218,8 @@ def read_shard(spec: DatasetSpec, shard: Shard) -> list[Utterance]:
     ds = open_dataset(spec)
     if spec.streaming:
         rows = list(ds.skip(shard.start).take(shard.stop - shard.start))
+    elif isinstance(ds, list):  # a local folder's rows
+        rows = ds[shard.start : shard.stop]
     else:
         rows = list(ds.select(range(shard.start, shard.stop)))
     return [_utterance(spec, row, shard.start + i) for i, row in enumerate(rows)]

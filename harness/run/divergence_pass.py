@@ -25,11 +25,12 @@ import numpy as np
 import pandas as pd
 
 from converters.registry import get_target
-from harness.core.audio import FULL_AUDIO_CTX, log_mel
+from harness.core.audio import log_mel
 from harness.core.decoding import LONG_FORM, DecodingOptions, Dims, Prompt, build_prompt, decode_window, tokenizer_for
 from harness.core.errors import one_line
 from harness.core.status import Status
 from harness.core.target import REFERENCE, Runner
+from harness.core.window import FULL_AUDIO_CTX
 from harness.job.spec import DatasetSpec, JobSpec, ModelCell
 from harness.results.divergence import (
     DIVERGENCE_COLUMNS,

@@ -28,9 +28,10 @@ from harness.core.decoding import build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
 from harness.job.spec import JobSpec, ModelCell
-from harness.results.run_dir import RAW, RunDir, RunState, fingerprint, raw_frame, row, write_parquet_atomic
+from harness.results.run_dir import RAW, RunDir, RunState, fingerprint, raw_frame, write_parquet_atomic
 from harness.results.run_info import RUN_JSON, Host, ModelInfo, PassReport, RunInfo, job_json
-from harness.results.scoring import SCHEMA_VERSION, score_rows
+from harness.results.schema import SCHEMA_VERSION, row
+from harness.results.scoring import score_rows
 from harness.results.summary import format_summary, summarize
 from harness.results.timing import Phases, cpu_description
 from harness.run.cluster import connect

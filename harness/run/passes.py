@@ -141,7 +141,7 @@ class Pass(Generic[S]):
                 continue
             repeated = sorted(set(utts[utts.duplicated()]))
             if repeated:
-                problems.append(f"{cell.label}: {len(repeated)} utterances more than once ({some(repeated, 3, ', ')})")
+                problems.append(f"{cell.label}: more than one row for {some(repeated, 3, ', ')}")
             if utts.nunique() != n_rows:
                 ids, seen = index()[0], set(utts)
                 missing, unknown = [u for u in ids if u not in seen], sorted(seen - set(ids))
@@ -151,6 +151,6 @@ class Pass(Generic[S]):
                     )
                 if unknown:
                     problems.append(f"{cell.label}: utterances not in the dataset ({some(unknown, 3, ', ')})")
-        problems += [f"{'/'.join(map(str, key))}: rows of a model the job does not have" for key in found]
+        problems += [f"{ModelCell(*key).label}: rows of a model the job does not have" for key in found]
         if problems:
             raise RuntimeError(f"{self.name}: not one row per model and utterance: {'; '.join(problems)}")

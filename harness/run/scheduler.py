@@ -31,16 +31,7 @@ from typing import Any, Generic
 from harness.core.status import Status
 from harness.job.spec import ModelCell
 from harness.results.run_info import Failure, PassReport, WorkerReport
-from harness.run.actors import (
-    Actor,
-    Cluster,
-    LoadFailed,
-    RayCluster,
-    S,
-    ShardFailed,
-    WorkerClass,
-    WorkerDied,
-)
+from harness.run.actors import Actor, Cluster, LoadFailed, RayCluster, S, ShardFailed, WorkerClass, WorkerDied
 from harness.run.dataset import Shard
 from harness.run.placement import NodeInfo, Nodes
 

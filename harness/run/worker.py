@@ -23,7 +23,7 @@ from harness.core.longform import transcribe
 from harness.core.status import Status
 from harness.core.target import DEFAULT_THREADS, Runner, Unavailable
 from harness.job.spec import DatasetSpec, ModelCell
-from harness.results.run_dir import row
+from harness.results.schema import row
 from harness.results.timing import cpu_description, prepare_worker_threads, warm_up
 from harness.run.dataset import Shard, open_dataset, read_shard
 from harness.run.node_cache import PublishedArtifact, materialise
