@@ -28,7 +28,9 @@ CompiledModel path with the CPU accelerator. Every row's `runtime` says which.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import tempfile
 from collections.abc import Sequence
@@ -50,6 +52,10 @@ from harness.core.target import DEFAULT_THREADS, Artifact, Implementation, Unava
 ACCELERATOR_ENV = "HARNESS_MTK_ACCELERATOR"  # on a node: what runs the graphs (`execution`)
 ACCELERATORS = ("npu", "cpu", "interpreter")
 DISPATCH_ENV = "HARNESS_MTK_DISPATCH_DIR"
+NO_SDK_LIBRARIES = (
+    "ai-edge-litert-sdk-mediatek is installed without its NeuroPilot libraries "
+    "(it downloads them when built; offline it installs empty)"
+)
 _SOC = soc()  # read at import, as the registry reads it for the recipe
 RECIPE_OF = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-weight"}  # ai-edge-quantizer recipe per quant
 EMBEDDING, POSITIONS = "token_embedding.npy", "positional_embedding.npy"
@@ -137,7 +143,15 @@ def neuropilot_sdk(soc: str) -> str | None:
     import ai_edge_litert_sdk_mediatek
 
     version = mediatek.map_soc_to_np_version(soc_target(soc).soc_model)
-    libs = Path(ai_edge_litert_sdk_mediatek.path_to_sdk_libs(version))
+    try:
+        # it prints a warning of its own when its libraries are missing: the reason is said once, here
+        with contextlib.redirect_stderr(io.StringIO()):
+            where = ai_edge_litert_sdk_mediatek.path_to_sdk_libs(version)
+    except NotImplementedError as exc:  # a host other than Linux x86, or a NeuroPilot version it lacks
+        return f"ai-edge-litert-sdk-mediatek cannot compile for {soc} here ({exc})"
+    if where is None:  # the package fetches its libraries when pip builds it; offline it installs empty
+        return NO_SDK_LIBRARIES
+    libs = Path(where)
     if not libs.is_dir() or not any(libs.iterdir()):
         return f"ai-edge-litert-sdk-mediatek holds no NeuroPilot {version} libraries ({libs})"
     return None

@@ -93,6 +93,11 @@ def verify(artifact: Artifact) -> None:
     if folder.name != named:
         raise _unusable(folder, f"{MANIFEST} names {quote(named)}, not this folder")
     listed = set(m["files"])
+    # a file name is one name in this folder: the driver publishes every listed file to the nodes,
+    # so `../x`, an absolute path or a symlink leading out would send them a file of its choosing
+    for name in sorted(listed):
+        if not _inside(folder, name):
+            raise _unusable(folder, f"{MANIFEST} names {quote(name)}, outside this folder")
     if missing := sorted(name for name in listed if not artifact.file(name).is_file()):
         raise _unusable(folder, f"missing {_names(missing)} listed in {MANIFEST}")
     if extra := sorted({p.name for p in folder.iterdir()} - listed - {MANIFEST, BUILD_LOG}):
@@ -100,6 +105,14 @@ def verify(artifact: Artifact) -> None:
     for name, facts in m["files"].items():
         if file_sha256(artifact.file(name)) != facts["sha256"]:
             raise _unusable(artifact.file(name), f"sha256 differs from {MANIFEST}; the artifact is corrupt")
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """Whether `name` is a plain file name whose file, symlinks followed, stays within `folder`."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        return False
+    # realpath, not resolve: a symlink loop is not an error here (it is a missing file, said below)
+    return Path(os.path.realpath(folder / name)).parent == Path(os.path.realpath(folder))
 
 
 def load_artifact(path: Path) -> Artifact:

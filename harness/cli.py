@@ -202,13 +202,15 @@ def _convert(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from harness.job.spec import load_job
     from harness.nightly.gate import record_and_gate
-    from harness.nightly.history import location
+    from harness.nightly.history import HistoryError, dialect_of, location
     from harness.results.summary import format_summary
     from harness.run.execute import run_job
 
     spec = load_job(args.job).with_overrides(
         dataset=args.dataset, limit=args.limit, slots=args.slots, address=args.address
     )
+    where = location(args.history, args.out)
+    dialect_of(where)  # a history location (or lock wait) the harness cannot use is bad input, found before the run
     # SIGTERM (a scheduler's kill, a CI timeout) stops the run as Ctrl-C does: its work is kept
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     result = run_job(spec, args.out, args.models, progress=not args.no_progress, resume=args.resume)
@@ -220,14 +222,20 @@ def _run(args: argparse.Namespace) -> int:
         print("\ndivergence from the reference (divergence.parquet has every utterance):\n")
         print(format_divergence(result.divergence))
     print(f"\nresults: {result.run_dir}")
-    where = location(args.history, args.out)
-    gated = record_and_gate(result.run_dir, where, args.baseline)
+    failure = None
+    try:
+        gated = record_and_gate(result.run_dir, where, args.baseline)
+    except HistoryError as exc:
+        # the run is done and kept: a history that fails (locked, unreachable, not a history) costs
+        # its append and its gate, said in one line and a code of its own, not the run or its report
+        print(f"error: {exc}", file=sys.stderr)
+        failure, gated = str(exc), ExitCode.HISTORY
     if spec.report:  # after the gate, so its verdict is in the report
         from harness.report.page import write_report
 
-        print(f"report: {write_report(result.run_dir, where)}")
-    if gated == ExitCode.REGRESSION:
-        return ExitCode.REGRESSION
+        print(f"report: {write_report(result.run_dir, where, history_failure=failure)}")
+    if gated in (ExitCode.REGRESSION, ExitCode.HISTORY):
+        return gated
     return ExitCode.OK if (result.utterances["status"] == "ok").all() else ExitCode.INCOMPLETE
 
 
@@ -244,7 +252,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from harness.nightly.history import History, display, format_runs, location
+    from harness.nightly.history import History, format_runs, location, masked
 
     if args.action == "add":
         from harness.results.record import read_run  # reading a run's rows needs pandas; listing does not
@@ -254,10 +262,10 @@ def _history(args: argparse.Namespace) -> int:
             record = read_run(run_dir)
             with History(where) as history:
                 added = history.add(record)
-            print(f"{record.run_id}: {'appended to' if added else 'already in'} {display(where)}")
+            print(f"{record.run_id}: {'appended to' if added else 'already in'} {masked(where)}")
         return ExitCode.OK
     where = location(args.history, Path("results"))
-    with History(where, create=False) as history:
+    with History(where, access="write" if args.action == "pin" else "read") as history:
         if args.action == "pin":
             before = history.pin(args.run_id, args.tag)
             moved = f" (moved from {before})" if before and before != args.run_id else ""
@@ -266,7 +274,7 @@ def _history(args: argparse.Namespace) -> int:
         if args.last < 0:
             raise HarnessError(f"--last: expected 0 or more, got {args.last}")
         runs = history.runs(args.job, args.last)
-    print(format_runs(runs) if runs else f"no runs{f' of {args.job}' if args.job else ''} in {display(where)}")
+    print(format_runs(runs) if runs else f"no runs{f' of {args.job}' if args.job else ''} in {masked(where)}")
     return ExitCode.OK
 
 
@@ -276,7 +284,7 @@ def _compare(args: argparse.Namespace) -> int:
     from harness.nightly.history import History, location
 
     thresholds = load_job(args.thresholds).thresholds if args.thresholds else None
-    with History(location(args.history, Path("results")), create=False) as history:
+    with History(location(args.history, Path("results")), access="read") as history:
         baseline, candidate = resolve_pair(history, args.baseline, args.candidate, args.job)
         return gate(history, baseline, candidate, thresholds, requested=args.baseline)
 

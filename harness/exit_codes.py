@@ -12,3 +12,8 @@ class ExitCode(IntEnum):
     REGRESSION = 3  # the gate found a model worse than its baseline
     INCOMPLETE = 4  # the run finished, but some models or utterances failed or were unavailable
     INTERRUPTED = 5  # the run stopped early (Ctrl-C, SIGTERM, an error): resume it with --resume
+    # `run` finished and kept its results (and its report), but appending to or gating against the
+    # history failed (locked, unreachable, not a history): one line names it, and the run is not
+    # gated; `history add RUN_DIR` appends it later. Not 2: the job's input was fine, the history
+    # is what needs a look
+    HISTORY = 6

@@ -48,7 +48,7 @@ def test_a_run_appends_itself_and_a_first_night_passes(nightly_run):
         in (nightly_run["stdout"])
     )
     info = json.loads((run_dir / "run.json").read_text())
-    with History(str(nightly_run["history"]), create=False) as history:
+    with History(str(nightly_run["history"]), access="read") as history:
         run = history.run(run_dir.name)
         models = history.models(run_dir.name).set_index("target")
         stored = history.utterances(run_dir.name)

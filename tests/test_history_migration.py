@@ -22,7 +22,7 @@ def _schema_1(where: str, record: RunRecord) -> None:
     def columns(table: str) -> str:
         return ", ".join(f'"{c}" {sql_type(TABLES[table][c])}' for c in old[table])
 
-    db = dialect.connect(where, create=True)  # outside a transaction: each statement commits
+    db = dialect.connect(where, "create")  # outside a transaction: each statement commits
     cur = db.cursor()
     cur.execute('CREATE TABLE "meta" ("key" TEXT PRIMARY KEY, "value" TEXT NOT NULL)')
     cur.execute(f'CREATE TABLE "runs" ({columns("runs")}, "added" TEXT NOT NULL, PRIMARY KEY ("run_id"))')

@@ -188,3 +188,18 @@ def test_error_messages_stay_short(tmp_path):
     keys = "".join(f"key{i}: 1\n" for i in range(3000))
     msg = _refused(tmp_path, f"name: many\n{GOOD}{keys}")
     assert msg.count("unknown key") == MAX_PROBLEMS and msg.endswith(f"and {3000 - MAX_PROBLEMS} more")
+
+
+@pytest.mark.unit
+def test_a_duplicate_key_is_refused_naming_it_and_its_line(tmp_path):
+    """YAML lets the later of two equal keys win silently: a job file refuses them, at any depth."""
+    msg = _refused(tmp_path, f"name: first\n{GOOD}name: second\n")
+    assert msg.endswith("line 4: duplicate key 'name' (first on line 1); keep one of them")
+    nested = "cluster:\n  slots: 1\n  threads: 2\n  slots: 4\n"
+    assert _refused(tmp_path, f"name: n\n{GOOD}{nested}").endswith(
+        "line 7: duplicate key 'slots' (first on line 5); keep one of them"
+    )
+    flow = "models: {sizes: [tiny.en], sizes: [base]}\n"
+    assert "line 3: duplicate key 'sizes' (first on line 3)" in _refused(
+        tmp_path, f"name: n\ndataset: {{path: {EMBEDDED}}}\n{flow}"
+    )

@@ -235,6 +235,76 @@ def _chromium(page: Path, profile: Path, *args: str) -> tuple[str, str]:
     return proc.stdout, proc.stderr
 
 
+def _csp(html: str) -> dict[str, str]:
+    """The page's Content-Security-Policy, by directive."""
+    (policy,) = re.findall(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', html)
+    return {d.split()[0]: d.split(" ", 1)[1] for d in map(str.strip, policy.split(";")) if d}
+
+
+def _script_hash(script: str) -> str:
+    """As a Content-Security-Policy names an inline script: its text's sha256, in base64."""
+    import base64
+    import hashlib
+
+    return f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+
+
+@pytest.fixture
+def small_page(tmp_path) -> Path:
+    """The report of a synthetic night, without a history (no real run, no history behind it)."""
+    from tests.synthetic_nights import night
+
+    return write_report(night(tmp_path / "results", 1), str(tmp_path / "none.sqlite"))
+
+
+@pytest.mark.unit
+def test_the_page_runs_its_own_script_only(small_page):
+    """script-src names the sha256 of the page's one inline script, and nothing that lets any other
+    inline script or handler run."""
+    html = small_page.read_text()
+    (script,) = re.findall(r"<script>(.*?)</script>", html, re.S)
+    policy = _csp(html)
+    assert policy["default-src"] == "'none'" and policy["script-src"] == _script_hash(script)
+    assert "unsafe" not in policy["script-src"]
+
+
+@pytest.mark.unit
+def test_a_long_transcript_is_cut_with_its_length_said(tmp_path):
+    from tests.synthetic_nights import night
+
+    long = " ".join(f"word{i:05d}" for i in range(10_000))  # 99,999 characters
+    hyp = long[:50_000] + " and then some"
+
+    def talkative(utts: pd.DataFrame) -> pd.DataFrame:
+        utts = utts.astype({"ref_text": object, "hyp_text": object})
+        utts.loc[0, ["ref_text", "hyp_text"]] = [long, hyp]
+        return utts
+
+    page = write_report(night(tmp_path / "results", 1, talkative), str(tmp_path / "none.sqlite"))
+    html = page.read_text()
+    row = _records(html, "utterance-table")[0]
+    assert row["reference"] == f"{long[:2000]}… ({len(long):,} characters; utterances.parquet has them all)"
+    assert row["hypothesis"] == f"{hyp[:2000]}… ({len(hyp):,} characters; utterances.parquet has them all)"
+    assert long[1990:2010] not in html and hyp[-100:] not in html
+    short = _records(html, "utterance-table")[1]  # a text within the limit is shown whole
+    assert "has them all" not in short["reference"] + short["hypothesis"]
+
+
+# an inline script and an inline handler, as markup that escaped escaping would bring in
+INJECTED = '<script>document.body.setAttribute("data-injected", "script")</script>' \
+    '<img src="#" onerror="document.body.setAttribute(\'data-injected\', \'handler\')">'
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="no /usr/bin/chromium: `bash scripts/chromium.sh` installs it")
+def test_an_injected_script_does_not_run(small_page, tmp_path):
+    page = tmp_path / "injected.html"
+    page.write_text(small_page.read_text().replace("<main>", "<main>" + INJECTED))
+    dom, log = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert '<body data-js="ok">' in dom  # the page's own script ran
+    assert "data-injected" not in dom.split("<main>")[0]  # neither injected one did
+    assert "Content Security Policy" in log
+
+
 # clicks the wer header twice, then filters the utterances: one model, only errors or divergence
 PROBE = """<script>
 (() => {
@@ -275,7 +345,12 @@ def test_reports_load_in_headless_chromium(nights, synthetic, tmp_path):
     # sorting and the filter, driven by a script added to a copy of the page
     model = "base/torchscript/fp32"
     probe = tmp_path / "probe.html"
-    probe.write_text(synthetic.read_text().replace("</body>", PROBE.replace("MODEL", json.dumps(model)) + "</body>"))
+    script = PROBE.replace("MODEL", json.dumps(model))
+    html = synthetic.read_text().replace("</body>", script + "</body>")
+    # the page runs only the scripts its policy names by hash: name the probe's too
+    inline = script.removeprefix("<script>").removesuffix("</script>\n")
+    html = html.replace("script-src ", f"script-src {_script_hash(inline)} ", 1)
+    probe.write_text(html)
     dom, log = _chromium(probe, tmp_path / "profile", "--dump-dom")
     assert not [line for line in log.splitlines() if ":CONSOLE" in line]
     result = json.loads(unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom).group(1)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,30 @@ def test_cli_run_with_a_bad_job_writes_nothing(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert not out.exists()
+
+
+def test_a_relative_checkpoint_path_is_relative_to_the_job_file_like_the_dataset(tmp_path, monkeypatch):
+    """A job means the same from any working directory: a `.pt` size resolves against the job
+    file's folder (as dataset.path does); an absolute or `~` path is kept as written."""
+    jobs = tmp_path / "jobs"
+    (jobs / "ckpt").mkdir(parents=True)
+    (jobs / "ckpt" / "mine.pt").write_bytes(b"checked when loaded, not here")
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(b"")
+    data = ROOT / "data" / "librispeech-eval"
+    job = jobs / "job.yaml"
+    job.write_text(
+        f"name: j\ndataset: {{path: {data}}}\nmodels: {{sizes: [ckpt/mine.pt, ../jobs/ckpt/mine.pt, {outside}]}}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_job(job).models.sizes == (str(jobs / "ckpt" / "mine.pt"), str(outside))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job.write_text(f"name: j\ndataset: {{path: {data}}}\nmodels: {{sizes: [~/outside.pt]}}\n")
+    assert load_job(job).models.sizes == ("~/outside.pt",)
+    job.write_text(f"name: j\ndataset: {{path: {data}}}\nmodels: {{sizes: [mine.pt]}}\n")  # not beside the job
+    with pytest.raises(
+        HarnessError, match=rf"models\.sizes\[0\]: no such checkpoint file {re.escape(str(jobs))}/mine\.pt"
+    ):
+        load_job(job)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from converters.store import MANIFEST, load_artifact, lock_path, prepare, verify
-from harness.core.errors import HarnessError
+from harness.core.errors import HarnessError, quote
+from harness.core.hashing import file_sha256
 from tests.conftest import ROOT
 
 CELL = ("tiny.en", "torchscript-mtk", "fp32")
@@ -115,3 +117,26 @@ def test_verify_refuses_a_missing_file(stored_copy):
     (stored_copy / "token_embedding.npy").unlink()
     with pytest.raises(HarnessError, match=r"missing 'token_embedding\.npy' listed in manifest\.json"):
         verify(load_artifact(stored_copy))
+
+
+@pytest.mark.parametrize("how", ["dot-dot", "absolute", "symlink"])
+def test_verify_refuses_a_manifest_naming_a_file_outside_its_folder(stored_copy, tmp_path, how):
+    """A hand-edited manifest whose checksums match: only the names show that the driver would read
+    (and publish to every node) a file outside the artifact."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not part of any artifact")
+    facts = {"sha256": file_sha256(secret), "bytes": secret.stat().st_size}
+    manifest = json.loads((stored_copy / MANIFEST).read_text())
+    if how == "symlink":
+        name = "token_embedding.npy"
+        (stored_copy / name).unlink()
+        (stored_copy / name).symlink_to(secret)
+    else:
+        name = "../secret" if how == "dot-dot" else str(secret)
+    manifest["files"][name] = facts
+    (stored_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(
+        HarnessError, match=rf"^{re.escape(str(stored_copy))}: manifest\.json names {re.escape(quote(name))}, outside"
+    ) as e:
+        verify(load_artifact(stored_copy))
+    assert "\n" not in str(e.value)

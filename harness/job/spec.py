@@ -183,7 +183,7 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         errors.append(f"name: expected a name of at most 100 letters, digits, '.', '_' or '-', got {quote(name)}")
     dataset = _dataset(raw.get("dataset"), base, errors)
-    models = _models(raw.get("models", {}), errors)
+    models = _models(raw.get("models", {}), base, errors)
     decoding_raw = raw.get("decoding") or {}
     if isinstance(decoding_raw, dict):  # audio_ctx may be a list: one model row per value, not a decoding option
         decoding_raw = dict(decoding_raw)
@@ -314,7 +314,7 @@ def _check_dataset(spec: DatasetSpec, where: str, errors: list[str]) -> None:
         errors.append(f"{where}.limit: expected a positive integer, got {quote(spec.limit)}")
 
 
-def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
+def _models(raw: Any, base: Path, errors: list[str]) -> ModelsSpec | None:
     if not isinstance(raw, dict):
         errors.append(f"models: expected a mapping with 'sizes' and 'targets', got {type(raw).__name__}")
         return None
@@ -329,6 +329,7 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
     if not isinstance(sizes, list) or not sizes:
         errors.append(f"models.sizes: expected a non-empty list of model names, got {quote(sizes)}")
         return None
+    named = []  # the sizes, a checkpoint's path relative to the job file made absolute
     for i, size in enumerate(sizes):
         if not isinstance(size, str):
             errors.append(f"models.sizes[{i}]: expected a model name, got {quote(size)}")
@@ -336,9 +337,12 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
         elif size not in OFFICIAL_NAMES and not size.endswith(".pt"):
             errors.append(f"models.sizes[{i}]: unknown size {quote(size)}{did_you_mean(size, OFFICIAL_NAMES)}")
             ok = False
-        elif size.endswith(".pt") and not _is_file(size):
-            errors.append(f"models.sizes[{i}]: no such checkpoint file {clip(size)}")
-            ok = False
+        elif size.endswith(".pt"):
+            size = _checkpoint_path(size, base)
+            if not _is_file(size):
+                errors.append(f"models.sizes[{i}]: no such checkpoint file {clip(size)}")
+                ok = False
+        named.append(size)
     targets_raw = raw.get("targets", {})
     if isinstance(targets_raw, list) and all(isinstance(key, str) for key in targets_raw):  # fp32 for each
         targets_raw = {key: ["fp32"] for key in targets_raw}
@@ -371,8 +375,19 @@ def _models(raw: Any, errors: list[str]) -> ModelsSpec | None:
     if not ok:
         return None
     return ModelsSpec(
-        sizes=tuple(dict.fromkeys(sizes)), targets=tuple(targets), evaluate_failed=evaluate_failed is True
+        sizes=tuple(dict.fromkeys(named)), targets=tuple(targets), evaluate_failed=evaluate_failed is True
     )
+
+
+def _checkpoint_path(size: str, base: Path) -> str:
+    """A `.pt` size relative to the job file's folder `base`, as dataset.path is, so a job means the
+    same from any working directory; an absolute or `~` path stays as written. Only the folder is
+    resolved: the file's own name (a symlink's, too) is the checkpoint's name in every table."""
+    try:
+        path = Path(size).expanduser()
+        return size if path.is_absolute() else str((base / path).parent.resolve() / path.name)
+    except (RuntimeError, ValueError, OSError):  # an unknown ~user, a NUL byte, a symlink loop
+        return size  # said as "no such checkpoint file" below
 
 
 def _is_file(path: str) -> bool:

@@ -27,7 +27,7 @@ from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
 from harness.job.spec import ModelCell
 from harness.job.thresholds import ThresholdsSpec, thresholds_from_dict
-from harness.nightly.history import RESERVED_REFS, History, display
+from harness.nightly.history import RESERVED_REFS, History, masked
 from harness.nightly.rules import Evidence, judge, unpaired
 from harness.nightly.verdict import Comparison, ModelCheck, Verdict, format_comparison, save_verdict
 from harness.results.record import read_run
@@ -133,7 +133,7 @@ def record_and_gate(run_dir: Path, where: str, baseline: str | None) -> int:
     record = read_run(run_dir)
     with History(where) as history:
         history.add(record)
-        print(f"history: {record.run_id} appended to {display(where)}")
+        print(f"history: {record.run_id} appended to {masked(where)}")
         if baseline is None:
             return 0
         baseline_id = resolve(history, baseline, candidate=record.run_id)
@@ -164,7 +164,7 @@ def resolve(history: History, ref: str, job: str | None = None, candidate: str |
             )
         if not pins:
             raise HarnessError(
-                f"{ref!r}: no such run id or tag{f' of job {job}' if job else ''} in history {display(history.where)}"
+                f"{ref!r}: no such run id or tag{f' of job {job}' if job else ''} in history {history.shown}"
             )
         return str(pins[0]["run_id"])
     if candidate:
@@ -190,7 +190,7 @@ def resolve_pair(history: History, baseline: str, candidate: str, job: str | Non
     """`compare`'s two arguments → run ids; the baseline's `latest`/`previous` are relative to the candidate."""
     candidate_id = resolve(history, candidate, job=job)
     if candidate_id is None:
-        raise HarnessError(f"candidate {candidate!r}: no such run in history {display(history.where)}")
+        raise HarnessError(f"candidate {candidate!r}: no such run in history {history.shown}")
     baseline_id = resolve(history, baseline, job=job, candidate=candidate_id)
     if baseline_id is None:
         raise HarnessError(f"baseline {baseline!r}: no run of the job before {candidate_id}")

@@ -9,8 +9,10 @@ run. Keep that file on a local disk (WAL needs shared memory, which network file
 
 A run is appended in one transaction (its `runs` row, its `models` rows, its `utterances` rows):
 a writer killed half-way leaves nothing behind, and a second writer waits for the first (SQLite's
-write lock, PostgreSQL's row locks). The per-utterance rows make every comparison possible from
-the history alone, without the run folders, which may lie on another machine.
+write lock, PostgreSQL's row locks), for a few seconds at most (`dialect.LOCK_WAIT_S`). The
+per-utterance rows make every comparison possible from the history alone, without the run
+folders, which may lie on another machine. Only appending (`run`, `history add`) and pinning
+write; the commands that read open the store read-only and refuse one that is not a history.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.core.errors import HarnessError
-from harness.nightly.dialect import Dialect, dialect_of, display
+from harness.nightly.dialect import LOCK_WAIT_ENV, Access, Dialect, HistoryError, NotAHistory, dialect_of, masked
 from harness.nightly.history_schema import SCHEMA, TABLES, create, migrate_1_to_2, sql_type
 from harness.results.schema import BOOL, INT, JSON, REAL, RUN_COLUMNS, UTTERANCE_HISTORY_COLUMNS
 
@@ -50,15 +52,29 @@ def location(explicit: str | None, results_root: Path) -> str:
 
 
 class History:
-    """A connection to one history (SQLite file or PostgreSQL database), its schema ensured.
-    Its `dialect`, chosen here once, holds every way the two databases differ."""
+    """A connection to one history (SQLite file or PostgreSQL database), its schema checked.
+    Its `dialect`, chosen here once, holds every way the two databases differ.
 
-    def __init__(self, where: str, create: bool = True) -> None:
+    `access`: "read" for the commands that only read (`history`, `compare`, `report`): read-only,
+    and a store that is no history, or one an older harness wrote, is refused, never changed;
+    "write" for `history pin` (an existing history, migrated if older); "create" for what appends
+    runs (`run`, `history add`), which makes the file and the tables when missing."""
+
+    def __init__(self, where: str, access: Access = "create") -> None:
         self.where = where
         self.dialect: Dialect = dialect_of(where)
         with self._errors():
-            self._conn: Any = self.dialect.connect(where, create)
-        self._ensure_schema()
+            self._conn: Any = self.dialect.connect(where, access)
+        try:
+            if access == "read":
+                self._check_schema()
+            else:
+                self._ensure_schema(may_create=access == "create")
+                with self._errors():
+                    self.dialect.ready_to_write(self._conn)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self._conn.close()
@@ -69,14 +85,27 @@ class History:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def shown(self) -> str:
+        """The location as printed: its password masked."""
+        return masked(self.where)
+
     @contextmanager
     def _errors(self) -> Iterator[None]:
-        """A database error becomes one line naming the store; anything else keeps its traceback."""
+        """A database error becomes one line naming the store (its password masked, in the driver's
+        message too); anything else keeps its traceback."""
         try:
             yield
         except self.dialect.driver.Error as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise HarnessError(f"history {display(self.where)}: {first}") from exc
+            if self.dialect.waited_for_a_lock(exc):
+                first += (
+                    f" (waited {self.dialect.lock_wait_s:g} s for another connection's lock; "
+                    f"${LOCK_WAIT_ENV} sets how long)"
+                )
+            kind = NotAHistory if self.dialect.not_a_database(exc) else HistoryError
+            said = f"not a history ({first})" if kind is NotAHistory else first
+            raise kind(f"history {self.shown}: {masked(said, self.where)}") from exc
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
@@ -103,10 +132,28 @@ class History:
         # object columns: NULL stays None (pandas would make it NaN in a column of text)
         return pd.DataFrame(rows, columns=names, dtype=object)
 
-    def _ensure_schema(self) -> None:
-        """Create the tables on first use; refuse a store of another schema. Only a new store takes
-        the write lock here, so readers of an existing one never wait for a writer."""
+    def _check_schema(self) -> None:
+        """A reader's check: the store is a history of this harness's schema, with every column it
+        reads. Nothing is created, migrated or added: an older store waits for its next writer."""
         if not self._has_schema():
+            raise NotAHistory(f"history {self.shown}: not a history (no harness tables in it; a run creates them)")
+        found = self._schema()
+        older = found == "1" or (found == str(SCHEMA) and self._missing_columns(self._conn))
+        if older:
+            raise HistoryError(
+                f"history {self.shown}: written by an older harness (schema {found}"
+                f"{'' if found == '1' else ', without columns this one reads'}): "
+                "the next `run` or `history add` to it upgrades it"
+            )
+        self._refuse_other(found)
+
+    def _ensure_schema(self, may_create: bool) -> None:
+        """A writer's schema: the tables created on first use (when `may_create`), a store of schema 1
+        migrated, new columns added; a store of another schema refused. Only a new store takes the
+        write lock here, so readers of an existing one never wait for a writer."""
+        if not self._has_schema():
+            if not may_create:
+                raise NotAHistory(f"history {self.shown}: not a history (no harness tables in it; a run creates them)")
             with self._transaction() as cur:
                 self.dialect.lock_schema(cur)
                 # checked again under the lock: CREATE INDEX locks its table even when the index
@@ -124,10 +171,14 @@ class History:
                     for statement in migrate_1_to_2():
                         cur.execute(statement)
             found = self._schema()
-        if found != str(SCHEMA):
-            self.close()
-            raise HarnessError(f"history {display(self.where)}: schema {found}, this harness writes schema {SCHEMA}")
+        self._refuse_other(found)
         self._add_new_columns()
+
+    def _refuse_other(self, found: str | None) -> None:
+        if found is None:
+            raise NotAHistory(f'history {self.shown}: not a history (its "meta" table is not the harness\'s)')
+        if found != str(SCHEMA):
+            raise HistoryError(f"history {self.shown}: schema {found}, this harness writes schema {SCHEMA}")
 
     def _add_new_columns(self) -> None:
         """Add the columns a newer harness declares and this store lacks (older runs: NULL there).
@@ -148,8 +199,14 @@ class History:
             missing += [(table, c) for c in columns if c not in have]
         return missing
 
-    def _schema(self) -> str:
-        return self._rows('SELECT "value" FROM "meta" WHERE "key" = ?', ("schema",))[0]["value"]
+    def _schema(self) -> str | None:
+        """The schema version the `meta` table names; None when that table is another program's
+        (other columns, or no schema row)."""
+        columns = {row["name"] for row in self._rows(self.dialect.columns_sql, ("meta",))}
+        if not {"key", "value"} <= columns:
+            return None
+        rows = self._rows('SELECT "value" FROM "meta" WHERE "key" = ?', ("schema",))
+        return str(rows[0]["value"]) if rows else None
 
     def _has_schema(self) -> bool:
         return any(self._rows(self.dialect.has_schema_sql)[0].values())  # one row, one cell
@@ -202,7 +259,7 @@ class History:
     def run(self, run_id: str) -> dict[str, Any]:
         rows = self._rows('SELECT * FROM "runs" WHERE "run_id" = ?', (run_id,))
         if not rows:
-            raise HarnessError(f"run {run_id}: not in history {display(self.where)}")
+            raise HarnessError(f"run {run_id}: not in history {self.shown}")
         row = rows[0]
         return {k: json.loads(v) if RUN_COLUMNS.get(k) == JSON and v is not None else v for k, v in row.items()}
 

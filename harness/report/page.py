@@ -1,14 +1,17 @@
 """`python -m harness report RUN`: one self-contained HTML file for a completed run.
 
 It reads only the run folder's files (run.json, summary.csv, utterances.parquet, and gate.json,
-divergence.csv, divergence.parquet when present) and the history (for the trends): it never
-decodes or scores anything again. The page needs no network: styles, script and charts (inline
-SVG, `harness.report.plots`) are inside it, and its Content-Security-Policy forbids loading anything.
-Every string from data is HTML-escaped (texts come from datasets others assembled).
+divergence.csv, divergence.parquet when present) and the history (for the trends, read-only): it
+never decodes or scores anything again. The page needs no network: styles, script and charts
+(inline SVG, `harness.report.plots`) are inside it, and its Content-Security-Policy forbids loading
+anything and runs no script but its own, named by its sha256. Every string from data is
+HTML-escaped (texts come from datasets others assembled).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from html import escape
 from pathlib import Path
@@ -18,7 +21,7 @@ import pandas as pd
 
 from harness.core.errors import HarnessError
 from harness.core.status import Status
-from harness.nightly.history import History, display
+from harness.nightly.history import History, HistoryError, NotAHistory, masked
 from harness.nightly.verdict import comparison_rows, describe_run, read_verdict, verdict_lines
 from harness.report.tables import cell, divergence_section, table, utterance_section
 from harness.results import run_info
@@ -58,36 +61,42 @@ def _complete(folder: Path) -> Path:
     return folder
 
 
-def write_report(run_dir: Path, history: str, out: Path | None = None) -> Path:
-    """Write the run's report (default: report.html in its folder), atomically; returns its path."""
+def write_report(run_dir: Path, history: str, out: Path | None = None, history_failure: str | None = None) -> Path:
+    """Write the run's report (default: report.html in its folder), atomically; returns its path.
+    `history_failure`: why the history is not to be read (`run` could not append to it), said
+    where the trends and the verdict would be."""
     path = out or run_dir / REPORT_FILE
-    page = render(run_dir, history)
+    page = render(run_dir, history, history_failure)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
 
 
-def render(run_dir: Path, history: str) -> str:
+def render(run_dir: Path, history: str, history_failure: str | None = None) -> str:
     info = run_info.read(run_dir / RUN_JSON)
     summary = pd.read_csv(run_dir / "summary.csv", keep_default_na=False, na_values=[""])
     utts = pd.read_parquet(run_dir / "utterances.parquet")
     sections = [
-        ("verdict", "Gate", _verdict(run_dir)),
+        ("verdict", "Gate", _verdict(run_dir, history_failure)),
         ("summary", "Summary", _summary(summary)),
         ("pareto", "WER vs latency", _scatter(summary)),
-        ("trends", "Trends", _trends(info, history)),
+        ("trends", "Trends", _trends(info, history, history_failure)),
         ("divergence", "Divergence", divergence_section(run_dir)),
         ("utterances", "Utterances", utterance_section(utts, summary)),
     ]
     nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
     body = "\n".join(f'<section id="{key}">\n<h2>{title}</h2>\n{html}\n</section>' for key, title, html in sections)
     title = f"{info.job_name} · {info.run_id}"
+    # the one inline script, exactly as between its tags: the policy runs it by its hash, so markup
+    # that got past escaping could not run a script or an event handler of its own
+    script = "\n" + (_ASSETS / "report.js").read_text()
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; \
-script-src 'unsafe-inline'">
+script-src 'sha256-{digest}'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)}</title>
 <style>
@@ -105,8 +114,7 @@ script-src 'unsafe-inline'">
 </main>
 <footer>written by <code>python -m harness report</code> at {time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())}
 from {escape(str(run_dir))}</footer>
-<script>
-{(_ASSETS / "report.js").read_text()}</script>
+<script>{script}</script>
 </body>
 </html>
 """
@@ -129,8 +137,10 @@ def _run_facts(info: RunInfo, run_dir: Path) -> str:
     )
 
 
-def _verdict(run_dir: Path) -> str:
+def _verdict(run_dir: Path, history_failure: str | None) -> str:
     verdict = read_verdict(run_dir)
+    if verdict is None and history_failure:
+        return f'<p class="muted">not gated: {escape(history_failure)}</p>'
     if verdict is None:
         return (
             '<p class="muted">not gated (gate a run with <code>run --baseline previous|latest|TAG</code> or '
@@ -191,25 +201,31 @@ def _scatter(summary: pd.DataFrame) -> str:
     )
 
 
-def _trends(info: RunInfo, where: str) -> str:
-    """The job's runs on this dataset in the history, up to this run (the last TREND_RUNS)."""
+def _trends(info: RunInfo, where: str, history_failure: str | None) -> str:
+    """The job's runs on this dataset in the history, up to this run (the last TREND_RUNS). A
+    history that is missing or fails leaves the report without trends, saying why; a store that is
+    not a history at all is refused (`NotAHistory` reaches the command: a wrong --history)."""
     from harness.report.plots import trends
 
+    if history_failure:
+        return f'<p class="muted">no trends: {escape(history_failure)}</p>'
     job, dataset, run_id = info.job_name, info.dataset_label, info.run_id
     try:
-        with History(where, create=False) as history:
+        with History(where, access="read") as history:
             runs = [r for r in history.runs(job) if r["dataset"] == dataset and r["started"] <= info.started]
             runs = runs[-TREND_RUNS:]
             models = [history.models(r["run_id"]).assign(started=r["started"]) for r in runs]
-    except HarnessError as exc:
+    except NotAHistory:
+        raise
+    except HistoryError as exc:
         return f'<p class="muted">no trends: {escape(str(exc))}</p>'
     if not models:
-        return f'<p class="muted">no runs of {escape(job)} on this dataset in history {escape(display(where))}</p>'
+        return f'<p class="muted">no runs of {escape(job)} on this dataset in history {escape(masked(where))}</p>'
     frame = pd.concat(models, ignore_index=True)
     frame["model"] = frame["size"] + "/" + frame["target"] + "/" + frame["quant"]
     cpus = sorted(frame["cpu"].dropna().unique())
     notes = [
-        f"{len(runs)} runs of job {job} on {dataset} in history {display(where)} (the last {TREND_RUNS} at most), "
+        f"{len(runs)} runs of job {job} on {dataset} in history {masked(where)} (the last {TREND_RUNS} at most), "
         f"oldest first."
     ]
     if run_id not in {r["run_id"] for r in runs}:

@@ -18,6 +18,9 @@ MAX_DIVERGENCES = 50  # shown per model, the earliest divergences first
 MAX_UTTERANCE_ROWS = 5000  # of utterances.parquet, in the per-utterance view
 OPEN_UP_TO = 12  # divergent utterances in all: each model's list starts open when there are no more
 CLIP = 400  # characters of a text shown before and after a divergence
+# characters of an utterance's reference, hypothesis or error shown in the per-utterance view: a
+# runaway decode (or a hostile dataset) may hold megabytes, and 5000 rows of them would too
+MAX_TEXT = 2000
 # the per-utterance divergence metrics, as each reads (format of its value)
 _METRICS = {
     "encoder_snr_db": "encoder SNR {:.1f} dB",
@@ -176,6 +179,15 @@ def _choice(choice: Any) -> str:
     return fmt(choice)
 
 
+def _cut(value: Any) -> str:
+    """A text as the per-utterance view shows it: its first MAX_TEXT characters, and how long it is
+    when that is not all of it."""
+    text = fmt(value)
+    if len(text) <= MAX_TEXT:
+        return text
+    return f"{text[:MAX_TEXT]}… ({len(text):,} characters; utterances.parquet has them all)"
+
+
 def utterance_section(utts: pd.DataFrame, summary: pd.DataFrame) -> str:
     """Every row of utterances.parquet (up to MAX_UTTERANCE_ROWS), with a filter: text, model, and
     only the rows with word errors, a token divergence or no transcript."""
@@ -200,8 +212,8 @@ def utterance_section(utts: pd.DataFrame, summary: pd.DataFrame) -> str:
             + cell(row["exact_match"], cls="bad" if row["exact_match"] is False else "")
             + cell(float("nan") if row["first_divergence"] is pd.NA else row["first_divergence"])
             + cell(row["total_ms"], f"{row['total_ms']:.1f}" if row["total_ms"] == row["total_ms"] else "-")
-            + cell(row["ref_text"], cls="text")
-            + cell(hyp, cls="text" if ok else "text bad")
+            + cell(row["ref_text"], _cut(row["ref_text"]), cls="text")
+            + cell(hyp, _cut(hyp), cls="text" if ok else "text bad")
             + "</tr>"
         )
     models = "".join(f'<option value="{escape(m)}">{escape(m)}</option>' for m in model_labels(summary))
