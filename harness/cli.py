@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -51,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--resume", metavar="RUN_ID", help="finish an interrupted run: its id, or 'latest'")
     run.add_argument("--address", help="join this Ray cluster instead of starting an embedded one")
+    run.add_argument(
+        "--trust-job-address", action="store_true", help="join the job file's cluster.address (docs/cluster.md)"
+    )
+    run.add_argument(
+        "--allow-unauthenticated-cluster",
+        action="store_true",
+        help="join a cluster that admits clients without token authentication (docs/cluster.md)",
+    )
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default: results)")
     run.add_argument(
         "--models",
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.command == "run" and isinstance(exc, _interrupted()):
-            print(f"resume with: python -m harness run {args.job} --resume {exc.run.run_id}", file=sys.stderr)
+            print(f"resume with: {_resume_command(args, exc.run.run_id)}", file=sys.stderr)
             return ExitCode.INTERRUPTED
         return ExitCode.BAD_INPUT
 
@@ -148,6 +157,23 @@ def _interrupted() -> type[HarnessError]:
     from harness.run.execute import Interrupted
 
     return Interrupted
+
+
+def _resume_command(args: argparse.Namespace, run_id: str) -> str:
+    """The command that finishes run `run_id` as this `run` was asked to, shell-quoted: every flag
+    given that decides what it evaluates and where (a resume refuses another dataset or limit, and
+    must find the run, the artifacts and the history where they are)."""
+    from harness.nightly.dialect import masked
+
+    words = ["python", "-m", "harness", "run", str(args.job), "--resume", run_id]
+    words += ["--out", str(args.out), "--models", str(args.models)]
+    for flag in ("dataset", "limit", "slots", "address", "history", "baseline"):
+        if (value := getattr(args, flag)) is not None:
+            # a history URL's password is never printed (docs/security.md): the user fills it in
+            words += [f"--{flag}", masked(str(value)) if flag == "history" else str(value)]
+    switches = ("no_progress", "trust_job_address", "allow_unauthenticated_cluster")
+    words += [f"--{switch.replace('_', '-')}" for switch in switches if getattr(args, switch)]
+    return shlex.join(words)
 
 
 def _validate(paths: list[Path]) -> int:
@@ -207,7 +233,12 @@ def _run(args: argparse.Namespace) -> int:
     from harness.run.execute import run_job
 
     spec = load_job(args.job).with_overrides(
-        dataset=args.dataset, limit=args.limit, slots=args.slots, address=args.address
+        dataset=args.dataset,
+        limit=args.limit,
+        slots=args.slots,
+        address=args.address,
+        trust_address=args.trust_job_address,
+        allow_unauthenticated=args.allow_unauthenticated_cluster,
     )
     where = location(args.history, args.out)
     dialect_of(where)  # a history location (or lock wait) the harness cannot use is bad input, found before the run
@@ -240,14 +271,25 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from harness.results.run_dir import list_runs
+    from harness.results.run_dir import InUse, list_runs
 
     for run in list_runs(args.out, args.job):
-        if args.clean and run.abandoned():
-            run.remove()
-            print(f"removed {run.path}")
-        else:
-            print(run.summary_line())
+        if args.clean:
+            try:
+                # under the run's lock, asked again: a resume may have taken it, or finished it, meanwhile
+                if run.abandoned():
+                    with run.lock():
+                        if run.abandoned():
+                            run.remove()
+                            print(f"removed {run.path}")
+                            continue
+            except InUse as exc:
+                print(f"kept {run.path}: in use by another process (pid {exc.holder})")
+                continue
+            except HarnessError as exc:  # its state cannot be read: what it holds is unknown, so it stays
+                print(f"kept {run.path}: {exc}")
+                continue
+        print(run.summary_line())
     return ExitCode.OK
 
 

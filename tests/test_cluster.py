@@ -27,7 +27,8 @@ def test_run_joins_a_cluster_and_spreads_models_over_its_nodes(two_node_cluster,
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "harness", "run", str(ROOT / "jobs" / "librispeech_tiny_en.yaml"), "--limit", "4",
-         "--address", two_node_cluster.address, "--out", str(out), "--models", str(models_root), "--no-progress"],
+         "--address", two_node_cluster.address, "--allow-unauthenticated-cluster", "--out", str(out), "--models",
+         str(models_root), "--no-progress"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -58,8 +59,8 @@ def test_mediatek_work_goes_to_the_node_advertising_the_board(tiny_artifacts, mo
         )
         out = tmp_path / "results"
         proc = subprocess.run(
-            [sys.executable, "-m", "harness", "run", str(job), "--address", cluster.address, "--out", str(out),
-             "--models", str(models_root), "--no-progress"],
+            [sys.executable, "-m", "harness", "run", str(job), "--address", cluster.address,
+             "--allow-unauthenticated-cluster", "--out", str(out), "--models", str(models_root), "--no-progress"],
             capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -92,8 +93,8 @@ def test_a_node_removed_mid_run_costs_only_retries(
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "harness", "run", str(ROOT / "jobs" / "librispeech_tiny_en.yaml"), "--limit",
-             str(limit), "--address", cluster.address, "--out", str(out), "--models", str(models_root),
-             "--no-progress"],
+             str(limit), "--address", cluster.address, "--allow-unauthenticated-cluster", "--out", str(out),
+             "--models", str(models_root), "--no-progress"],
             stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
         deadline = time.monotonic() + 600

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -11,9 +14,18 @@ import pytest
 import soundfile as sf
 import soxr
 
+from harness.core.errors import HarnessError
 from harness.job.spec import DatasetSpec
-from harness.run.dataset import SAMPLE_RATE, count_rows, decode_audio, plan_shards, read_index, read_shard
-from tests.conftest import EMBEDDED
+from harness.run.dataset import (
+    SAMPLE_RATE,
+    check_dataset,
+    count_rows,
+    decode_audio,
+    plan_shards,
+    read_index,
+    read_shard,
+)
+from tests.conftest import EMBEDDED, ROOT
 
 
 def test_embedded_set_is_whole(embedded_utterances):
@@ -71,3 +83,62 @@ def test_hub_style_parquet_with_audio_bytes(embedded_utterances, tmp_path):
     by_id = {u.utt_id: u for u in embedded_utterances}
     for u in utts:
         assert np.array_equal(u.audio, by_id[u.utt_id].audio)
+
+
+def _hub_folder(folder, audio: list[dict], ids: list[str] | None = None):
+    """A folder `datasets` loads as it loads a hub dataset: one parquet split, audio as {bytes, path}."""
+    columns = {"audio": audio, "text": [f"T{i}" for i in range(len(audio))]}
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.table(columns | ({"id": ids} if ids else {})), folder / "data" / "test-00000-of-00001.parquet")
+    return folder
+
+
+def test_a_hub_row_without_audio_bytes_is_an_error_row_never_a_file_opened(tmp_path):
+    """A hub row's audio comes as bytes; one that gives only a `path` (a real audio file, which
+    would decode) is an error row naming it, in the run and in the driver's check."""
+    real = sorted(EMBEDDED.glob("test-clean/*.flac"))[0]
+    audio = [{"bytes": real.read_bytes(), "path": real.name}, {"bytes": None, "path": str(real)}]
+    folder = _hub_folder(tmp_path, audio, ["good", "only-path"])
+    for streaming in (False, True):
+        spec = DatasetSpec(hub=str(folder), split="test", streaming=streaming, limit=2)
+        good, only_path = read_shard(spec, plan_shards(2, 2)[0])
+        assert good.error is None and good.audio_s > 1
+        assert only_path.audio is None
+        assert only_path.error == f"audio of row 1: no bytes, only the path {str(real)!r} (not opened)"
+    (refused,) = check_dataset(DatasetSpec(hub=str(folder), split="test")).unreadable
+    assert refused == f"utterance 'only-path': audio of row 1: no bytes, only the path {str(real)!r} (not opened)"
+
+
+@pytest.mark.unit
+def test_a_streamed_index_refuses_repeated_ids(tmp_path):
+    files = sorted(EMBEDDED.glob("test-clean/*.flac"))[:3]
+    folder = _hub_folder(tmp_path, [{"bytes": f.read_bytes(), "path": f.name} for f in files], ["a", "b", "a"])
+    with pytest.raises(HarnessError, match=r"utterance id 'a' occurs more than once \(rows 0 and 2\)"):
+        read_index(DatasetSpec(hub=str(folder), split="test", streaming=True, limit=3))
+
+
+def test_a_streamed_dataset_with_repeated_ids_is_refused_as_it_is_read(tiny_artifacts, models_root, tmp_path):
+    """A stream's ids are not read before the run (that would fetch it twice): the run refuses at
+    the first shard that repeats an id, in one line, and the run folder says failed, why."""
+    files = sorted(EMBEDDED.glob("test-clean/*.flac"))[:4]
+    folder = _hub_folder(
+        tmp_path / "hub", [{"bytes": f.read_bytes(), "path": f.name} for f in files], ["a", "b", "a", "d"]
+    )
+    job = tmp_path / "streamed.yaml"
+    dataset = {"hub": str(folder), "split": "test", "streaming": True, "limit": 4}
+    job.write_text(json.dumps({"name": "streamed", "dataset": dataset, "models": {"sizes": ["tiny.en"]},
+                               "cluster": {"shard_size": 1, "slots": 1}}))  # fmt: skip
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(job), "--out", str(out), "--models", str(models_root),
+         "--no-progress", "--history", str(tmp_path / "history.sqlite")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    message = f"dataset hub:{folder}: utterance id 'a' occurs more than once (rows 0 and 2)"
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]  # Ray may warn too
+    assert line.startswith(f"error: {message}"), done.stderr
+    (run_dir,) = (out / "streamed").iterdir()
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["state"] == "failed" and state["reason"] == f"HarnessError: {line.removeprefix('error: ')}"
+    assert not (run_dir / "utterances.parquet").exists()

@@ -96,3 +96,26 @@ def test_the_lock_wait_is_checked(tmp_path, monkeypatch):
     code, _, err = in_process("history", "add", night(tmp_path / "results", 1), "--history", tmp_path / "h.sqlite")
     assert code == ExitCode.BAD_INPUT
     assert err == "error: $HARNESS_HISTORY_LOCK_WAIT: expected seconds (a number, 0 or more), got 'soon'\n"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("history", "wait", "said"),
+    [
+        ("mysql://nightly:s3cret@db/h", None, "error: history mysql://nightly:***@db/h: expected a file path or"),
+        ("h.sqlite", "soon", "error: $HARNESS_HISTORY_LOCK_WAIT: expected seconds"),
+    ],
+)
+def test_a_history_the_harness_cannot_use_is_bad_input_found_before_the_run(history, wait, said, tmp_path, monkeypatch):
+    """Not exit 6 after a night's work: a history location (or lock wait) that can never work is
+    refused before anything runs."""
+    if wait is None:
+        monkeypatch.delenv("HARNESS_HISTORY_LOCK_WAIT", raising=False)
+    else:
+        monkeypatch.setenv("HARNESS_HISTORY_LOCK_WAIT", wait)
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.format(data=EMBEDDED))
+    out = tmp_path / "results"
+    code, _, err = in_process("run", job, "--out", out, "--models", tmp_path / "models", "--history", history)
+    assert code == ExitCode.BAD_INPUT and err.startswith(said) and err.count("\n") == 1, err
+    assert not out.exists() and not (tmp_path / "models").exists()  # nothing ran, nothing was built

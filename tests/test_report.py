@@ -291,8 +291,10 @@ def test_a_long_transcript_is_cut_with_its_length_said(tmp_path):
 
 
 # an inline script and an inline handler, as markup that escaped escaping would bring in
-INJECTED = '<script>document.body.setAttribute("data-injected", "script")</script>' \
-    '<img src="#" onerror="document.body.setAttribute(\'data-injected\', \'handler\')">'
+INJECTED = (
+    '<script>document.body.setAttribute("data-injected", "script")</script>'
+    "<img src=\"#\" onerror=\"document.body.setAttribute('data-injected', 'handler')\">"
+)
 
 
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="no /usr/bin/chromium: `bash scripts/chromium.sh` installs it")

@@ -1,7 +1,7 @@
 """A history's password is never shown: not in a URL printed back, not in a `password=` parameter,
 not in a database driver's own message that repeats it. Checked on the masking function for every
-way a URL can carry one, and on real failed connections — through the commands' real processes
-(their stdout and stderr) and through the report they write, and once through a real `run`."""
+way a URL can carry one, and on real failed connections — through the commands (a real process's
+stdout and stderr) and the report they write, and once through a real `run`."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def test_a_driver_message_repeating_the_password_or_a_piece_of_it_is_masked():
 
     where = f"postgresql://nightly:{SPLIT}@db:5432/h"
     said = "failed to resolve host 'w0rd': invalid integer value \"x9z@db:5432\" for port; user p4ss"
-    assert masked(said, where) == "failed to resolve host '***': invalid integer value \"***@db:5432\" for port; user ***"
+    shown = "failed to resolve host '***': invalid integer value \"***@db:5432\" for port; user ***"
+    assert masked(said, where) == shown
     where = f"postgresql://nightly:{ENCODED}@db/h"
     assert masked(f'bad token "{ENCODED}" or {DECODED}', where) == 'bad token "***" or ***'
     uri = f"postgresql://nightly:{SECRET}@[::1/h"
@@ -97,27 +98,30 @@ def _server() -> tuple[str, int]:
 
 
 def test_failed_connections_never_show_the_password(tmp_path):
-    """`history`, `compare` and `report` given each URL, as real processes, all at once: each
-    fails with one line (the report is written, without trends), and no output holds the password."""
+    """`history`, `compare` and `report` given each URL: each fails with one line (the report is
+    written, without trends), and no output holds the password. `history` runs as real processes,
+    all at once, so that whatever the driver might write to the terminal itself is seen too;
+    `compare` and `report` in this process (the same opening of the history, pandas loaded once)."""
     host, port = _server()
     run_dir = night(tmp_path / "results", 1)
-    runs = []
-    for i, (where, secrets) in enumerate(_forms(host, port)):
-        page = tmp_path / f"report-{i}.html"
-        for args in (("history",), ("compare", "previous", "latest"), ("report", run_dir, "--out", page)):
-            runs.append((where, secrets, args, page, harness(*args, "--history", where, wait=False)))
-    for where, secrets, args, page, proc in runs:
+    forms = _forms(host, port)
+    listing = [harness("history", "--history", where, wait=False) for where, _ in forms]
+    for i, ((where, secrets), proc) in enumerate(zip(forms, listing, strict=True)):
         out, err = proc.communicate(timeout=120)
-        shown = out + err
-        if args[0] == "report":
-            assert proc.returncode == 0 and err == "", (args, where, shown)
-            shown += page.read_text()
-            assert "no trends: history " in shown, (args, where, shown)
-        else:
-            assert proc.returncode == ExitCode.BAD_INPUT and out == "", (args, where, shown)
-            assert err.startswith("error: history ") and err.count("\n") == 1, (args, where, shown)
-        for secret in secrets:
-            assert secret not in shown, (args, where, shown)
+        said = {"history": (proc.returncode, out, err)}
+        said["compare"] = in_process("compare", "previous", "latest", "--history", where)
+        page = tmp_path / f"report-{i}.html"
+        said["report"] = in_process("report", run_dir, "--out", page, "--history", where)
+        for command, (code, out, err) in said.items():
+            if command == "report":
+                assert code == 0 and err == "", (where, said)
+                out += page.read_text()
+                assert "no trends: history " in out, (where, said)
+            else:
+                assert code == ExitCode.BAD_INPUT and out == "", (where, command, said)
+                assert err.startswith("error: history ") and err.count("\n") == 1, (where, command, said)
+            for secret in secrets:
+                assert secret not in out + err, (where, command, secret, said)
 
 
 JOB = """name: tiny_reference

@@ -96,12 +96,17 @@ class ClusterSpec:
     """Where and how a job runs; none of it changes the results (a resumed run may change it)."""
 
     address: str | None = None  # None: an embedded local Ray
+    # the job vouches for `address`: joining hands that host this machine's Ray token and the job's
+    # work, so an address from a job file is joined only when the job (or --trust-job-address) says so
+    trust_address: bool = False
     slots: int | None = None  # workers at once, over the whole cluster; None: one per CPU / threads
     threads: int = 1  # threads each worker's model uses
     shard_size: int = 4  # utterances per shard: the unit of scheduling, persisting and resuming
     max_attempts: int = 3  # a shard whose worker dies is tried at most this often
     stall_timeout_s: int = 600  # a worker that loads, or decodes one utterance, longer than this is ended
     emulate: bool = False  # run board targets (mtk) on CPUs when no node advertises the board
+    # join a cluster that admits clients without a token: the user's decision alone, never a job file's
+    allow_unauthenticated: bool = field(default=False, metadata={"flag": "--allow-unauthenticated-cluster"})
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,11 @@ class JobSpec:
         limit: int | None = None,
         slots: int | None = None,
         address: str | None = None,
+        trust_address: bool = False,
+        allow_unauthenticated: bool = False,
     ) -> JobSpec:
-        """The command line's flags, applied to a validated spec and validated the same way."""
+        """The command line's flags, applied to a validated spec and validated the same way. An
+        `address` given there is the user's own: trusted."""
         spec = self
         if dataset is not None:
             as_path = Path(dataset).expanduser()
@@ -152,7 +160,11 @@ class JobSpec:
             raise_all([] if slots > 0 else ["--slots: expected a positive integer"], "command line")
             spec = replace(spec, cluster=replace(spec.cluster, slots=slots))
         if address is not None:
-            spec = replace(spec, cluster=replace(spec.cluster, address=address))
+            spec = replace(spec, cluster=replace(spec.cluster, address=address, trust_address=True))
+        if trust_address:
+            spec = replace(spec, cluster=replace(spec.cluster, trust_address=True))
+        if allow_unauthenticated:
+            spec = replace(spec, cluster=replace(spec.cluster, allow_unauthenticated=True))
         return spec
 
 

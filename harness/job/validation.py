@@ -37,14 +37,19 @@ def type_ok(value: Any, annotation: str) -> bool:
 
 
 def simple(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
-    """Build a flat dataclass of str/int/bool/None fields, type-checking each key."""
+    """Build a flat dataclass of str/int/bool/None fields, type-checking each key; a field whose
+    metadata names a command-line flag is refused here."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         errors.append(f"{where}: expected a mapping, got {type(raw).__name__}")
         return None
-    known = {f.name: f for f in fields(cls)}
-    unknown_keys(raw, set(known), f"{where}.", errors)
+    # a field with a "flag" is the command line's to set (that flag), not a file's
+    flags = {f.name: f.metadata["flag"] for f in fields(cls) if "flag" in f.metadata}
+    known = {f.name: f for f in fields(cls) if f.name not in flags}
+    for key in raw.keys() & flags.keys():
+        errors.append(f"{where}.{key}: not for a job file; only the command line's {flags[key]} says it")
+    unknown_keys({k: v for k, v in raw.items() if k not in flags}, set(known), f"{where}.", errors)
     kwargs = {}
     for key, value in raw.items():
         f = known.get(key)

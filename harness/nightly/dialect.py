@@ -224,7 +224,8 @@ class PostgreSQL(Dialect):
         # autocommit: reads hold no transaction open; writes open one explicitly. Settings by SET,
         # not by connection options, which would replace any `options` the URL gives
         conn = self.driver.connect(where, autocommit=True, connect_timeout=10)
-        conn.execute(f"SET lock_timeout = {round(self.lock_wait_s * 1000)}")
+        # in milliseconds, at least 1: PostgreSQL reads 0 as "wait for ever", SQLite as "do not wait"
+        conn.execute(f"SET lock_timeout = {max(1, round(self.lock_wait_s * 1000))}")
         if access == "read":  # every statement in a read-only transaction: the server refuses any change
             conn.execute("SET default_transaction_read_only = on")
         return conn

@@ -5,12 +5,18 @@ cluster at an address that is checked before anything is built.
   127.0.0.1 to the host's address and lets its gRPC servers listen on every interface. Ray keeps
   every server on loopback only where it treats the machine as a single-node host (macOS and
   Windows: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`), so the embedded cluster is started in that mode.
-- Joining: the address must answer within `CONNECT_TIMEOUT_S` (ray.init would retry for minutes).
-  A token found on this machine is used as `ray start` uses it for a joining node. A cluster that
-  refuses the token (or its absence) is one line naming the fix. A cluster that also admits
-  clients without a token is joined with a warning that names the risk: anyone who can reach its
-  ports can run code on its nodes. That is learnt first, by trying to join without a token in a
-  second process, because the driver must then join in the cluster's mode.
+  Ray writes a missing token file under the umask (readable by every local user, who could then
+  use the cluster), so the harness writes it first, readable by its owner alone.
+- Joining: the driver hands the cluster its token and its work, so an address a job file names
+  (anyone may write one) is joined only when the job (`cluster.trust_address`) or the user
+  (`--trust-job-address`) vouches for it; `--address` is the user's own. The address must answer
+  within `CONNECT_TIMEOUT_S` (ray.init would retry for minutes). A token found on this machine is
+  used as `ray start` uses it for a joining node. A cluster that refuses the token (or its
+  absence) is one line naming the fix. A cluster that also admits clients without a token is
+  joined only with the user's `--allow-unauthenticated-cluster`, and then with a warning that names
+  the risk: anyone who can reach its ports can run code on its nodes. That is learnt first, by
+  trying to join without a token in a second process, because the driver must then join in the
+  cluster's mode.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import enum
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from harness.core.errors import HarnessError, one_line
 from harness.job.spec import ClusterSpec
@@ -32,15 +40,17 @@ CONNECT_TIMEOUT_S = 10.0  # an address that does not answer by then is unreachab
 AUTH_PROBE_S = 45.0  # the probe answers within seconds (Python and Ray start, 3 tries); on a loaded machine, more
 SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": node address 127.0.0.1, servers on loopback
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"  # the token itself; the file holding it
 TOKEN_HINT = (
     "give it the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; "
     "`ray get-auth-token` on the head prints it)"
 )
-NO_AUTH_WARNING = (
-    "warning: the Ray cluster at {address} admits clients without token authentication: anyone who "
-    "can reach its ports can run code on its nodes and read their data; restart it with "
-    "RAY_AUTH_MODE=token (docs/cluster.md, Authentication)"
+NO_AUTH_RISK = (
+    "admits clients without token authentication: anyone who can reach its ports can run code on its nodes "
+    "and read their data"
 )
+NO_AUTH_FIX = "restart it with RAY_AUTH_MODE=token (docs/cluster.md, Authentication)"
+NO_AUTH_WARNING = f"warning: the Ray cluster at {{address}} {NO_AUTH_RISK}; {NO_AUTH_FIX}"
 
 
 def connect(cluster: ClusterSpec, log: Callable[[str], None] = print) -> None:
@@ -57,6 +67,8 @@ def _start_or_join(cluster: ClusterSpec, log: Callable[[str], None]) -> None:
     import ray
 
     if cluster.address is None:
+        if _token_mode():
+            _keep_token_private(create=True)
         with _single_host():
             # "local": a cluster of its own, never one another process started on this machine
             ray.init(
@@ -67,29 +79,35 @@ def _start_or_join(cluster: ClusterSpec, log: Callable[[str], None]) -> None:
                 configure_logging=False,
             )
         return
-    _join(cluster.address, log)
+    if not cluster.trust_address:
+        raise HarnessError(
+            f"cluster.address {cluster.address!r} comes from the job file, and joining it hands that host this "
+            "machine's Ray token and the job's work: if you trust it, add `trust_address: true` to the job's "
+            "cluster: section, pass --trust-job-address, or give it with --address"
+        )
+    _join(cluster.address, cluster.allow_unauthenticated, log)
 
 
-def _join(address: str, log: Callable[[str], None]) -> None:
+def _join(address: str, allow_unauthenticated: bool, log: Callable[[str], None]) -> None:
     import ray
     from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except (OSError, ValueError) as exc:
-        raise HarnessError(
-            f"cluster.address {address!r}: cannot reach a Ray cluster there ({one_line(exc)}); "
-            "start one with `ray start --head` or fix the address"
-        ) from None
+    check_reachable(address)
     # The client's mode must be the cluster's: a driver in token mode on a cluster without it
     # cannot start actors there. So first learn whether the cluster admits a client without one.
     probe = _probe(address)
     if probe == ProbeResult.ADMITTED:
+        if not allow_unauthenticated:
+            raise HarnessError(
+                f"cluster.address {address!r}: the cluster {NO_AUTH_RISK}; {NO_AUTH_FIX}, or pass "
+                "--allow-unauthenticated-cluster to join it anyway"
+            )
         os.environ[AUTH_MODE_ENV] = "disabled"
         log(NO_AUTH_WARNING.format(address=address))
     else:
+        if _token_mode():
+            _keep_token_private(create=False)
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # as `ray start` does on a node
         if probe == ProbeResult.REFUSED and not is_token_auth_enabled():
             raise HarnessError(
@@ -105,6 +123,65 @@ def _join(address: str, log: Callable[[str], None]) -> None:
                 f"cluster.address {address!r}: the cluster refused this machine's token: {TOKEN_HINT}"
             ) from None
         raise HarnessError(f"cluster.address {address!r}: could not join ({one_line(exc)})") from None
+
+
+def _token_mode() -> bool:
+    """Whether Ray will use a token: RAY_AUTH_MODE=token, or unset (a new cluster's default, and a
+    joining client's when it finds a token)."""
+    return os.environ.get(AUTH_MODE_ENV, "token").lower() == "token"
+
+
+def check_reachable(address: str) -> None:
+    """Refuse, in one line, an address (`ray://host:port` or `host:port`; an IPv6 host in brackets,
+    `[::1]:6379`) where nothing answers within CONNECT_TIMEOUT_S."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        raise HarnessError(
+            f"cluster.address {address!r}: cannot reach a Ray cluster there ({one_line(exc)}); "
+            "start one with `ray start --head` or fix the address"
+        ) from None
+
+
+def _keep_token_private(create: bool) -> None:
+    """Make the token file Ray reads (`RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token`) readable by
+    its owner alone: whoever reads it can use the cluster. `~/.ray` loses group and other write
+    (anyone who can write there can put a token of their own in place). With `create`, a missing
+    `~/.ray/auth_token` is written here, private from its first byte, before Ray writes one under
+    the umask. A file of another user is left as its owner keeps it; a token in `RAY_AUTH_TOKEN`
+    has no file."""
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    if os.environ.get(TOKEN_ENV):
+        return
+    given = os.environ.get(TOKEN_PATH_ENV)
+    path = Path(given).expanduser() if given else Path.home() / ".ray" / "auth_token"
+    try:
+        if not given:  # a folder RAY_AUTH_TOKEN_PATH names (/tmp, say) is not the harness's to change
+            if create:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _clear_mode(path.parent, stat.S_IWGRP | stat.S_IWOTH)
+            if create:
+                with contextlib.suppress(FileExistsError):  # one already there is the token in use
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "w") as f:
+                        f.write(generate_new_authentication_token())  # what Ray would write
+        _clear_mode(path, 0o077)
+    except OSError as exc:
+        raise HarnessError(f"{path}: cannot make the Ray token file private ({one_line(exc)})") from None
+
+
+def _clear_mode(path: Path, bits: int) -> None:
+    """Clear `bits` of the mode of `path` (when it exists and is this user's)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid == os.getuid() and st.st_mode & bits:
+        path.chmod(stat.S_IMODE(st.st_mode) & ~bits)
 
 
 class ProbeResult(enum.IntEnum):

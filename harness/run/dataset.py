@@ -2,9 +2,11 @@
 hub id (through `datasets`), read in shards.
 
 Audio is never decoded by `datasets` (its default decoder needs torchcodec and FFmpeg): rows keep
-the encoded bytes or the file path, and soundfile + soxr turn them into 16 kHz mono float32.
-The driver only checks the metadata (columns, unique ids, audio files inside the dataset folder),
-counts rows and plans shards; each worker reads its own shard.
+the encoded bytes (a hub row) or the file's path inside the folder (a local row), and soundfile +
+soxr turn them into 16 kHz mono float32. The driver only checks the metadata (columns, unique ids,
+audio files inside the dataset folder, hub audio given as bytes), counts rows and plans shards;
+each worker reads its own shard. A streamed dataset is not read before the run (that would fetch
+it twice): its ids are checked as its rows come back (`StreamIds`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import csv
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +155,8 @@ def check_dataset(spec: DatasetSpec) -> DatasetCheck:
         try:
             if spec.path is not None:
                 audio_file(spec.path, row.get("file_name"))
+            else:
+                hub_audio(row.get(spec.audio_column), position)
             if spec.language_column is not None:
                 language_of(row.get(spec.language_column), spec.language_column)
         except HarnessError as exc:
@@ -159,11 +164,39 @@ def check_dataset(spec: DatasetSpec) -> DatasetCheck:
     repeated = [f"{quote(utt_id)} ({n} rows)" for utt_id, n in Counter(ids).items() if n > 1]
     if repeated:
         raise HarnessError(
-            f"dataset {spec.label}: utterance ids occur more than once: "
-            f"{some(repeated, LISTED, ', ')}; an utterance's id is its '{spec.id_column}' column, else its audio "
-            f"file's name without extension, so give every row a unique '{spec.id_column}'"
+            f"dataset {spec.label}: utterance ids occur more than once: {some(repeated, LISTED, ', ')}; {_unique(spec)}"
         )
     return DatasetCheck(n_rows, tuple(unreadable))
+
+
+def _unique(spec: DatasetSpec) -> str:
+    return (
+        f"an utterance's id is its '{spec.id_column}' column, else its audio file's name without extension, "
+        f"so give every row a unique '{spec.id_column}'"
+    )
+
+
+@dataclass
+class StreamIds:
+    """The utterance ids of a dataset's rows as they are read, per reader (a model of the run: each
+    reads every row once). The driver does not read a streamed dataset before the run, so a repeated
+    id is refused here, at the first row read again, not by the check of the results after the
+    whole run."""
+
+    spec: DatasetSpec
+    seen: dict[str, dict[str, int]] = field(default_factory=dict)  # reader → utterance id → row
+
+    def add(self, reader: str, start: int, ids: Iterable[str]) -> None:
+        """The ids of rows `start`, `start + 1`, ... as `reader` read them; the same id at another row
+        than before is a HarnessError."""
+        seen = self.seen.setdefault(reader, {})
+        for position, utt_id in enumerate(ids, start):
+            first = seen.setdefault(utt_id, position)
+            if first != position:
+                raise HarnessError(
+                    f"dataset {self.spec.label}: utterance id {quote(utt_id)} occurs more than once "
+                    f"(rows {min(first, position)} and {max(first, position)}); {_unique(self.spec)}"
+                )
 
 
 def audio_file(folder: Path, file_name: object) -> Path:
@@ -188,6 +221,20 @@ def audio_file(folder: Path, file_name: object) -> Path:
     return path
 
 
+def hub_audio(audio: object, position: int) -> bytes:
+    """A hub row's encoded audio; else a HarnessError saying why it is not decoded.
+
+    A hub row's audio must come as bytes: a `path` alone would name a file on whichever machine
+    reads the row, chosen by whoever wrote the dataset, so it is never opened.
+    """
+    if isinstance(audio, dict) and isinstance(audio.get("bytes"), bytes) and audio["bytes"]:
+        return audio["bytes"]
+    path = audio.get("path") if isinstance(audio, dict) else None
+    if path:
+        raise HarnessError(f"audio of row {position}: no bytes, only the path {quote(path, 200)} (not opened)")
+    raise HarnessError(f"audio of row {position}: no bytes (got {quote(audio, 200)})")
+
+
 def language_of(value: object, column: str) -> str:
     """A language column's value (a whisper language code or name, any case) as whisper's code;
     else a HarnessError saying why the utterance cannot be decoded in it."""
@@ -200,12 +247,14 @@ def language_of(value: object, column: str) -> str:
 
 
 def read_index(spec: DatasetSpec) -> tuple[list[str], list[str]]:
-    """Utterance ids and reference texts, without touching audio (for rows of unrunnable models)."""
+    """Utterance ids and reference texts, without touching audio (for rows of unrunnable models);
+    a repeated id (which only a streamed dataset can still have) is refused."""
     if spec.streaming:
         rows = list(open_dataset(spec).take(count_rows(spec)))
     else:
         rows = list(open_dataset(spec))
     ids = [_utt_id(spec, r, i) for i, r in enumerate(rows)]
+    StreamIds(spec).add("index", 0, ids)
     return ids, [str(r.get(spec.text_column) or "") for r in rows]
 
 
@@ -249,8 +298,11 @@ def _utterance(spec: DatasetSpec, row: dict, position: int) -> Utterance:
             return Utterance(utt_id, text, None, str(exc), language)
         where = source
     else:
-        audio = row[spec.audio_column]
-        source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"]
+        audio = row.get(spec.audio_column)
+        try:
+            source = io.BytesIO(hub_audio(audio, position))
+        except HarnessError as exc:
+            return Utterance(utt_id, text, None, str(exc), language)
         where = audio.get("path") or f"row {position}"
     try:
         return Utterance(utt_id, text, decode_audio(source), language=language)

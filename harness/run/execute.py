@@ -1,16 +1,19 @@
 """Running a job: check the data, join Ray, prepare artifacts, schedule shards, score, write results.
 
-Data flows one way. The driver checks the dataset and connects to Ray before building anything
-(an unusable dataset or an unreachable cluster costs seconds, not a matrix of conversions),
-prepares artifacts, plans shards as row ranges, and runs the transcription pass over them
-(`harness.run.passes`, on `harness.run.scheduler`); workers read their own audio and stream rows
-back. Every finished shard is persisted at once in the run directory (`harness.results.run_dir`),
-so an interrupted or failed run keeps its work and `--resume` re-plans only what is missing. The
-divergence analysis, when the job asks, is a second pass (`harness.run.divergence_pass`).
+Data flows one way. The driver checks the dataset, and a resume's run (it exists, is not complete
+or in use, was made by the same job on the same data), and connects to Ray before building
+anything (an unusable dataset, a mistyped --resume or an unreachable cluster costs seconds, not a
+matrix of conversions), prepares artifacts, plans shards as row ranges, and runs the transcription
+pass over them (`harness.run.passes`, on `harness.run.scheduler`); workers read their own audio
+and stream rows back. Every finished shard is persisted at once in the run directory
+(`harness.results.run_dir`), so an interrupted or failed run keeps its work and `--resume`
+re-plans only what is missing. The divergence analysis, when the job asks, is a second pass
+(`harness.run.divergence_pass`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -28,17 +31,17 @@ from harness.core.decoding import build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
 from harness.job.spec import JobSpec, ModelCell
-from harness.results.run_dir import RAW, RunDir, RunState, fingerprint, raw_frame, write_parquet_atomic
+from harness.results.run_dir import RAW, InUse, RunDir, RunState, fingerprint, raw_frame, write_parquet_atomic
 from harness.results.run_info import RUN_JSON, Host, ModelInfo, PassReport, RunInfo, job_json
 from harness.results.schema import SCHEMA_VERSION, row
 from harness.results.scoring import score_rows
 from harness.results.summary import format_summary, summarize
 from harness.results.timing import Phases, cpu_description
 from harness.run.cluster import connect
-from harness.run.dataset import Shard, calibration_source, check_dataset, plan_shards, read_index
+from harness.run.dataset import Shard, StreamIds, calibration_source, check_dataset, plan_shards, read_index
 from harness.run.divergence_pass import analysed, run_divergence, write_divergence
 from harness.run.passes import Pass, PreparedModel, Publisher, serving
-from harness.run.scheduler import Index, Work
+from harness.run.scheduler import Index, ShardDone, Work
 from harness.run.worker import ModelWorker, WorkerSetup
 
 
@@ -91,19 +94,53 @@ def run_job(
         dataset = check_dataset(spec.dataset)
     if dataset.unreadable:
         log(f"dataset {spec.dataset.label}: {dataset.note}")
-    with phases("connect"):
-        connect(spec.cluster, log)
-    with phases("artifacts"):
-        prepared = prepare_models(spec, models_root, log=log)
-    keys = {p.cell.label: p.prepared.artifact.manifest.get("key") if p.prepared.artifact else None for p in prepared}
-    marks = fingerprint(spec, dataset.n_rows, keys)
-    if resume is None:
-        run = RunDir.create(out_root, spec.name, marks)
-    else:
-        run = RunDir.find(out_root, spec.name, resume)
-        run.resume(marks)
-        log(f"resuming {run.path}")
-    shards = plan_shards(dataset.n_rows, spec.cluster.shard_size)
+    with contextlib.ExitStack() as owned:  # the run's lock, held until the run is done with
+        resumed = None if resume is None else _take_over(out_root, spec, resume, dataset.n_rows, owned)
+        if resumed is not None:
+            log(f"resuming {resumed.path}")
+        with phases("connect"):
+            connect(spec.cluster, log)
+        with phases("artifacts"):
+            prepared = prepare_models(spec, models_root, log=log)
+        keys = {
+            p.cell.label: (p.prepared.artifact.manifest.get("key") if p.prepared.artifact else None) for p in prepared
+        }
+        marks = fingerprint(spec, dataset.n_rows, keys)
+        if resumed is None:
+            run = RunDir.create(out_root, spec.name)
+            owned.enter_context(run.lock())
+            run.start(marks)
+        else:
+            run = resumed
+            run.resume(marks)  # the artifacts too, now that they are built
+        return _evaluate(spec, prepared, run, dataset.n_rows, started, progress, log, phases)
+
+
+def _take_over(out_root: Path, spec: JobSpec, which: str, n_rows: int, owned: contextlib.ExitStack) -> RunDir:
+    """The run `--resume` names, locked for this process; refused (one line) before Ray starts or
+    anything is built when there is no such run, it is complete, running or in use, or its job or
+    dataset differs (its artifacts can be compared only once built)."""
+    run = RunDir.find(out_root, spec.name, which)
+    try:
+        owned.enter_context(run.lock())
+    except InUse as exc:
+        raise HarnessError(f"--resume {run.run_id}: {exc}") from None
+    run.check(fingerprint(spec, n_rows))
+    return run
+
+
+def _evaluate(
+    spec: JobSpec,
+    prepared: list[PreparedModel],
+    run: RunDir,
+    n_rows: int,
+    started: float,
+    progress: bool,
+    log,
+    phases: Phases,
+) -> RunResult:
+    """The passes, scoring and results of a run this process owns; its state says how it ended."""
+    shards = plan_shards(n_rows, spec.cluster.shard_size)
 
     @functools.cache
     def index() -> tuple[list[str], list[str]]:  # ids and texts, read once and only if a model has no transcripts
@@ -112,7 +149,7 @@ def run_job(
     try:
         transcription = _transcribe(spec, prepared, shards, run, index, progress, log, phases)
         raw = TRANSCRIPTION.rows(run)
-        TRANSCRIPTION.check_complete(raw, [p.cell for p in prepared], dataset.n_rows, index)
+        TRANSCRIPTION.check_complete(raw, [p.cell for p in prepared], n_rows, index)
         analysis = None
         if spec.analysis.divergence:  # needs every reference row, so after the main pass
             with phases("divergence"):
@@ -124,8 +161,8 @@ def run_job(
             summary.to_csv(run.path / "summary.csv", index=False)
             (run.path / "summary.md").write_text(format_summary(summary) + "\n")
             candidates = [p.cell for p in prepared if analysed(p.cell)]
-            divergence = write_divergence(run, candidates, dataset.n_rows, index) if spec.analysis.divergence else None
-        info = _run_info(spec, run, prepared, dataset.n_rows, started, transcription, analysis, phases.report())
+            divergence = write_divergence(run, candidates, n_rows, index) if spec.analysis.divergence else None
+        info = _run_info(spec, run, prepared, n_rows, started, transcription, analysis, phases.report())
         info.write(run.path / RUN_JSON)
         run.complete()
     except KeyboardInterrupt:
@@ -149,19 +186,37 @@ def _transcribe(
 ) -> PassReport:
     with serving() as server:
         with phases("publish"):
-            work = _work(spec, prepared, shards, run, server, index)
+            work = _work(spec, prepared, shards, run, server, index, log)
+        check = _stream_check(spec, prepared, shards, run) if spec.dataset.streaming else None
         with phases("schedule"):
-            return TRANSCRIPTION.schedule(run, work, spec.cluster, index, progress, log)
+            return TRANSCRIPTION.schedule(run, work, spec.cluster, index, progress, log, check)
+
+
+def _stream_check(spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], run: RunDir) -> ShardDone:
+    """A streamed dataset's ids checked as each shard comes back (`StreamIds`), after those of
+    the shards a resumed run already has."""
+    ids = StreamIds(spec.dataset)
+    for p in prepared:
+        for s in shards:
+            if (file := run.shard_file(p.cell, s.index)).is_file():
+                ids.add(p.cell.label, s.start, pd.read_parquet(file, columns=["utt_id"])["utt_id"])
+    return lambda cell, shard, rows: ids.add(cell.label, shard.start, (r["utt_id"] for r in rows))
 
 
 def _work(
-    spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], run: RunDir, server: Publisher, index: Index
+    spec: JobSpec,
+    prepared: list[PreparedModel],
+    shards: list[Shard],
+    run: RunDir,
+    server: Publisher,
+    index: Index,
+    log,
 ) -> list[Work[WorkerSetup]]:
     """What the scheduler runs: each runnable model's published artifact and the shards it has
     left; a model that cannot run gets its rows now, with its status."""
     work = []
     for p in prepared:
-        todo = TRANSCRIPTION.todo(run, p.cell, shards)
+        todo = TRANSCRIPTION.todo(run, p.cell, shards, log)
         if not todo:
             continue
         # a model that failed its parity gate is reported, not evaluated, unless the job asks for it

@@ -5,13 +5,12 @@ What tells two passes apart is a `Pass`: its worker class, its kind of row, and 
 run directory. Everything else they do the same way, here: the driver's artifact server for the
 pass (`serving`), the scheduler run with the job's cluster settings, each finished (model, shard)
 persisted at once, atomically, in the pass's folder (so `--resume` re-plans only the shards
-without a file), and the check that the rows read back are exactly one per model and utterance.
+without a whole file), and the check that the rows read back are exactly one per model and utterance.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic
@@ -23,13 +22,13 @@ from converters.store import Prepared
 from harness.core.decoding import Dims
 from harness.core.errors import some
 from harness.job.spec import ClusterSpec, ModelCell
-from harness.results.run_dir import RunDir
+from harness.results.run_dir import RunDir, shard_problem
 from harness.results.run_info import PassReport
 from harness.run.actors import S, WorkerClass
 from harness.run.artifact_server import start_server
 from harness.run.dataset import Shard
 from harness.run.node_cache import PublishedArtifact, publish
-from harness.run.scheduler import FailureRow, Index, Scheduler, SchedulerOptions, Work
+from harness.run.scheduler import FailureRow, Index, Scheduler, SchedulerOptions, ShardDone, Work
 
 
 @dataclass(frozen=True)
@@ -100,9 +99,23 @@ class Pass(Generic[S]):
     failure_row: FailureRow  # the row of an utterance no worker could do
     model_columns: tuple[str, ...]  # the columns of a row that name its model
 
-    def todo(self, run: RunDir, cell: ModelCell, shards: Sequence[Shard]) -> tuple[Shard, ...]:
-        """The shards of `cell` without a file in `run`."""
-        return tuple(s for s in shards if not run.done(cell, s.index, self.folder))
+    def todo(
+        self, run: RunDir, cell: ModelCell, shards: Sequence[Shard], log: Callable[[str], None] = print
+    ) -> tuple[Shard, ...]:
+        """The shards of `cell` without a whole file in `run`. A file that is not whole (empty,
+        cut short, not the shard's rows or columns: `shard_problem`) is removed and redone, said
+        in one line: counted as done, it would fail every later read of the run."""
+        columns = list(self.frame([]).columns)
+        model = dict(zip(self.model_columns, cell.as_tuple()[: len(self.model_columns)], strict=True))
+        todo = []
+        for shard in shards:
+            file = run.shard_file(cell, shard.index, self.folder)
+            if file.is_file() and (problem := shard_problem(file, shard.stop - shard.start, columns, model)):
+                file.unlink()
+                log(f"{file.relative_to(run.path)}: {problem}, redone")
+            if not file.is_file():
+                todo.append(shard)
+        return tuple(todo)
 
     def persist(self, run: RunDir, cell: ModelCell, shard: Shard, rows: list[dict[str, Any]]) -> None:
         run.write_shard(cell, shard.index, self.frame(rows), self.folder)
@@ -115,9 +128,16 @@ class Pass(Generic[S]):
         index: Index,
         progress: bool,
         log: Callable[[str], None],
+        check: ShardDone | None = None,
     ) -> PassReport:
-        """Run `work` on the cluster, persisting every shard as it finishes (failed ones as rows)."""
-        on_shard = functools.partial(self.persist, run)
+        """Run `work` on the cluster, persisting every shard as it finishes (failed ones as rows),
+        after `check` (which stops the pass by raising) when given."""
+
+        def on_shard(cell: ModelCell, shard: Shard, rows: list[dict[str, Any]]) -> None:
+            if check is not None:
+                check(cell, shard, rows)
+            self.persist(run, cell, shard, rows)
+
         options = scheduler_options(cluster)
         return Scheduler(work, options, self.worker, on_shard, self.failure_row, index, progress, log).run()
 
