@@ -164,7 +164,12 @@ def embedded_utterances():
 
 @pytest.fixture(scope="session")
 def whisper_decoded(tiny_checkpoint, embedded_utterances, tiny_dims):
-    """openai-whisper's own `whisper.decode` on every embedded utterance: the independent path."""
+    """openai-whisper's own `whisper.decode` on the tiny run's utterances: the independent path."""
+    return decode_with_whisper(tiny_checkpoint, embedded_utterances[:TINY_RUN], tiny_dims)
+
+
+def decode_with_whisper(tiny_checkpoint, utterances, tiny_dims) -> dict:
+    """`whisper.decode` of `utterances` with tiny.en, by utterance id."""
     import torch
     import whisper
 
@@ -177,8 +182,8 @@ def whisper_decoded(tiny_checkpoint, embedded_utterances, tiny_dims):
     # whisper.decode's own batching, 16 at a time: half the time of one by one, and the same tokens
     # on every embedded utterance (checked here, 70 of 70); the harness's loop stays at batch 1
     out = {}
-    for start in range(0, len(embedded_utterances), 16):
-        batch = embedded_utterances[start : start + 16]
+    for start in range(0, len(utterances), 16):
+        batch = utterances[start : start + 16]
         mels = torch.stack([torch.from_numpy(log_mel(u.audio, tiny_dims.n_mels)[0]) for u in batch])
         out |= {u.utt_id: result for u, result in zip(batch, whisper.decode(model, mels, options), strict=True)}
     return out
@@ -201,16 +206,20 @@ def ray_local():
     return embedded_ray()
 
 
+# utterances of the session's tiny run: the first of the 70 embedded ones (the slow tier decodes all)
+TINY_RUN = 20
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_artifacts, models_root, tmp_path_factory):
-    """The main tiny job (jobs/librispeech_tiny_en.yaml: reference and torchscript-mtk on all 70
-    embedded utterances) run once for the session: its rows serve test_run's result checks and
-    test_decoding's token-for-token comparison with `whisper.decode`."""
+    """The main tiny job (jobs/librispeech_tiny_en.yaml: reference and torchscript-mtk) on the first
+    TINY_RUN embedded utterances, run once for the session: its rows serve test_run's result
+    checks and test_decoding's token-for-token comparison with `whisper.decode`."""
     from harness.job.spec import load_job
     from harness.run.execute import run_job
 
     embedded_ray()
-    spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml")
+    spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml").with_overrides(limit=TINY_RUN)
     return run_job(spec, tmp_path_factory.mktemp("results"), models_root, progress=False, log=lambda *a: None)
 
 

@@ -181,6 +181,7 @@ def test_every_table_carries_the_audio_context(sweep_run, tmp_path):
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 def test_a_model_at_750_is_never_gated_against_its_1500_baseline(nightly_run, tmp_path):
     """The same model at another audio context is another model: the baseline's is missing (a
     regression), the candidate's new (a note), never compared."""

@@ -23,6 +23,7 @@ def two_node_cluster():
     cluster.shutdown()
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 def test_run_joins_a_cluster_and_spreads_models_over_its_nodes(two_node_cluster, tiny_artifacts, models_root, tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(

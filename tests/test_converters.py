@@ -171,6 +171,7 @@ def large_v3_shaped(tmp_path_factory):
     return resolve_checkpoint(str(path))
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 @pytest.mark.parametrize("target", [t for t in TARGETS if t != "reference"])
 def test_every_target_converts_a_large_v3_shaped_model(large_v3_shaped, target, tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "large-v3-shaped-models"

@@ -6,19 +6,38 @@ import pandas as pd
 import pytest
 
 from harness.core.decoding import DecodingOptions, Dims, build_prompt, greedy_decode
+from tests.conftest import TINY_RUN, decode_with_whisper
 
 
-def test_reference_tokens_equal_whisper_decode_on_every_embedded_utterance(tiny_run, whisper_decoded):
+def test_reference_tokens_in_a_run_equal_whisper_decode(tiny_run, whisper_decoded):
     """The harness's reference, through the whole run (workers, the shared loop, the rows), gives
-    `whisper.decode`'s tokens on every utterance."""
+    `whisper.decode`'s tokens on every utterance of the run."""
     utts = pd.read_parquet(tiny_run.run_dir / "utterances.parquet")
     reference = utts[utts["target"] == "reference"]
-    assert len(reference) == len(whisper_decoded) == 70
+    assert len(reference) == len(whisper_decoded) == TINY_RUN
     mismatched = [
         u
         for u, tokens in zip(reference["utt_id"], reference["hyp_tokens"], strict=True)
         if list(tokens) != whisper_decoded[u].tokens
     ]
+    assert mismatched == []
+
+
+@pytest.mark.slow
+def test_reference_tokens_equal_whisper_decode_on_every_embedded_utterance(
+    tiny_checkpoint, tiny_artifacts, tiny_dims, embedded_utterances
+):
+    from converters.reference_target import ReferenceRunner
+
+    expected = decode_with_whisper(tiny_checkpoint, embedded_utterances, tiny_dims)
+    runner = ReferenceRunner(tiny_artifacts["reference"])
+    prompt = build_prompt(tiny_dims, DecodingOptions())
+    mismatched = [
+        utt.utt_id
+        for utt in embedded_utterances
+        if list(greedy_decode(runner, utt.audio, tiny_dims, prompt).tokens) != expected[utt.utt_id].tokens
+    ]
+    assert len(embedded_utterances) == 70
     assert mismatched == []
 
 

@@ -101,6 +101,7 @@ def test_reference_long_form_equals_whisper_transcribe(reference_rows, whisper_t
         assert row["decoding"] == "long form: whisper.transcribe's 30 s windows, temperature 0 without fallback"
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 def test_converted_fp32_target_matches_the_reference_in_long_form(
     ray_local, reference_rows, tiny_checkpoint, models_root
 ):
@@ -177,6 +178,7 @@ print(json.dumps({"kib": growth, "windows": out.n_windows, "steps": out.n_steps,
 """
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 def test_forty_minutes_decode_in_bounded_memory(reference_artifact, longform_utterances):
     """Every window of a 40-minute file (154 MB of audio) with peak memory growing by under 50 MB
     (11 MB measured here): whisper's whole-file log-mel in the same span grows it by 1.08 GB, and

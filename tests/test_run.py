@@ -1,4 +1,4 @@
-"""End to end on a real embedded Ray: tiny.en reference vs torchscript-mtk on all 70 utterances."""
+"""End to end on a real embedded Ray: tiny.en reference vs torchscript-mtk on the session's tiny run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from harness.results.scoring import normalize
 from harness.results.summary import format_summary
 from harness.results.timing import cpu_description
 from harness.run.execute import run_job
-from tests.conftest import EMBEDDED, ROOT
+from tests.conftest import EMBEDDED, ROOT, TINY_RUN
 
 
 def test_run_writes_complete_results(tiny_run):
@@ -25,10 +25,10 @@ def test_run_writes_complete_results(tiny_run):
     assert {"utterances.parquet", "summary.csv", "summary.md", "run.json", "raw"} <= files
     assert not [p for p in tiny_run.run_dir.parent.iterdir() if p.name.startswith(".")]
     utts = pd.read_parquet(tiny_run.run_dir / "utterances.parquet")
-    assert len(utts) == 140 and utts["error"].isna().all() and (utts["status"] == "ok").all()
+    assert len(utts) == 2 * TINY_RUN and utts["error"].isna().all() and (utts["status"] == "ok").all()
     assert set(utts["target"]) == {"reference", "torchscript-mtk"}
     info = json.loads((tiny_run.run_dir / "run.json").read_text())
-    assert info["utterances"] == 70 and info["packages"]["openai-whisper"] == "20250625"
+    assert info["utterances"] == TINY_RUN and info["packages"]["openai-whisper"] == "20250625"
     # the CPU that timed each row and picked its kernels (int8 results depend on it): this machine's
     assert set(utts["cpu"]) == {cpu_description()} == {info["host"]["cpu"]}
     assert info["schema_version"] == SCHEMA_VERSION and list(utts.columns) == UTTERANCE_COLUMNS
@@ -116,11 +116,12 @@ def test_wer_delta_is_the_difference_with_a_paired_interval(tiny_run):
     assert mtk["wer_delta_lo"] <= mtk["wer_delta"] <= mtk["wer_delta_hi"]
     assert pd.isna(summary.loc["reference", "wer_delta"])
     files = tiny_run.utterances  # artifact size comes from the manifest's file sizes
-    assert mtk["artifact_mb"] > 100 and len(files) == 140
+    assert mtk["artifact_mb"] > 100 and len(files) == 2 * TINY_RUN
     assert mtk["runtime"] == "torch"
     assert (files["runtime"] == "torch").all()  # each row says what executed it
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 def test_more_models_than_cpus_all_run(ray_local, tiny_artifacts, models_root, tmp_path):
     """Three models on a 2-CPU Ray: a worker whose model has no shards left gives its CPU back,
     so the third model starts instead of waiting for ever."""

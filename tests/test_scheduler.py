@@ -272,6 +272,7 @@ def undisturbed(ray_local, tiny_artifacts, models_root, tmp_path_factory):
     return run_job(_spec(), tmp_path_factory.mktemp("undisturbed"), models_root, progress=False, log=lambda *a: None)
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 def test_a_freed_slot_goes_to_the_model_with_work_left(undisturbed):
     """torchscript-mtk (no KV cache) is the slower model: once the reference is done, its slot
     starts a second torchscript-mtk worker instead of idling."""
@@ -310,6 +311,7 @@ def _model_workers() -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 def test_a_worker_killed_mid_shard_costs_only_a_retry(ray_local, undisturbed, models_root, tmp_path):
     """SIGKILL a real worker process once the first shard is in: the rest of its shard is retried on
     a new worker, the retry is recorded, and the results equal the undisturbed run's."""
@@ -353,12 +355,13 @@ def _cli(*args, **kw):
     return [sys.executable, "-m", "harness", *map(str, args)]
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 def test_ctrl_c_keeps_the_work_and_resume_finishes_it(undisturbed, tiny_artifacts, models_root, tmp_path):
     job, out = _job_file(tmp_path), tmp_path / "results"
     common = ["--out", out, "--models", models_root, "--no-progress"]
     proc = subprocess.Popen(_cli("run", job, *common), stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 400
-    while not len(list(out.glob("*/*/raw/*.parquet"))) >= 2 and time.monotonic() < deadline and proc.poll() is None:
+    while not list(out.glob("*/*/raw/*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
