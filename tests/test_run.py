@@ -75,6 +75,7 @@ def test_divergence_against_the_reference(tiny_run):
         assert pd.isna(row["first_divergence"]) == same
 
 
+@pytest.mark.slow  # minutes of real runs: the integration tier keeps to its 12-minute budget
 def test_another_audiofolder_with_a_bad_file_runs_through_the_cli(tiny_artifacts, models_root, tmp_path):
     """A different layout (metadata.csv, nested folders, no id column) and one corrupt file."""
     folder = tmp_path / "other"
