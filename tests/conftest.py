@@ -285,3 +285,26 @@ def language_folder(folder: Path, languages: list[str | None], column: str = "la
         row.update(file_name=Path(row["file_name"]).name, **{column: language})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
+
+
+def csv_audiofolder(folder: Path, first: int, count: int) -> list[dict]:
+    """Another audiofolder layout than the shipped one: metadata.csv, nested folders, no id column,
+    embedded utterances `first`…`first + count - 1` and a corrupt `clips/broken.flac` last; returns
+    the embedded metadata of the copied utterances."""
+    import csv
+    import json
+
+    meta = [json.loads(line) for line in (EMBEDDED / "metadata.jsonl").read_text().splitlines()][first : first + count]
+    (folder / "clips" / "a").mkdir(parents=True)
+    rows = []
+    for m in meta:
+        name = f"clips/a/{m['id']}{(EMBEDDED / m['file_name']).suffix}"
+        shutil.copy(EMBEDDED / m["file_name"], folder / name)
+        rows.append({"file_name": name, "text": m["text"]})
+    (folder / "clips" / "broken.flac").write_bytes(b"\0" * 100)
+    rows.append({"file_name": "clips/broken.flac", "text": "NOTHING HERE"})
+    with (folder / "metadata.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return meta

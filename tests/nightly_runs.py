@@ -129,3 +129,29 @@ def failed(reason: str, model: tuple[str, str, str] = MTK) -> Callable[[pd.DataF
         return raw
 
     return change
+
+
+# the reference alone on a few utterances, with a report: the smallest real run that reaches the
+# history, the gate and the report (the history tests that make a run fail there use it)
+REFERENCE_JOB = """name: tiny_reference
+dataset: {{path: {data}}}
+models: {{sizes: [tiny.en], targets: {{}}}}
+cluster: {{shard_size: 2}}
+report: true
+"""
+
+
+def reference_run(tmp_path: Path, models_root: Path, history: str) -> tuple[int, str, str, Path]:
+    """`run` of REFERENCE_JOB on two utterances in this process against `history`, gated on the
+    previous night: its exit status, what it printed and its run folder."""
+    from tests.conftest import EMBEDDED, embedded_ray
+
+    job = tmp_path / "job.yaml"
+    job.write_text(REFERENCE_JOB.format(data=EMBEDDED))
+    embedded_ray()
+    code, out, err = in_process(
+        "run", job, "--limit", 2, "--out", tmp_path / "results", "--models", models_root, "--no-progress",
+        "--history", history, "--baseline", "previous",
+    )  # fmt: skip
+    (run_dir,) = (tmp_path / "results" / "tiny_reference").iterdir()
+    return code, out, err, run_dir

@@ -25,7 +25,7 @@ from harness.run.dataset import (
     read_index,
     read_shard,
 )
-from tests.conftest import EMBEDDED, ROOT
+from tests.conftest import EMBEDDED, ROOT, csv_audiofolder
 
 
 def test_embedded_set_is_whole(embedded_utterances):
@@ -148,22 +148,7 @@ def test_a_streamed_dataset_with_repeated_ids_is_refused_as_it_is_read(tiny_arti
 def test_a_csv_audiofolder_with_nested_folders_and_no_id_column(tmp_path):
     """metadata.csv (read without `datasets`): text cells, nested folders, ids from the file names,
     a corrupt file an error row and the others decoded."""
-    import csv
-    import shutil
-
-    meta = [json.loads(line) for line in (EMBEDDED / "metadata.jsonl").read_text().splitlines()][8:10]
-    (tmp_path / "clips" / "a").mkdir(parents=True)
-    rows = []
-    for m in meta:
-        name = f"clips/a/{m['id']}{(EMBEDDED / m['file_name']).suffix}"
-        shutil.copy(EMBEDDED / m["file_name"], tmp_path / name)
-        rows.append({"file_name": name, "text": m["text"]})
-    (tmp_path / "clips" / "broken.flac").write_bytes(b"\0" * 100)
-    rows.append({"file_name": "clips/broken.flac", "text": "NOTHING HERE"})
-    with (tmp_path / "metadata.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
+    meta = csv_audiofolder(tmp_path, 8, 2)
     spec = DatasetSpec(path=tmp_path)
     assert count_rows(spec) == 3
     utts = read_shard(spec, plan_shards(3, 3)[0])

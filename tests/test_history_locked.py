@@ -16,8 +16,8 @@ import pytest
 from harness.exit_codes import ExitCode
 from harness.nightly.history import History, HistoryError
 from harness.results.record import read_run
-from tests.conftest import EMBEDDED, ROOT, embedded_ray
-from tests.nightly_runs import in_process
+from tests.conftest import EMBEDDED, ROOT
+from tests.nightly_runs import REFERENCE_JOB, in_process, reference_run
 from tests.synthetic_nights import night
 
 # holds the write lock of the file it is given until it is killed
@@ -28,13 +28,6 @@ db = sqlite3.connect(sys.argv[1], isolation_level=None)
 db.execute("BEGIN IMMEDIATE")
 Path(sys.argv[2]).touch()
 time.sleep(600)
-"""
-
-JOB = """name: tiny_reference
-dataset: {{path: {data}}}
-models: {{sizes: [tiny.en], targets: {{}}}}
-cluster: {{shard_size: 2}}
-report: true
 """
 
 
@@ -58,14 +51,7 @@ def locked(tmp_path) -> Iterator[Path]:
 
 def test_a_locked_history_keeps_the_run_and_its_report(locked, models_root, tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_HISTORY_LOCK_WAIT", "1")
-    job = tmp_path / "job.yaml"
-    job.write_text(JOB.format(data=EMBEDDED))
-    embedded_ray()
-    code, out, err = in_process(
-        "run", job, "--limit", 2, "--out", tmp_path / "results", "--models", models_root, "--no-progress",
-        "--history", locked, "--baseline", "previous",
-    )  # fmt: skip
-    (run_dir,) = (tmp_path / "results" / "tiny_reference").iterdir()
+    code, out, err, run_dir = reference_run(tmp_path, models_root, locked)
     assert code == ExitCode.HISTORY == 6, out + err
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: history {locked}: database is locked"), err
@@ -114,7 +100,7 @@ def test_a_history_the_harness_cannot_use_is_bad_input_found_before_the_run(hist
     else:
         monkeypatch.setenv("HARNESS_HISTORY_LOCK_WAIT", wait)
     job = tmp_path / "job.yaml"
-    job.write_text(JOB.format(data=EMBEDDED))
+    job.write_text(REFERENCE_JOB.format(data=EMBEDDED))
     out = tmp_path / "results"
     code, _, err = in_process("run", job, "--out", out, "--models", tmp_path / "models", "--history", history)
     assert code == ExitCode.BAD_INPUT and err.startswith(said) and err.count("\n") == 1, err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from harness.results.scoring import normalize
 from harness.results.summary import format_summary
 from harness.results.timing import cpu_description
 from harness.run.execute import run_job
-from tests.conftest import EMBEDDED, ROOT, TINY_RUN
+from tests.conftest import EMBEDDED, ROOT, TINY_RUN, csv_audiofolder
 
 
 def test_run_writes_complete_results(tiny_run):
@@ -79,19 +78,7 @@ def test_divergence_against_the_reference(tiny_run):
 def test_another_audiofolder_with_a_bad_file_runs_through_the_cli(tiny_artifacts, models_root, tmp_path):
     """A different layout (metadata.csv, nested folders, no id column) and one corrupt file."""
     folder = tmp_path / "other"
-    (folder / "clips" / "a").mkdir(parents=True)
-    meta = [json.loads(line) for line in (EMBEDDED / "metadata.jsonl").read_text().splitlines()][8:11]
-    rows = []
-    for m in meta:
-        name = f"clips/a/{m['id']}{(EMBEDDED / m['file_name']).suffix}"
-        shutil.copy(EMBEDDED / m["file_name"], folder / name)
-        rows.append({"file_name": name, "text": m["text"]})
-    (folder / "clips" / "broken.flac").write_bytes(b"\0" * 100)
-    rows.append({"file_name": "clips/broken.flac", "text": "NOTHING HERE"})
-    with (folder / "metadata.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_audiofolder(folder, 8, 3)
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "harness", "run", str(ROOT / "jobs" / "librispeech_tiny_en.yaml"),

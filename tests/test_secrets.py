@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.exit_codes import ExitCode
-from tests.conftest import EMBEDDED, POSTGRES_ENV, embedded_ray
-from tests.nightly_runs import harness, in_process
+from tests.conftest import POSTGRES_ENV
+from tests.nightly_runs import harness, in_process, reference_run
 from tests.synthetic_nights import night
 
 # a password, its percent-encoded form, and one with '@' and ':' unencoded (which libpq splits
@@ -124,27 +124,12 @@ def test_failed_connections_never_show_the_password(tmp_path):
                 assert secret not in out + err, (where, command, secret, said)
 
 
-JOB = """name: tiny_reference
-dataset: {{path: {data}}}
-models: {{sizes: [tiny.en], targets: {{}}}}
-cluster: {{shard_size: 2}}
-report: true
-"""
-
-
 def test_a_run_whose_history_fails_shows_no_password(models_root, tmp_path):
     """A real run (the reference on two utterances) with a history whose URL the driver quotes back
     in its error: the run's results and report are kept, and the password is in neither its
     output nor the report."""
-    job = tmp_path / "job.yaml"
-    job.write_text(JOB.format(data=EMBEDDED))
     where = f"postgresql://nightly:pw%zz{SECRET}@127.0.0.1:1/history"
-    embedded_ray()
-    code, out, err = in_process(
-        "run", job, "--limit", 2, "--out", tmp_path / "results", "--models", models_root, "--no-progress",
-        "--history", where, "--baseline", "previous",
-    )  # fmt: skip
-    (run_dir,) = (tmp_path / "results" / "tiny_reference").iterdir()
+    code, out, err, run_dir = reference_run(tmp_path, models_root, where)
     page = Path(run_dir / "report.html")
     assert code == ExitCode.HISTORY, out + err
     assert page.is_file() and out.rstrip().endswith(f"report: {page}")
