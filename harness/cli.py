@@ -15,7 +15,7 @@ from harness.core.errors import HarnessError
 from harness.exit_codes import ExitCode
 
 if TYPE_CHECKING:  # the module pulls in whisper and torch; the CLI imports them only when needed
-    from harness.job.spec import DatasetSpec
+    from harness.job.spec import JobSpec
 
 
 EXAMPLES = """examples:
@@ -183,32 +183,38 @@ def _validate(paths: list[Path]) -> int:
     for path in paths:
         try:
             spec = load_job(path)
-            rows = _check_local_dataset(spec.dataset, path)
+            datasets = _check_local_datasets(spec, path)
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
             continue
         cells = ", ".join(c.label for c in spec.models.cells())
-        print(f"ok: {path}: job '{spec.name}', dataset {spec.dataset.label} ({rows}), models {cells}")
+        print(f"ok: {path}: job '{spec.name}', {datasets}, models {cells}")
     return ExitCode.FAILED if failed else ExitCode.OK
 
 
-def _check_local_dataset(dataset: DatasetSpec, job: Path) -> str:
-    """The dataset check `run` makes before building anything, for a local folder; a hub dataset
-    is checked when run (reading it here would download it). Audio a run would report as error
-    rows is an error here: validating is for finding it before a night's run. Returns what the
-    `ok:` line says of the dataset."""
-    from harness.run.dataset import check_dataset
+def _check_local_datasets(spec: JobSpec, job: Path) -> str:
+    """The dataset checks `run` makes before building anything, for local folders (and the
+    breakdown's columns, when every dataset is one); a hub dataset is checked when run (reading it
+    here would download it). Audio a run would report as error rows is an error here: validating
+    is for finding it before a night's run. Returns what the `ok:` line says of the datasets."""
+    from harness.run.dataset import check_dataset, check_datasets
 
-    if dataset.path is None:
-        return "a hub dataset, checked when run"
+    said = []
     try:
-        check = check_dataset(dataset)
+        for dataset in spec.datasets:
+            if dataset.path is None:
+                said.append(f"dataset {dataset.label} (a hub dataset, checked when run)")
+                continue
+            check = check_dataset(dataset)
+            if check.unreadable:
+                raise HarnessError(f"dataset {dataset.label}: {check.note}")
+            said.append(f"dataset {dataset.label} ({check.n_rows} utterances)")
+        if all(d.path is not None for d in spec.datasets):
+            check_datasets(spec.datasets, spec.breakdowns)
     except HarnessError as exc:
         raise HarnessError(f"{job}: {exc}") from None
-    if check.unreadable:
-        raise HarnessError(f"{job}: dataset {dataset.label}: {check.note}")
-    return f"{check.n_rows} utterances"
+    return ", ".join(said)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -247,6 +253,10 @@ def _run(args: argparse.Namespace) -> int:
     result = run_job(spec, args.out, args.models, progress=not args.no_progress, resume=args.resume)
     print()
     print(format_summary(result.summary))
+    if result.breakdown is not None:
+        from harness.results.summary import format_breakdown
+
+        print(f"\n{format_breakdown(result.breakdown)}")
     if result.divergence is not None:
         from harness.results.divergence import format_divergence
 
@@ -267,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"report: {write_report(result.run_dir, where, history_failure=failure)}")
     if gated in (ExitCode.REGRESSION, ExitCode.HISTORY):
         return gated
-    return ExitCode.OK if (result.utterances["status"] == "ok").all() else ExitCode.INCOMPLETE
+    return ExitCode.OK if (result.summary["errors"] == 0).all() else ExitCode.INCOMPLETE
 
 
 def _runs(args: argparse.Namespace) -> int:

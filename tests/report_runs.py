@@ -73,7 +73,7 @@ def synthetic_run(results: Path, n_models: int = 15, n_utts: int = 70, seed: int
     utts = score_rows(raw_frame(rows).assign(run_id=run_id))
     facts = {c.as_tuple(): {"runtime": c.target, "artifact_mb": 75.0 * (1 + i)} for i, c in enumerate(cells)}
     summary = summarize(utts, facts)
-    job = JobSpec(name="synthetic", dataset=DatasetSpec(path=root / "data/librispeech-eval"))
+    job = JobSpec(name="synthetic", datasets=(DatasetSpec(path=root / "data/librispeech-eval"),))
     info = {
         "run_id": run_id, "schema_version": SCHEMA_VERSION, "job": asdict(job), "utterances": n_utts,
         "models": [{"model": c.label, "artifact": None, "status": "reused", "reason": None} for c in cells],

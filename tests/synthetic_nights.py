@@ -96,7 +96,7 @@ def night(results: Path, n: int, change: Change = lambda utts: utts, limit: int 
     utts = _typed(change(_rows(run_id)).reset_index(drop=True))
     keys = list(dict.fromkeys(zip(utts["size"], utts["target"], utts["quant"], utts["audio_ctx"], strict=True)))
     summary = summarize(utts, {key: {"runtime": key[1], "artifact_mb": 150.0} for key in keys})
-    spec = JobSpec(name=job, dataset=DatasetSpec(path=EMBEDDED, limit=limit))
+    spec = JobSpec(name=job, datasets=(DatasetSpec(path=EMBEDDED, limit=limit),))
     info = {
         "run_id": run_id, "schema_version": SCHEMA_VERSION, "job": asdict(spec), "utterances": UTTERANCES,
         "models": [{"model": ModelCell(*key).label, "artifact": None, "status": "reused"} for key in keys],

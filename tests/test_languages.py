@@ -68,7 +68,7 @@ def test_language_values(tmp_path):
     with pytest.raises(HarnessError, match=r"decoding\.language: 'fr' and dataset\.language_column 'lang' both"):
         load_job(_job(tmp_path, "{language: fr}", sizes="[base]", dataset=column))
     spec = load_job(_job(tmp_path, "{language: auto}", sizes="[base]", dataset=column))
-    assert spec.dataset.language_column == "lang"
+    assert spec.datasets[0].language_column == "lang"
 
 
 def test_language_column_is_read_and_checked(tmp_path):

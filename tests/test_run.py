@@ -120,7 +120,7 @@ def test_more_models_than_cpus_all_run(ray_local, tiny_artifacts, models_root, t
     assert ray_local.cluster_resources()["CPU"] == 2
     spec = JobSpec(
         name="three-models",
-        dataset=DatasetSpec(path=EMBEDDED, limit=2),
+        datasets=(DatasetSpec(path=EMBEDDED, limit=2),),
         models=ModelsSpec(sizes=("tiny.en",), targets=(("torchscript-mtk", ("fp32",)), ("transformers", ("fp32",)))),
         cluster=ClusterSpec(shard_size=1),
     )
@@ -168,7 +168,7 @@ def test_a_worker_that_cannot_load_its_model_becomes_rows_with_the_reason(
     monkeypatch.setattr(execute, "prepare_models", prepare_then_break)
     spec = JobSpec(
         name="broken-worker",
-        dataset=DatasetSpec(path=EMBEDDED, limit=3),
+        datasets=(DatasetSpec(path=EMBEDDED, limit=3),),
         models=ModelsSpec(sizes=("tiny.en",), targets=(("torchscript-mtk", ("fp32",)),)),
         cluster=ClusterSpec(shard_size=1),
     )

@@ -408,7 +408,8 @@ def test_a_board_target_no_node_offers_is_unavailable_at_once(ray_local, tiny_ar
     why, without starting a worker."""
     from harness.core.decoding import Dims, build_prompt
     from harness.run.artifact_server import start_server
-    from harness.run.execute import raw_failure_row
+    from harness.run.dataset import Rows
+    from harness.run.execute import failure_row
     from harness.run.node_cache import publish
     from harness.run.worker import ModelWorker, WorkerSetup
 
@@ -416,8 +417,9 @@ def test_a_board_target_no_node_offers_is_unavailable_at_once(ray_local, tiny_ar
     dims = Dims.of(art.manifest["dims"])
     spec = _spec()
     server = start_server()
+    rows = Rows.of(spec.datasets, [LIMIT])
     setup = WorkerSetup(
-        ModelCell("tiny.en", "mtk", "fp32"), publish(server, art), dims, build_prompt(dims), spec.decoding, spec.dataset
+        ModelCell("tiny.en", "mtk", "fp32"), publish(server, art), dims, build_prompt(dims), spec.decoding, rows
     )
     shards = tuple(plan_shards(LIMIT, SHARD))
     rows = []
@@ -427,7 +429,7 @@ def test_a_board_target_no_node_offers_is_unavailable_at_once(ray_local, tiny_ar
         SchedulerOptions(slots=2),
         ModelWorker,
         lambda cell, shard, r: rows.extend(r),
-        raw_failure_row,
+        failure_row,
         lambda: ([f"u{i}" for i in range(LIMIT)], [""] * LIMIT),
         progress=False,
     ).run()

@@ -99,13 +99,13 @@ def test_the_report_is_written_when_the_job_asks():
 
 def test_overrides_are_validated(tmp_path):
     spec = load_job(ROOT / "jobs" / "librispeech_tiny_en.yaml")
-    assert spec.with_overrides(limit=3, slots=2).dataset.limit == 3
+    assert spec.with_overrides(limit=3, slots=2).datasets[0].limit == 3
     with pytest.raises(HarnessError, match=r"--dataset\.path: no such folder"):
         spec.with_overrides(dataset=str(tmp_path / "nothing"))
     with pytest.raises(HarnessError, match="--limit"):
         spec.with_overrides(limit=0)
     hub = spec.with_overrides(dataset="openslr/librispeech_asr")
-    assert hub.dataset.hub == "openslr/librispeech_asr" and hub.dataset.path is None
+    assert hub.datasets[0].hub == "openslr/librispeech_asr" and hub.datasets[0].path is None
 
 
 def test_cli_validate_exit_codes(tmp_path, capsys):

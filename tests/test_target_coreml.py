@@ -199,7 +199,7 @@ def test_off_macos_the_job_reports_unavailable(coreml_fp32, models_root):
     assert reason is not None and "macOS" in reason
     spec = JobSpec(
         name="coreml-off-mac",
-        dataset=DatasetSpec(path=EMBEDDED),
+        datasets=(DatasetSpec(path=EMBEDDED),),
         models=ModelsSpec(sizes=("tiny.en",), targets=(("coreml", ("fp32",)),)),
     )
     status = {p.cell.target: p.prepared.describe() for p in prepare_models(spec, models_root, log=lambda *a: None)}
@@ -214,7 +214,7 @@ def test_off_macos_the_summary_says_why(coreml_fp32, models_root, ray_local, tmp
 
     spec = JobSpec(
         name="coreml-off-mac",
-        dataset=DatasetSpec(path=EMBEDDED, limit=2),
+        datasets=(DatasetSpec(path=EMBEDDED, limit=2),),
         models=ModelsSpec(sizes=("tiny.en",), targets=(("coreml", ("fp32",)),)),
     )
     summary = run_job(spec, tmp_path, models_root, progress=False, log=lambda *a: None).summary

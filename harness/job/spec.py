@@ -43,10 +43,18 @@ class DatasetSpec:
     # metadata column naming each utterance's language (code or name): decoded in it (unless
     # decoding.language is auto) and scored by its rules
     language_column: str | None = None
+    # its name in a suite (`datasets:`, the mapping's key): the `dataset` column of its rows, and
+    # the prefix of its utterance ids ("name/id") when the job has several datasets
+    name: str | None = None
 
     @property
     def label(self) -> str:
         return str(self.path) if self.path is not None else f"hub:{self.hub}"
+
+    @property
+    def title(self) -> str:
+        """What tables call it: its suite name, else its folder's name or hub id."""
+        return self.name or (self.path.name if self.path is not None else str(self.hub))
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,9 @@ class ClusterSpec:
     trust_address: bool = False
     slots: int | None = None  # workers at once, over the whole cluster; None: one per CPU / threads
     threads: int = 1  # threads each worker's model uses
-    shard_size: int = 4  # utterances per shard: the unit of scheduling, persisting and resuming
+    # utterances per shard: the unit of scheduling, persisting and resuming; a batching runner
+    # decodes at most one shard per batch, so it should hold a few batches (decoding.batch_size)
+    shard_size: int = 16
     max_attempts: int = 3  # a shard whose worker dies is tried at most this often
     stall_timeout_s: int = 600  # a worker that loads, or decodes one utterance, longer than this is ended
     emulate: bool = False  # run board targets (mtk) on CPUs when no node advertises the board
@@ -118,17 +128,47 @@ class AnalysisSpec:
     divergence: bool = False
 
 
+DURATION = "duration"  # a breakdown by audio length, in DURATION_BUCKETS
+LANGUAGE = "language"  # a breakdown by the language that scored each utterance
+DURATION_BUCKETS = (5.0, 10.0, 20.0, 30.0)  # seconds: <5, 5-10, 10-20, 20-30, >=30 (long form)
+ALL = "all"  # latency.sample: every utterance
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    """Which utterances time each model at batch 1: per-utterance latency means one utterance at a
+    time (batched rows share a batch's time), so every model times the same seeded sample of each
+    dataset alone, and the latency columns and the gate's latency rules read those rows only."""
+
+    sample: int | str = 100  # utterances per dataset, or "all"
+    seed: int = 0
+
+
 @dataclass(frozen=True)
 class JobSpec:
     name: str
-    dataset: DatasetSpec
+    # one dataset (`dataset:`) or a suite (`datasets:`, name -> dataset section): every model runs
+    # on each; results are per dataset and pooled (harness.results.summary)
+    datasets: tuple[DatasetSpec, ...]
     models: ModelsSpec = field(default_factory=ModelsSpec)
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     thresholds: ThresholdsSpec = field(default_factory=ThresholdsSpec)
     report: bool = False  # write report.html into the run folder once the run is recorded and gated
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
+    # per-group tables with ΔWER against the reference: metadata columns, `language`, `duration`;
+    # None: by language when a dataset names its languages or the job detects them
+    breakdown: tuple[str, ...] | None = None
+    latency: LatencySpec = field(default_factory=LatencySpec)
     source_file: Path | None = None
+
+    @property
+    def breakdowns(self) -> tuple[str, ...]:
+        """The breakdown tables the run writes: the job's, else `language` for a multilingual set."""
+        if self.breakdown is not None:
+            return self.breakdown
+        languages = self.decoding.language == AUTO or any(d.language_column for d in self.datasets)
+        return (LANGUAGE,) if languages else ()
 
     def with_overrides(
         self,
@@ -147,15 +187,15 @@ class JobSpec:
             ds = (
                 DatasetSpec(path=as_path.resolve())
                 if as_path.exists() or dataset.startswith((".", "/", "~"))
-                else DatasetSpec(hub=dataset, split=self.dataset.split)
+                else DatasetSpec(hub=dataset, split=self.datasets[0].split)
             )
             errors: list[str] = []
             _check_dataset(ds, "--dataset", errors)
             raise_all(errors, "--dataset")
-            spec = replace(spec, dataset=ds)
-        if limit is not None:
+            spec = replace(spec, datasets=(ds,))
+        if limit is not None:  # of each dataset of a suite
             raise_all([] if limit > 0 else ["--limit: expected a positive integer"], "command line")
-            spec = replace(spec, dataset=replace(spec.dataset, limit=limit))
+            spec = replace(spec, datasets=tuple(replace(d, limit=limit) for d in spec.datasets))
         if slots is not None:
             raise_all([] if slots > 0 else ["--slots: expected a positive integer"], "command line")
             spec = replace(spec, cluster=replace(spec.cluster, slots=slots))
@@ -183,7 +223,10 @@ def load_job(path: str | Path) -> JobSpec:
     return replace(spec, source_file=path.resolve())
 
 
-_SECTIONS = {"name", "dataset", "models", "decoding", "cluster", "thresholds", "report", "analysis"}
+_SECTIONS = {
+    "name", "dataset", "datasets", "models", "decoding", "cluster", "thresholds", "report", "analysis", "breakdown",
+    "latency",
+}  # fmt: skip
 
 
 def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
@@ -194,7 +237,7 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         errors.append(f"name: expected a name of at most 100 letters, digits, '.', '_' or '-', got {quote(name)}")
-    dataset = _dataset(raw.get("dataset"), base, errors)
+    datasets = _datasets(raw, base, errors)
     models = _models(raw.get("models", {}), base, errors)
     decoding_raw = raw.get("decoding") or {}
     if isinstance(decoding_raw, dict):  # audio_ctx may be a list: one model row per value, not a decoding option
@@ -204,7 +247,7 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
             models = replace(models, audio_ctx=contexts)
     decoding = simple(DecodingOptions, decoding_raw, "decoding", errors)
     if decoding is not None:
-        decoding = _check_decoding(decoding, decoding_raw, models, dataset, errors)
+        decoding = _check_decoding(decoding, decoding_raw, models, datasets, errors)
     cluster = simple(ClusterSpec, raw.get("cluster", {}), "cluster", errors)
     if cluster is not None:
         for key in ("slots", "threads", "shard_size", "max_attempts", "stall_timeout_s"):
@@ -216,12 +259,16 @@ def _job_from_dict(raw: Any, base: Path, errors: list[str]) -> JobSpec | None:
     if not isinstance(report, bool):
         errors.append(f"report: expected true or false, got {quote(report)}")
     analysis = simple(AnalysisSpec, raw.get("analysis", {}), "analysis", errors)
-    parts = (dataset, models, decoding, cluster, thresholds, analysis)
+    breakdown = _breakdown(raw.get("breakdown"), errors)
+    latency = _latency(raw.get("latency"), errors)
+    parts = (datasets, models, decoding, cluster, thresholds, analysis, latency)
     if errors or any(part is None for part in parts):
         return None
     return JobSpec(
         name=name,
-        dataset=dataset,
+        datasets=datasets,
+        breakdown=breakdown,
+        latency=latency,
         models=models,
         decoding=decoding,
         cluster=cluster,
@@ -247,7 +294,7 @@ def _check_decoding(
     decoding: DecodingOptions,
     raw: dict[str, Any],
     models: ModelsSpec | None,
-    dataset: DatasetSpec | None,
+    datasets: tuple[DatasetSpec, ...] | None,
     errors: list[str],
 ) -> DecodingOptions:
     """The decoding section's values, the language as whisper's code; and what a model cannot do."""
@@ -265,7 +312,7 @@ def _check_decoding(
             errors.append(f"decoding.language: unknown language {quote(language)}{hint}; or auto (detected)")
         else:
             decoding = replace(decoding, language=code)
-        column = dataset.language_column if dataset is not None else None
+        column = next((d.language_column for d in datasets or () if d.language_column), None)
         if "language" in raw and column is not None:
             errors.append(
                 f"decoding.language: {quote(language)} and dataset.language_column {quote(column)} both give the "
@@ -290,26 +337,77 @@ def _check_decoding(
     return decoding
 
 
-def _dataset(raw: Any, base: Path, errors: list[str]) -> DatasetSpec | None:
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a suite's dataset: a prefix of ids, a table row
+
+
+def _datasets(raw: dict[str, Any], base: Path, errors: list[str]) -> tuple[DatasetSpec, ...] | None:
+    """`dataset:` (one) or `datasets:` (a suite: name -> a dataset section), never both."""
+    if "dataset" in raw and "datasets" in raw:
+        errors.append("dataset, datasets: expected one of them (datasets: a mapping name -> dataset section)")
+        return None
+    if "datasets" not in raw:
+        one = _dataset(raw.get("dataset"), base, errors, "dataset")
+        return None if one is None else (one,)
+    suite = raw["datasets"]
+    if not isinstance(suite, dict) or not suite:
+        errors.append(f"datasets: expected a mapping name -> dataset section, got {quote(suite)}")
+        return None
+    out = []
+    for name, section in suite.items():
+        if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name):
+            errors.append(f"datasets: expected names of letters, digits, '.', '_' or '-', got {quote(name)}")
+            continue
+        if isinstance(section, dict) and "name" in section:
+            errors.append(f"datasets.{name}.name: the mapping's key names it; leave name out")
+            continue
+        one = _dataset(section, base, errors, f"datasets.{name}")
+        if one is not None:
+            out.append(replace(one, name=name))
+    return tuple(out) if len(out) == len(suite) else None
+
+
+def _breakdown(raw: Any, errors: list[str]) -> tuple[str, ...] | None:
+    """breakdown: a list of metadata column names, `language` or `duration` (None: the default)."""
     if raw is None:
-        errors.append("dataset: missing; expected {path: <audiofolder>} or {hub: <dataset id>}")
+        return None
+    values = [raw] if isinstance(raw, str) else raw
+    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+        errors.append(f"breakdown: expected a list of metadata columns, {LANGUAGE} or {DURATION}, got {quote(raw)}")
+        return None
+    return tuple(dict.fromkeys(values))
+
+
+def _latency(raw: Any, errors: list[str]) -> LatencySpec | None:
+    spec = simple(LatencySpec, raw, "latency", errors)
+    if spec is None:
+        return None
+    sample = spec.sample
+    if (isinstance(sample, str) and sample != ALL) or (isinstance(sample, int) and sample < 1):
+        errors.append(f"latency.sample: expected a positive number of utterances or {ALL!r}, got {quote(sample)}")
+        return None
+    return spec
+
+
+def _dataset(raw: Any, base: Path, errors: list[str], where: str = "dataset") -> DatasetSpec | None:
+    if raw is None:
+        errors.append(f"{where}: missing; expected {{path: <audiofolder>}} or {{hub: <dataset id>}}")
         return None
     if isinstance(raw, dict) and "path" in raw:
         if not isinstance(raw["path"], str):
-            errors.append(f"dataset.path: expected a folder path, got {quote(raw['path'])}")
+            errors.append(f"{where}.path: expected a folder path, got {quote(raw['path'])}")
             return None
         # relative paths are relative to the job file, so a job means the same from any cwd
         try:
             raw = {**raw, "path": str((base / Path(raw["path"]).expanduser()).resolve())}
         except (RuntimeError, ValueError, OSError) as exc:  # an unknown ~user, a NUL byte, a symlink loop
-            errors.append(f"dataset.path: not a usable folder path {quote(raw['path'])} ({exc})")
+            errors.append(f"{where}.path: not a usable folder path {quote(raw['path'])} ({exc})")
             return None
-    spec = simple(DatasetSpec, raw, "dataset", errors)
+    spec = simple(DatasetSpec, raw, where, errors)
     if spec is None:
         return None
     if spec.path is not None:
         spec = replace(spec, path=Path(spec.path))
-    _check_dataset(spec, "dataset", errors)
+    _check_dataset(spec, where, errors)
     return spec
 
 

@@ -34,7 +34,7 @@ from harness.core.errors import HarnessError, one_line, quote
 from harness.core.files import write_atomic
 from harness.core.hashing import file_sha256
 from harness.job.spec import DatasetSpec, JobSpec, ModelCell
-from harness.results.schema import RAW_COLUMNS
+from harness.results.schema import RAW_COLUMNS, SHARD_COLUMNS
 
 if TYPE_CHECKING:  # frames only where rows are read or written: `runs` lists folders without pandas
     import pandas as pd
@@ -46,10 +46,19 @@ LOCK = "run.lock"  # held (flock, exclusive) by the process that runs or resumes
 
 def raw_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Rows as a frame with every raw column, in the declared order and dtypes."""
+    return _frame(rows, RAW_COLUMNS)
+
+
+def scored_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Scored rows (a shard file's: `harness.results.scoring.score_row`) as a frame, declared order and dtypes."""
+    return _frame(rows, SHARD_COLUMNS)
+
+
+def _frame(rows: list[dict[str, Any]], columns: dict[str, str]) -> pd.DataFrame:
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=list(RAW_COLUMNS))
-    return frame.astype({c: t for c, t in RAW_COLUMNS.items() if t != "object"})
+    frame = pd.DataFrame(rows, columns=list(columns))
+    return frame.astype({c: t for c, t in columns.items() if t != "object"})
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -92,9 +101,9 @@ def job_fingerprint(spec: JobSpec) -> dict[str, Any]:
     """The parts of a job that decide its results: not where or how fast it runs (cluster), nor the
     dataset's location (the dataset fingerprint names its contents)."""
     job = asdict(replace(spec, source_file=None))
-    # thresholds judge results and the report shows them: neither makes them; analyses only add
-    # their own tables (a resumed run makes those its job asks for)
-    for part in ("cluster", "dataset", "thresholds", "report", "analysis"):
+    # thresholds judge results and the report shows them: neither makes them; analyses and
+    # breakdowns only add their own tables (a resumed run makes those its job asks for)
+    for part in ("cluster", "datasets", "thresholds", "report", "analysis", "breakdown"):
         job.pop(part)
     return {**job, "shard_size": spec.cluster.shard_size}
 
@@ -345,10 +354,15 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def fingerprint(spec: JobSpec, n_rows: int, artifact_keys: dict[str, str | None] | None = None) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues: the job, the data, the artifacts
-    (model label → artifact key, None where none could be had; left out before they are built)."""
-    marks: dict[str, Any] = {"job": job_fingerprint(spec), "dataset": dataset_fingerprint(spec.dataset, n_rows)}
+def fingerprint(
+    spec: JobSpec, sizes: Sequence[int], artifact_keys: dict[str, str | None] | None = None
+) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the job, the data (each dataset of
+    a suite, with its `sizes` rows), the artifacts (model label → artifact key, None where none
+    could be had; left out before they are built)."""
+    datasets = [dataset_fingerprint(d, n) for d, n in zip(spec.datasets, sizes, strict=True)]
+    data = datasets[0] if len(datasets) == 1 else {d.title: f for d, f in zip(spec.datasets, datasets, strict=True)}
+    marks: dict[str, Any] = {"job": job_fingerprint(spec), "dataset": data}
     if artifact_keys is not None:
         marks["artifacts"] = dict(sorted(artifact_keys.items()))
     return json.loads(json.dumps(marks, default=str))  # as state.json holds it (lists, not tuples)

@@ -132,11 +132,20 @@ class RunInfo:
         return self.job["name"]
 
     @property
+    def datasets(self) -> list[dict[str, Any]]:
+        """The job's datasets (a run before suites has its one `dataset`)."""
+        return self.job["datasets"] if "datasets" in self.job else [self.job["dataset"]]
+
+    @property
     def dataset_label(self) -> str:
-        """How the history names the run's dataset: runs on the same one compare."""
-        dataset = self.job["dataset"]
-        where = dataset["path"] if dataset.get("path") else f"hub:{dataset['hub']}"
-        return where + "".join(f" {k}={dataset[k]}" for k in ("config", "split", "limit") if dataset.get(k) is not None)
+        """How the history names the run's data: runs on the same datasets compare."""
+
+        def label(dataset: dict[str, Any]) -> str:
+            where = dataset["path"] if dataset.get("path") else f"hub:{dataset['hub']}"
+            facts = "".join(f" {k}={dataset[k]}" for k in ("config", "split", "limit") if dataset.get(k) is not None)
+            return (f"{dataset['name']}=" if len(self.datasets) > 1 and dataset.get("name") else "") + where + facts
+
+        return " + ".join(label(d) for d in self.datasets)
 
     @property
     def thresholds(self) -> dict[str, Any] | None:
@@ -164,12 +173,18 @@ def read(path: Path) -> RunInfo:
 
 
 def _check_job(job: dict[str, Any]) -> None:
-    """What the readers of a run's job need of it, in every version: its name and its dataset."""
+    """What the readers of a run's job need of it, in every version: its name and its datasets
+    (`datasets`, a list; before suites, one `dataset`)."""
     if not isinstance(job.get("name"), str):
         raise _Bad("job.name", f"expected a string, got {_shown(job.get('name'))}")
-    dataset = job.get("dataset")
-    if not isinstance(dataset, dict) or not (dataset.get("path") or dataset.get("hub")):
-        raise _Bad("job.dataset", f"expected an object with a path or a hub id, got {_shown(dataset)}")
+    key = "datasets" if "datasets" in job else "dataset"
+    datasets = job.get(key) if key == "datasets" else [job.get(key)]
+    if not isinstance(datasets, list) or not datasets:
+        raise _Bad(f"job.{key}", f"expected a list of datasets, got {_shown(datasets)}")
+    for i, dataset in enumerate(datasets):
+        if not isinstance(dataset, dict) or not (dataset.get("path") or dataset.get("hub")):
+            where = f"job.datasets[{i}]" if key == "datasets" else "job.dataset"
+            raise _Bad(where, f"expected an object with a path or a hub id, got {_shown(dataset)}")
 
 
 def job_json(job: JobSpec) -> dict[str, Any]:

@@ -1,4 +1,11 @@
-"""Scoring, after inference and never on workers: normalise, WER/CER, token divergence, per utterance.
+"""Scoring: normalise, WER/CER, token divergence, per utterance — where rows are decoded.
+
+Each worker scores its own rows as it makes them (`score_row`: the text metrics need only the row),
+so the driver never normalises or aligns a million texts after the cluster is done. What needs the
+reference's row of the same utterance — its tokens (exact match, first divergent token, token edit
+rate), its detected language, and the language whose rules score a row when the dataset gives none
+— is added afterwards, shard by shard (`compare_with_reference`), by the driver, without holding
+every row (`harness.results.aggregate`). `score_rows` is both steps on a frame.
 
 Each utterance is scored by the rules of its language (`scoring_language`): English text with
 openai-whisper's `EnglishTextNormalizer`, every other language with whisper's
@@ -87,19 +94,72 @@ def first_divergence(hyp: list[int], ref: list[int]) -> int | None:
     return None if len(hyp) == len(ref) else min(len(hyp), len(ref))
 
 
-def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
-    """Raw worker rows (all models) → the utterances table with every per-utterance metric."""
-    df = raw.copy()
+# what `score_row` adds to a raw row: computed from the row alone, on the worker
+TEXT_SCORES = (
+    "ref_norm", "hyp_norm", "substitutions", "deletions", "insertions", "ref_words", "wer_errors",
+    "cer_errors", "ref_chars",
+)  # fmt: skip
+
+
+def text_scores(ref_text: str, hyp_text: object, language: str) -> dict[str, object]:
+    """A transcript's error counts against its reference text under `language`'s rules; a row
+    without a transcript (`hyp_text` not a string) has only its reference's size."""
+    ref = normalize(ref_text, language)
+    if not isinstance(hyp_text, str):
+        return dict.fromkeys(TEXT_SCORES) | {"ref_norm": ref, "ref_words": len(ref.split()), "ref_chars": len(ref)}
+    hyp = normalize(hyp_text, language)
+    s, d, i, words = _edit_counts(ref, hyp)
+    # CER languages' words are already characters (split_letters): their counts are the CER's
+    chars = (s + d + i, words) if headline(language) == "cer" else _char_errors(ref, hyp)
+    return {
+        "ref_norm": ref, "hyp_norm": hyp, "substitutions": s, "deletions": d, "insertions": i,
+        "ref_words": words, "wer_errors": s + d + i, "cer_errors": chars[0], "ref_chars": chars[1],
+    }  # fmt: skip
+
+
+def score_row(row: dict[str, object], reference_language: object = None) -> dict[str, object]:
+    """A raw row with its text metrics, its token count and total time: what a worker adds to each
+    row it makes. `reference_language`: the language the size's reference decoded the utterance in,
+    when known (`scoring_language`); the driver re-scores a row whose rules it changes."""
+    ok = row["status"] == Status.OK
+    language = scoring_language(row["task"], row["ref_language"], reference_language, row["language"])
+    tokens = row["hyp_tokens"]
+    times = [row.get(k) for k in ("frontend_ms", "encode_ms", "decode_ms")]
+    return {
+        **row,
+        "scoring_language": language,
+        **text_scores(str(row["ref_text"] or ""), row["hyp_text"] if ok else None, language),
+        "n_tokens": len(tokens) if isinstance(tokens, (list, tuple, np.ndarray)) else None,
+        "total_ms": sum(float(t) for t in times) if all(_number(t) for t in times) else None,
+    }
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float, np.number)) and value == value
+
+
+def compare_with_reference(rows: pd.DataFrame) -> pd.DataFrame:
+    """Scored rows of every model for some utterances (a shard's) → with what needs the reference's
+    row of the same utterance: its tokens and the token divergence against them, language-detection
+    agreement, and — where the dataset names no language — the reference's language as the scoring
+    rules (a row scored otherwise on its worker is scored again here, the same way)."""
+    df = rows.copy()
     ok = df["status"] == Status.OK
     is_reference = (df["target"] == REFERENCE) & (df["audio_ctx"] == FULL_AUDIO_CTX) & ok
     reference = df[is_reference].set_index(["size", "utt_id"])
     keys = list(zip(df["size"], df["utt_id"], strict=True))
     df["reference_tokens"] = [reference["hyp_tokens"].get(k) for k in keys]
     languages = [reference["language"].get(k) for k in keys]
-    df["scoring_language"] = [
+    wanted = [
         scoring_language(*facts)
         for facts in zip(df["task"], df["ref_language"], languages, df["language"], strict=True)
     ]
+    for position in np.flatnonzero(np.asarray(wanted, dtype=object) != df["scoring_language"].to_numpy(dtype=object)):
+        row = df.iloc[position].to_dict()
+        rescored = score_row(row, languages[position])
+        df.iloc[position, [df.columns.get_loc(c) for c in ("scoring_language", *TEXT_SCORES)]] = [
+            rescored[c] for c in ("scoring_language", *TEXT_SCORES)
+        ]
     detected = [reference["detected_language"].get(k) for k in keys]
     df["language_match"] = pd.array(
         [
@@ -108,25 +168,6 @@ def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
         ],
         dtype="boolean",
     )
-    df["ref_norm"] = [normalize(t, lang) for t, lang in zip(df["ref_text"], df["scoring_language"], strict=True)]
-    df["hyp_norm"] = [
-        normalize(t, lang) if isinstance(t, str) and good else None
-        for t, lang, good in zip(df["hyp_text"], df["scoring_language"], ok, strict=True)
-    ]
-    counts = [
-        _edit_counts(r, h) if isinstance(h, str) else (None, None, None, len(r.split()))
-        for r, h in zip(df["ref_norm"], df["hyp_norm"], strict=True)
-    ]
-    df[["substitutions", "deletions", "insertions", "ref_words"]] = pd.DataFrame(counts, index=df.index, dtype="Int64")
-    df["wer_errors"] = df["substitutions"] + df["deletions"] + df["insertions"]
-    # CER languages' words are already characters (split_letters): their counts are the CER's
-    chars = [
-        (e, w) if headline(lang) == "cer" else _char_errors(r, h) if isinstance(h, str) else (None, len(r))
-        for r, h, lang, e, w in zip(
-            df["ref_norm"], df["hyp_norm"], df["scoring_language"], df["wer_errors"], df["ref_words"], strict=True
-        )
-    ]
-    df[["cer_errors", "ref_chars"]] = pd.DataFrame(chars, index=df.index, dtype="Int64")
 
     def divergence(hyp, ref):
         if not isinstance(hyp, (list, np.ndarray)) or not isinstance(ref, (list, np.ndarray)):
@@ -138,9 +179,20 @@ def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
     df["exact_match"] = pd.array([d[0] for d in div], dtype="boolean")
     df["first_divergence"] = pd.array([d[1] for d in div], dtype="Int64")
     df["token_edit_rate"] = pd.array([d[2] for d in div], dtype="Float64")
-    df["n_tokens"] = pd.array(
-        [len(t) if isinstance(t, (list, np.ndarray)) else None for t in df["hyp_tokens"]], dtype="Int64"
-    )
-    df["n_windows"] = pd.array(df["n_windows"], dtype="Int64")
-    df["total_ms"] = df["frontend_ms"] + df["encode_ms"] + df["decode_ms"]
-    return df[UTTERANCE_COLUMNS]
+    return df
+
+
+def score_rows(raw: pd.DataFrame) -> pd.DataFrame:
+    """Raw rows (all models, with `run_id`) → the utterances table with every per-utterance metric:
+    `score_row` on each (what workers do), then `compare_with_reference`."""
+    from harness.results.run_dir import scored_frame
+
+    scored = scored_frame([score_row(r) for r in raw.to_dict("records")]).assign(run_id=raw["run_id"].to_numpy())
+    return typed_utterances(compare_with_reference(scored))
+
+
+def typed_utterances(df: pd.DataFrame) -> pd.DataFrame:
+    """The utterances table's columns, in order, with their dtypes."""
+    from harness.results.schema import UTTERANCE_DTYPES
+
+    return df[UTTERANCE_COLUMNS].astype(UTTERANCE_DTYPES)

@@ -1,14 +1,20 @@
-"""Aggregates over the utterances table, one row per model, and the table `run` prints.
+"""Aggregates over the utterances table, one row per dataset and model, and the table `run` prints.
 
-A model is (size, target, quant, audio_ctx). Corpus WER = Σ errors / Σ reference words over the
-utterances that decoded; ΔWER against the size's reference at the full audio context with a
-paired bootstrap interval; the languages that scored it and its headline figure (`scoring`:
-CER for languages without spaces); language-detection agreement with that reference; latency
-percentiles and RTFx (harness.results.timing).
+A model is (size, target, quant, audio_ctx). Each dataset of a suite gets its rows, and a suite
+its pooled rows (`POOLED`: Σ errors / Σ words over every dataset's utterances, never a mean of the
+datasets' rates). Corpus WER = Σ errors / Σ reference words over the utterances that decoded;
+ΔWER against the size's reference at the full audio context with a paired bootstrap interval; the
+languages that scored it and its headline figure (`scoring`: CER for languages without spaces);
+language-detection agreement with that reference; latency percentiles over the latency sample
+only (`timed` rows, decoded alone: `n_timed` says how many) and RTFx over every row (throughput,
+batches included; harness.results.timing). `breakdown` makes the same comparison per group of a
+metadata column, the language or the duration.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -17,10 +23,12 @@ import pandas as pd
 from harness.core.status import Status
 from harness.core.target import REFERENCE
 from harness.core.window import FULL_AUDIO_CTX
+from harness.job.spec import DURATION, DURATION_BUCKETS, LANGUAGE
 from harness.results.scoring import headline
 from harness.results.timing import rtfx
 
 MODEL_KEY = ["size", "target", "quant", "audio_ctx"]
+POOLED = "all"  # the dataset column of a suite's pooled rows
 LISTED_LANGUAGES = 3  # a model scored in more languages shows their count
 
 BOOTSTRAP_SAMPLES = 1000
@@ -34,8 +42,15 @@ def paired_bootstrap(
     resampled rows from every column. `statistic` reduces the last axis: it gets 1-D columns for the
     estimate and (samples, n) arrays for the resamples. (wer_delta says why utterances are resampled.)
     """
-    idx = np.random.default_rng(seed).integers(0, len(columns[0]), size=(BOOTSTRAP_SAMPLES, len(columns[0])))
-    lo, hi = np.percentile(statistic(*(c[idx] for c in columns)), [2.5, 97.5])
+    rng, n = np.random.default_rng(seed), len(columns[0])
+    # resamples drawn a block at a time (the same stream as all at once): a million rows must not
+    # need samples x rows indices in memory at once
+    block = max(1, min(BOOTSTRAP_SAMPLES, 2**22 // max(n, 1)))
+    values = []
+    for done in range(0, BOOTSTRAP_SAMPLES, block):
+        idx = rng.integers(0, n, size=(min(block, BOOTSTRAP_SAMPLES - done), n))
+        values.append(statistic(*(c[idx] for c in columns)))
+    lo, hi = np.percentile(np.concatenate(values), [2.5, 97.5])
     return float(statistic(*columns)), float(lo), float(hi)
 
 
@@ -60,71 +75,104 @@ def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tu
 
 
 def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str, int], dict] | None = None) -> pd.DataFrame:
-    """One row per (size, target, quant, audio_ctx) over the utterances table.
+    """One row per dataset and (size, target, quant, audio_ctx) over the utterances table (its
+    summary columns: `harness.results.aggregate` keeps only those), and for a suite the pooled rows.
 
     `models` adds facts from each artifact's manifest: `runtime` (what executes it, e.g. a CPU
     emulation of an NPU; the rows' own `runtime`, where workers said, comes first) and
-    `artifact_mb`; its order is the order of the rows (the job's).
+    `artifact_mb`; its order is the order of the rows (the job's) within each dataset.
     `status` is "ok", or the status of the utterances without a transcript, and `reason` why.
     """
-    rows = []
-    for (size, target, quant, audio_ctx), g in utts.groupby(MODEL_KEY, sort=False):
-        ok = g[g["status"] == Status.OK]
-        is_reference = (utts["target"] == REFERENCE) & (utts["audio_ctx"] == FULL_AUDIO_CTX)
-        reference = utts[(utts["size"] == size) & is_reference]
-        compared = target != REFERENCE or audio_ctx != FULL_AUDIO_CTX
-        delta, lo, hi = wer_delta(g, reference) if compared else (float("nan"),) * 3
-        facts = (models or {}).get((size, target, quant, audio_ctx), {})
-        matched = ok["language_match"].dropna()
-        words = int(ok["ref_words"].sum())
-        errors = int(ok["wer_errors"].sum())
-        chars = int(ok["ref_chars"].sum())
-        diverged = ok["first_divergence"].dropna()
-        total = ok["total_ms"].astype(float)
-        rows.append(
-            {
-                "size": size,
-                "target": target,
-                "quant": quant,
-                "audio_ctx": int(audio_ctx),
-                **_languages(g),
-                "n": len(g),
-                "errors": len(g) - len(ok),
-                "wer": errors / words if words else float("nan"),
-                "wer_delta": delta,
-                "wer_delta_lo": lo,
-                "wer_delta_hi": hi,
-                "sub": int(ok["substitutions"].sum()),
-                "del": int(ok["deletions"].sum()),
-                "ins": int(ok["insertions"].sum()),
-                "cer": int(ok["cer_errors"].sum()) / chars if chars else float("nan"),
-                "exact_match": float(ok["exact_match"].astype(float).mean()) if len(ok) else float("nan"),
-                "mean_first_div": float(diverged.astype(float).mean()) if len(diverged) else float("nan"),
-                "token_edit_rate": float(ok["token_edit_rate"].astype(float).mean()) if len(ok) else float("nan"),
-                "lang_agreement": float(matched.astype(float).mean()) if len(matched) else float("nan"),
-                "p50_ms": _pct(total, 50),
-                "p90_ms": _pct(total, 90),
-                "p99_ms": _pct(total, 99),
-                "enc_p50_ms": _pct(ok["encode_ms"].astype(float), 50),
-                "dec_ms_per_tok": float(ok["decode_ms"].sum() / ok["n_steps"].sum()) if len(ok) else float("nan"),
-                "rtfx": rtfx(float(ok["audio_s"].sum()), float(total.sum())),
-                "runtime": _runtime(ok, facts.get("runtime", "")),
-                "artifact_mb": facts.get("artifact_mb", float("nan")),
-                **_status(g[g["status"] != Status.OK]),
-            }
-        )
-    summary = pd.DataFrame(rows)
-    if models:
+    named = utts["dataset"].astype(object).where(utts["dataset"].notna(), "") if "dataset" in utts else None
+    datasets = list(dict.fromkeys(named)) if named is not None else [""]
+    parts = [(d, utts if len(datasets) == 1 else utts[(named == d).to_numpy()]) for d in datasets]
+    if len(datasets) > 1:
+        parts.append((POOLED, utts))
+    summary = pd.DataFrame(
+        [
+            {"dataset": dataset, **_model_row(part, key, g, models)}
+            for dataset, part in parts
+            for key, g in _models(part)
+        ]
+    )
+    if models and len(summary):
         order = {key: i for i, key in enumerate(models)}
-        keys = zip(*(summary[c] for c in MODEL_KEY), strict=True)
-        rank = [order.get(key, len(order)) for key in keys]
+        sets = {d: i for i, (d, _) in enumerate(parts)}
+        rank = [
+            sets[d] * (len(order) + 1) + order.get(key, len(order))
+            for d, key in zip(summary["dataset"], zip(*(summary[c] for c in MODEL_KEY), strict=True), strict=True)
+        ]
         summary = summary.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
     return summary
 
 
+def _models(utts: pd.DataFrame):
+    return utts.groupby(MODEL_KEY, sort=False, observed=True)
+
+
+def reference_rows(utts: pd.DataFrame, size: str) -> pd.DataFrame:
+    """The rows every model of `size` is compared with: its reference at the full audio context."""
+    is_reference = (utts["target"] == REFERENCE) & (utts["audio_ctx"] == FULL_AUDIO_CTX) & (utts["size"] == size)
+    return utts[is_reference.to_numpy(dtype=bool)]
+
+
+def _model_row(utts: pd.DataFrame, key: tuple, g: pd.DataFrame, models: dict | None) -> dict:
+    size, target, quant, audio_ctx = key
+    ok = g[(g["status"] == Status.OK).to_numpy(dtype=bool)]
+    compared = target != REFERENCE or audio_ctx != FULL_AUDIO_CTX
+    delta, lo, hi = wer_delta(g, reference_rows(utts, size)) if compared else (float("nan"),) * 3
+    facts = (models or {}).get((size, target, quant, audio_ctx), {})
+    matched = ok["language_match"].dropna()
+    words = int(ok["ref_words"].sum())
+    errors = int(ok["wer_errors"].sum())
+    chars = int(ok["ref_chars"].sum())
+    diverged = ok["first_divergence"].dropna()
+    timed = ok[_timed(ok)]  # latency: rows decoded alone only
+    total = timed["total_ms"].astype(float)
+    return {
+        "size": size,
+        "target": target,
+        "quant": quant,
+        "audio_ctx": int(audio_ctx),
+        **_languages(g),
+        "n": len(g),
+        "errors": len(g) - len(ok),
+        "wer": errors / words if words else float("nan"),
+        "wer_delta": delta,
+        "wer_delta_lo": lo,
+        "wer_delta_hi": hi,
+        "sub": int(ok["substitutions"].sum()),
+        "del": int(ok["deletions"].sum()),
+        "ins": int(ok["insertions"].sum()),
+        "cer": int(ok["cer_errors"].sum()) / chars if chars else float("nan"),
+        "exact_match": float(ok["exact_match"].astype(float).mean()) if len(ok) else float("nan"),
+        "mean_first_div": float(diverged.astype(float).mean()) if len(diverged) else float("nan"),
+        "token_edit_rate": float(ok["token_edit_rate"].astype(float).mean()) if len(ok) else float("nan"),
+        "lang_agreement": float(matched.astype(float).mean()) if len(matched) else float("nan"),
+        "n_timed": len(timed),
+        "p50_ms": _pct(total, 50),
+        "p90_ms": _pct(total, 90),
+        "p99_ms": _pct(total, 99),
+        "enc_p50_ms": _pct(timed["encode_ms"].astype(float), 50),
+        "dec_ms_per_tok": float(timed["decode_ms"].sum() / timed["n_steps"].sum()) if len(timed) else float("nan"),
+        # throughput over every row: a batched row's times are its share of its batch's
+        "rtfx": rtfx(float(ok["audio_s"].sum()), float(ok["total_ms"].astype(float).sum())),
+        "runtime": _runtime(ok, facts.get("runtime", "")),
+        "artifact_mb": facts.get("artifact_mb", float("nan")),
+        **_status(g[(g["status"] != Status.OK).to_numpy(dtype=bool)]),
+    }
+
+
+def _timed(rows: pd.DataFrame) -> np.ndarray:
+    """Which rows are in the latency sample (a row of a run before it, without `timed`: every one)."""
+    if "timed" not in rows:
+        return np.ones(len(rows), dtype=bool)
+    return rows["timed"].astype("boolean").fillna(True).to_numpy(dtype=bool)
+
+
 def _runtime(ok: pd.DataFrame, label: str) -> str:
     """What executed a model's rows (each worker says, e.g. a board's NPU), else its artifact's label."""
-    seen = sorted(ok["runtime"].dropna().unique()) if "runtime" in ok else []
+    seen = sorted(set(ok["runtime"].dropna())) if "runtime" in ok else []
     return " + ".join(seen) or label
 
 
@@ -141,9 +189,9 @@ def _status(failed: pd.DataFrame) -> dict[str, str]:
     """A model's status and reason from its rows without a transcript: the most common of each."""
     if failed.empty:
         return {"status": Status.OK.value, "reason": ""}
-    reasons = failed["error"].value_counts()
+    reasons = failed["error"].astype(object).value_counts()
     reason = reasons.index[0] if len(reasons) == 1 else f"{len(failed)} errors, e.g. {reasons.index[0]}"
-    return {"status": failed["status"].value_counts().index[0], "reason": reason}
+    return {"status": str(failed["status"].astype(object).value_counts().index[0]), "reason": reason}
 
 
 def _pct(values: pd.Series, q: float) -> float:
@@ -165,19 +213,24 @@ def summary_cells(summary: pd.DataFrame) -> pd.DataFrame:
     shown = shown.drop(columns=["wer_delta", "wer_delta_lo", "wer_delta_hi", "reason"])
     for col in ("wer", "cer", "exact_match", "token_edit_rate", "lang_agreement"):
         shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}%" if v == v else "-")
+    if "dataset" in shown and shown["dataset"].nunique() == 1:  # one dataset: its name is in the run's facts
+        shown = shown.drop(columns=["dataset"])
     for col in ("mean_first_div", "p50_ms", "p90_ms", "p99_ms", "enc_p50_ms", "dec_ms_per_tok", "rtfx", "artifact_mb"):
         shown[col] = shown[col].map(lambda v: f"{v:.1f}" if v == v else "-")
     return shown
 
 
 def status_notes(summary: pd.DataFrame) -> list[str]:
-    """One line per model that is not `ok`: its status and the whole reason."""
+    """One line per model (and dataset of a suite) that is not `ok`: its status and the whole reason."""
+    several = "dataset" in summary and summary["dataset"].nunique() > 1
+    datasets = summary["dataset"] if "dataset" in summary else [""] * len(summary)
     return [
-        f"{size}/{target}/{quant}{'' if ctx == FULL_AUDIO_CTX else f'@ctx{ctx}'}: {status}: {reason}"
-        for size, target, quant, ctx, status, reason in zip(
-            *(summary[c] for c in (*MODEL_KEY, "status", "reason")), strict=True
+        f"{f'{dataset}: ' if several else ''}{size}/{target}/{quant}{'' if ctx == FULL_AUDIO_CTX else f'@ctx{ctx}'}: "
+        f"{status}: {reason}"
+        for dataset, size, target, quant, ctx, status, reason in zip(
+            datasets, *(summary[c] for c in (*MODEL_KEY, "status", "reason")), strict=True
         )
-        if status != Status.OK
+        if status != Status.OK and (not several or dataset != POOLED)
     ]
 
 
@@ -187,3 +240,91 @@ def format_summary(summary: pd.DataFrame) -> str:
     notes = [f"- {note}" for note in status_notes(summary)]
     table = tabulate(summary_cells(summary), headers="keys", tablefmt="github", showindex=False)
     return table + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+# -- breakdowns -------------------------------------------------------------------------------------
+
+
+def duration_bucket(seconds: float) -> str:
+    """The duration group of an utterance of `seconds` (`harness.job.spec.DURATION_BUCKETS`)."""
+    edges = (0.0, *DURATION_BUCKETS)
+    for low, high in itertools.pairwise(edges):
+        if seconds < high:
+            return f"{low:g}-{high:g} s"
+    return f">={edges[-1]:g} s"
+
+
+def group_values(utts: pd.DataFrame, name: str) -> pd.Series:
+    """Each row's group in the breakdown `name`: the language that scored it, its duration bucket,
+    or the metadata column's value (`meta`; "-" where its dataset has no such column)."""
+    if name == LANGUAGE:
+        return utts["scoring_language"].astype(object)
+    if name == DURATION:
+        return utts["audio_s"].astype(float).map(duration_bucket)
+    meta = utts["meta"].astype("category") if "meta" in utts else pd.Series([None] * len(utts), dtype="category")
+    values = {m: json.loads(m).get(name, "-") for m in meta.cat.categories}
+    return meta.cat.rename_categories(values).astype(object).fillna("-") if values else meta.astype(object).fillna("-")
+
+
+def breakdown_table(utts: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
+    """Per breakdown, group and model (over every dataset of the run): utterances, errors, the
+    headline rate, WER, CER and ΔWER against the size's reference on the same group's utterances
+    with its paired bootstrap interval."""
+    rows = []
+    for name in names:
+        groups = group_values(utts, name).to_numpy()
+        for group in sorted(set(groups), key=str):
+            part = utts[groups == group]
+            for key, g in _models(part):
+                full = _model_row(part, key, g, None)
+                rows.append(
+                    {
+                        "breakdown": name,
+                        "group": str(group),
+                        **{c: full[c] for c in (*MODEL_KEY, "n", "errors", "headline", "wer", "cer")},
+                        **{c: full[c] for c in ("wer_delta", "wer_delta_lo", "wer_delta_hi", "exact_match")},
+                    }
+                )
+    return pd.DataFrame(rows, columns=BREAKDOWN_COLUMNS)
+
+
+BREAKDOWN_COLUMNS = [
+    "breakdown", "group", *MODEL_KEY, "n", "errors", "headline", "wer", "cer", "wer_delta", "wer_delta_lo",
+    "wer_delta_hi", "exact_match",
+]  # fmt: skip
+
+
+def format_breakdown(table: pd.DataFrame) -> str:
+    """The breakdown tables, compact: a row per group, a column per model: its headline rate (CER
+    where the group's words are characters) and, for a converted model, Δ with its interval."""
+    from tabulate import tabulate
+
+    out = []
+    for name, rows in table.groupby("breakdown", sort=False):
+        labels = [
+            f"{s}/{t}/{q}" + ("" if c == FULL_AUDIO_CTX else f"@ctx{c}")
+            for s, t, q, c in zip(*(rows[k] for k in MODEL_KEY), strict=True)
+        ]
+        cells = [
+            _rate(r)
+            + (
+                ""
+                if r.wer_delta != r.wer_delta
+                else f" ({100 * r.wer_delta:+.2f} [{100 * r.wer_delta_lo:+.2f}, {100 * r.wer_delta_hi:+.2f}])"
+            )
+            for r in rows.itertuples()
+        ]
+        wide = (
+            rows.assign(model=labels, cell=cells)
+            .pivot_table(index="group", columns="model", values="cell", aggfunc="first", sort=False)
+            .reindex(columns=list(dict.fromkeys(labels)))
+        )
+        n = rows.groupby("group", sort=False)["n"].max()
+        wide.insert(0, "n", n.reindex(wide.index))
+        out.append(f"by {name}:\n" + tabulate(wide.fillna("-"), headers="keys", tablefmt="github"))
+    return "\n\n".join(out)
+
+
+def _rate(row) -> str:
+    value = row.cer if row.headline == "cer" else row.wer
+    return "-" if value != value else f"{100 * value:.2f}%" + (" cer" if row.headline == "cer" else "")

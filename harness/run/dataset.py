@@ -15,8 +15,8 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from harness.core.errors import HarnessError, did_you_mean, quote, some
 from harness.core.languages import LANGUAGES, TO_LANGUAGE_CODE
 from harness.core.target import CalibrationSource
 from harness.core.window import SAMPLE_RATE
-from harness.job.spec import DatasetSpec
+from harness.job.spec import DURATION, LANGUAGE, DatasetSpec
 
 # train-clean-100 utterances shipped for int8 calibration: never an evaluation split
 CALIBRATION = Path(__file__).resolve().parents[2] / "data" / "librispeech-calibration"
@@ -48,10 +48,90 @@ class Utterance:
     audio: np.ndarray | None  # 16 kHz mono float32; None when it could not be decoded
     error: str | None = None
     language: str | None = None  # whisper's code, from dataset.language_column
+    dataset: str | None = None  # the title of the dataset it comes from (DatasetSpec.title)
+    meta: dict[str, str] | None = None  # the job's breakdown columns found in its metadata row
 
     @property
     def audio_s(self) -> float:
         return 0.0 if self.audio is None else len(self.audio) / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class Part:
+    """One dataset of a job, placed among the job's rows."""
+
+    spec: DatasetSpec
+    offset: int  # the position of its first row among the job's rows
+    n_rows: int
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The utterances a job evaluates: its datasets' rows one after another, positions 0..n-1.
+
+    Shards never span two datasets (`plan_shards`), so every shard reads one dataset. In a suite
+    (several datasets) an utterance's id is "<dataset name>/<its id>": ids stay unique across the
+    suite, and every join on them (a model with its reference, a run with its baseline) holds."""
+
+    parts: tuple[Part, ...]
+    breakdown: tuple[str, ...] = ()  # metadata columns each utterance carries (`Utterance.meta`)
+
+    @classmethod
+    def of(cls, specs: Sequence[DatasetSpec], counts: Sequence[int], breakdown: Sequence[str] = ()) -> Rows:
+        offsets = np.cumsum([0, *counts])[:-1]
+        parts = tuple(Part(s, int(o), int(n)) for s, o, n in zip(specs, offsets, counts, strict=True))
+        return cls(parts, tuple(c for c in breakdown if c not in (LANGUAGE, DURATION)))
+
+    @property
+    def n_rows(self) -> int:
+        return sum(p.n_rows for p in self.parts)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(p.n_rows for p in self.parts)
+
+    @property
+    def suite(self) -> bool:
+        return len(self.parts) > 1
+
+    def part_at(self, position: int) -> Part:
+        """The dataset the job's row `position` belongs to."""
+        for part in self.parts:
+            if part.offset <= position < part.offset + part.n_rows:
+                return part
+        raise IndexError(f"row {position} is not among the job's {self.n_rows} rows")
+
+    def utt_id(self, part: Part, utt_id: str) -> str:
+        return f"{part.spec.title}/{utt_id}" if self.suite else utt_id
+
+    def read(self, shard: Shard) -> list[Utterance]:
+        """A shard's utterances, from the one dataset it lies in."""
+        part = self.part_at(shard.start)
+        local = Shard(shard.index, shard.start - part.offset, shard.stop - part.offset)
+        assert local.stop <= part.n_rows, f"shard {shard} spans two datasets"
+        return [
+            replace(u, utt_id=self.utt_id(part, u.utt_id), dataset=part.spec.title)
+            for u in read_shard(part.spec, local, self.breakdown)
+        ]
+
+    def index(self) -> tuple[list[str], list[str]]:
+        """Every row's utterance id and reference text, without touching audio."""
+        ids: list[str] = []
+        texts: list[str] = []
+        for part in self.parts:
+            part_ids, part_texts = read_index(part.spec)
+            ids += [self.utt_id(part, u) for u in part_ids]
+            texts += part_texts
+        return ids, texts
+
+    def datasets(self) -> list[str]:
+        """Every row's dataset title."""
+        return [p.spec.title for p in self.parts for _ in range(p.n_rows)]
+
+    def open(self) -> None:
+        """Open every dataset once (a worker, as it loads its model)."""
+        for part in self.parts:
+            open_dataset(part.spec)
 
 
 def _metadata_file(folder: Path) -> Path:
@@ -129,6 +209,7 @@ class DatasetCheck:
 
     n_rows: int
     unreadable: tuple[str, ...] = ()  # one line per utterance whose audio will not be opened (an error row)
+    columns: tuple[str, ...] = ()  # its metadata's columns (a stream's: those it declares)
 
     @property
     def note(self) -> str:
@@ -147,8 +228,9 @@ def check_dataset(spec: DatasetSpec) -> DatasetCheck:
     n_rows = _count(spec, ds)
     if n_rows == 0:
         raise HarnessError(f"dataset {spec.label}: no utterances (check dataset.split and dataset.limit)")
+    declared = tuple(getattr(ds, "column_names", None) or ())
     if spec.streaming:  # a stream's ids arrive as it is read; reading it all here would fetch it twice
-        return DatasetCheck(n_rows)
+        return DatasetCheck(n_rows, columns=declared)
     ids, unreadable = [], []
     for position, row in enumerate(ds):
         ids.append(_utt_id(spec, row, position))
@@ -166,7 +248,27 @@ def check_dataset(spec: DatasetSpec) -> DatasetCheck:
         raise HarnessError(
             f"dataset {spec.label}: utterance ids occur more than once: {some(repeated, LISTED, ', ')}; {_unique(spec)}"
         )
-    return DatasetCheck(n_rows, tuple(unreadable))
+    columns = declared or tuple(dict.fromkeys(key for row in ds for key in row))
+    return DatasetCheck(n_rows, tuple(unreadable), columns)
+
+
+def check_datasets(specs: Sequence[DatasetSpec], breakdown: Sequence[str]) -> tuple[Rows, list[str]]:
+    """Every dataset of a job checked (`check_dataset`), as the job's `Rows`, and a note per dataset
+    with utterances a run will report as error rows. A breakdown column that no dataset has is
+    refused: its table would be one group of unknowns."""
+    checks = [check_dataset(spec) for spec in specs]
+    columns = {c for check in checks for c in check.columns}
+    for column in breakdown:
+        if column not in (LANGUAGE, DURATION) and column not in columns:
+            hint = did_you_mean(column, sorted(columns))
+            raise HarnessError(
+                f"breakdown: no dataset has a metadata column {quote(column)}{hint}; "
+                f"expected one of {', '.join(sorted(columns))}, {LANGUAGE} or {DURATION}"
+            )
+    notes = [
+        f"dataset {spec.label}: {check.note}" for spec, check in zip(specs, checks, strict=True) if check.unreadable
+    ]
+    return Rows.of(specs, [c.n_rows for c in checks], breakdown), notes
 
 
 def _unique(spec: DatasetSpec) -> str:
@@ -258,11 +360,19 @@ def read_index(spec: DatasetSpec) -> tuple[list[str], list[str]]:
     return ids, [str(r.get(spec.text_column) or "") for r in rows]
 
 
-def plan_shards(n_rows: int, shard_size: int) -> list[Shard]:
-    return [Shard(i, start, min(start + shard_size, n_rows)) for i, start in enumerate(range(0, n_rows, shard_size))]
+def plan_shards(sizes: int | Sequence[int], shard_size: int) -> list[Shard]:
+    """Shards of at most `shard_size` rows over datasets of `sizes` rows, one after another (a
+    number: one dataset), numbered in order; none spans two datasets."""
+    shards: list[Shard] = []
+    offset = 0
+    for n_rows in [sizes] if isinstance(sizes, int) else sizes:
+        for start in range(offset, offset + n_rows, shard_size):
+            shards.append(Shard(len(shards), start, min(start + shard_size, offset + n_rows)))
+        offset += n_rows
+    return shards
 
 
-def read_shard(spec: DatasetSpec, shard: Shard) -> list[Utterance]:
+def read_shard(spec: DatasetSpec, shard: Shard, meta: Sequence[str] = ()) -> list[Utterance]:
     """The shard's utterances with decoded audio; a bad file becomes an Utterance with an error."""
     ds = open_dataset(spec)
     if spec.streaming:
@@ -271,7 +381,15 @@ def read_shard(spec: DatasetSpec, shard: Shard) -> list[Utterance]:
         rows = ds[shard.start : shard.stop]
     else:
         rows = list(ds.select(range(shard.start, shard.stop)))
-    return [_utterance(spec, row, shard.start + i) for i, row in enumerate(rows)]
+    return [_with_meta(_utterance(spec, row, shard.start + i), row, meta) for i, row in enumerate(rows)]
+
+
+def _with_meta(utt: Utterance, row: dict, columns: Sequence[str]) -> Utterance:
+    """The utterance with the metadata columns the job breaks results down by (those it has)."""
+    if not columns:
+        return utt
+    meta = {c: str(row[c]) for c in columns if row.get(c) is not None and not isinstance(row[c], (dict, list))}
+    return replace(utt, meta=meta)
 
 
 def _utt_id(spec: DatasetSpec, row: dict, position: int) -> str:

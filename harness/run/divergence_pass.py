@@ -31,7 +31,7 @@ from harness.core.errors import one_line
 from harness.core.status import Status
 from harness.core.target import REFERENCE, Runner
 from harness.core.window import FULL_AUDIO_CTX
-from harness.job.spec import DatasetSpec, JobSpec, ModelCell
+from harness.job.spec import JobSpec, ModelCell
 from harness.results.divergence import (
     DIVERGENCE_COLUMNS,
     divergence_facts,
@@ -48,7 +48,7 @@ from harness.results.divergence import (
 from harness.results.run_dir import RunDir, write_parquet_atomic
 from harness.results.run_info import PassReport
 from harness.results.timing import prepare_worker_threads
-from harness.run.dataset import Shard, open_dataset, plan_shards, read_index, read_shard
+from harness.run.dataset import Rows, Shard, plan_shards
 from harness.run.node_cache import PublishedArtifact
 from harness.run.passes import Pass, PreparedModel, serving
 from harness.run.scheduler import Index, Work
@@ -73,7 +73,7 @@ class AnalysisSetup:
     dims: Dims
     prompt: Prompt
     decoding: DecodingOptions
-    dataset: DatasetSpec
+    rows: Rows
     # per utterance id of the shards to do: its transcripts, or why it is not analysed
     inputs: Mapping[str, Transcripts | str]
     threads: int
@@ -152,13 +152,13 @@ class DivergenceWorker(Loaded):
         self.candidate = load_runner(setup.candidate, setup.threads)
         self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
         self.node = node_name()
-        open_dataset(setup.dataset)
+        setup.rows.open()
         self.load_s = time.perf_counter() - started
 
     def run_shard(self, shard: Shard, skip: int = 0, attempt: int = 0) -> Iterator[dict[str, Any]]:
         """One row per utterance of `shard`, after the first `skip` (a retry's rows already in)."""
         s, cell = self.setup, self.setup.cell
-        for utt in read_shard(s.dataset, Shard(shard.index, shard.start + skip, shard.stop)):
+        for utt in s.rows.read(Shard(shard.index, shard.start + skip, shard.stop)):
             given = s.inputs[utt.utt_id]
             if isinstance(given, str):
                 yield divergence_row(cell, utt.utt_id, Status.UNAVAILABLE, given)
@@ -211,12 +211,12 @@ def transcripts_of(raw: pd.DataFrame, cell: ModelCell) -> dict[str, Transcripts 
 
 
 def run_divergence(
-    spec: JobSpec, models: Sequence[PreparedModel], run: RunDir, raw: pd.DataFrame, progress: bool, log
+    spec: JobSpec, models: Sequence[PreparedModel], run: RunDir, raw: pd.DataFrame, rows: Rows, progress: bool, log
 ) -> PassReport:
     """Analyse every (candidate model, shard) without a file in `divergence/`, from the main pass's
     rows `raw`; returns the scheduler's report (nodes, workers, failures)."""
-    ids, texts = read_index(spec.dataset)
-    shards = plan_shards(len(ids), spec.cluster.shard_size)
+    ids, texts = rows.index()
+    shards = plan_shards(rows.sizes, spec.cluster.shard_size)
     references = {p.cell.size: p for p in models if p.cell.target == REFERENCE}
     with serving() as server:
         work = []
@@ -242,7 +242,7 @@ def run_divergence(
                 p.dims,
                 build_prompt(p.dims, spec.decoding),
                 spec.decoding,
-                spec.dataset,
+                rows,
                 {ids[i]: inputs[ids[i]] for s in runnable for i in range(s.start, s.stop)},
                 spec.cluster.threads,
             )

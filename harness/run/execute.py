@@ -30,38 +30,47 @@ from converters.registry import get_target
 from harness.core.decoding import build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
-from harness.job.spec import JobSpec, ModelCell
-from harness.results.run_dir import RAW, InUse, RunDir, RunState, fingerprint, raw_frame, write_parquet_atomic
+from harness.job.spec import ALL, JobSpec, ModelCell
+from harness.results.aggregate import Part, finalise
+from harness.results.run_dir import RAW, InUse, RunDir, RunState, fingerprint, scored_frame
 from harness.results.run_info import RUN_JSON, Host, ModelInfo, PassReport, RunInfo, job_json
 from harness.results.schema import SCHEMA_VERSION, row
-from harness.results.scoring import score_rows
-from harness.results.summary import format_summary, summarize
+from harness.results.scoring import score_row
+from harness.results.summary import breakdown_table, format_breakdown, format_summary, summarize
 from harness.results.timing import Phases, cpu_description
 from harness.run.cluster import connect
-from harness.run.dataset import Shard, StreamIds, calibration_source, check_dataset, plan_shards, read_index
+from harness.run.dataset import Rows, Shard, StreamIds, calibration_source, check_datasets, plan_shards
 from harness.run.divergence_pass import analysed, run_divergence, write_divergence
 from harness.run.passes import Pass, PreparedModel, Publisher, serving
 from harness.run.scheduler import Index, ShardDone, Work
-from harness.run.worker import ModelWorker, WorkerSetup
+from harness.run.worker import ModelWorker, WorkerSetup, latency_sample
+
+UTTERANCES = "utterances.parquet"
+BREAKDOWN = "breakdown.csv"
 
 
-def raw_failure_row(cell: ModelCell, utt_id: str, text: str, status: Status, reason: str, attempt: int) -> dict:
-    """The row of an utterance no worker transcribed (`harness.run.scheduler.FailureRow`)."""
-    return row(cell, utt_id, text, status, reason, attempt=attempt)
+def failure_row(cell: ModelCell, utt_id: str, text: str, status: Status, reason: str, attempt: int = 0) -> dict:
+    """The scored row of an utterance no worker transcribed (`harness.run.scheduler.FailureRow`)."""
+    return score_row(row(cell, utt_id, text, status, reason, attempt=attempt))
 
 
-# the main pass: a row per model and utterance in raw/ (harness.results.run_dir)
+# the main pass: a scored row per model and utterance in raw/ (harness.results.run_dir)
 TRANSCRIPTION = Pass(
-    "transcription", RAW, ModelWorker, raw_frame, raw_failure_row, ("size", "target", "quant", "audio_ctx")
+    "transcription", RAW, ModelWorker, scored_frame, failure_row, ("size", "target", "quant", "audio_ctx")
 )
 
 
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
-    utterances: pd.DataFrame
-    summary: pd.DataFrame
+    summary: pd.DataFrame  # per dataset (and pooled, for a suite) and model
     divergence: pd.DataFrame | None = None  # per candidate model, when the job asks (harness.run.divergence_pass)
+    breakdown: pd.DataFrame | None = None  # per breakdown, group and model (harness.results.summary)
+
+    @property
+    def utterances(self) -> pd.DataFrame:
+        """Every row of the run, read from its utterances.parquet (a million rows: read what you need)."""
+        return pd.read_parquet(self.run_dir / UTTERANCES)
 
 
 class Interrupted(HarnessError):
@@ -89,13 +98,13 @@ def run_job(
 ) -> RunResult:
     started = time.time()
     phases = Phases()
-    # the dataset first: one that no run can use is refused before any conversion or Ray start
+    # the datasets first: one that no run can use is refused before any conversion or Ray start
     with phases("dataset"):
-        dataset = check_dataset(spec.dataset)
-    if dataset.unreadable:
-        log(f"dataset {spec.dataset.label}: {dataset.note}")
+        rows, notes = check_datasets(spec.datasets, spec.breakdowns)
+    for note in notes:
+        log(note)
     with contextlib.ExitStack() as owned:  # the run's lock, held until the run is done with
-        resumed = None if resume is None else _take_over(out_root, spec, resume, dataset.n_rows, owned)
+        resumed = None if resume is None else _take_over(out_root, spec, resume, rows.sizes, owned)
         if resumed is not None:
             log(f"resuming {resumed.path}")
         with phases("connect"):
@@ -105,7 +114,7 @@ def run_job(
         keys = {
             p.cell.label: (p.prepared.artifact.manifest.get("key") if p.prepared.artifact else None) for p in prepared
         }
-        marks = fingerprint(spec, dataset.n_rows, keys)
+        marks = fingerprint(spec, rows.sizes, keys)
         if resumed is None:
             run = RunDir.create(out_root, spec.name)
             owned.enter_context(run.lock())
@@ -113,10 +122,12 @@ def run_job(
         else:
             run = resumed
             run.resume(marks)  # the artifacts too, now that they are built
-        return _evaluate(spec, prepared, run, dataset.n_rows, started, progress, log, phases)
+        return _evaluate(spec, prepared, run, rows, started, progress, log, phases)
 
 
-def _take_over(out_root: Path, spec: JobSpec, which: str, n_rows: int, owned: contextlib.ExitStack) -> RunDir:
+def _take_over(
+    out_root: Path, spec: JobSpec, which: str, sizes: tuple[int, ...], owned: contextlib.ExitStack
+) -> RunDir:
     """The run `--resume` names, locked for this process; refused (one line) before Ray starts or
     anything is built when there is no such run, it is complete, running or in use, or its job or
     dataset differs (its artifacts can be compared only once built)."""
@@ -125,7 +136,7 @@ def _take_over(out_root: Path, spec: JobSpec, which: str, n_rows: int, owned: co
         owned.enter_context(run.lock())
     except InUse as exc:
         raise HarnessError(f"--resume {run.run_id}: {exc}") from None
-    run.check(fingerprint(spec, n_rows))
+    run.check(fingerprint(spec, sizes))
     return run
 
 
@@ -133,36 +144,44 @@ def _evaluate(
     spec: JobSpec,
     prepared: list[PreparedModel],
     run: RunDir,
-    n_rows: int,
+    rows: Rows,
     started: float,
     progress: bool,
     log,
     phases: Phases,
 ) -> RunResult:
     """The passes, scoring and results of a run this process owns; its state says how it ended."""
-    shards = plan_shards(n_rows, spec.cluster.shard_size)
+    shards = plan_shards(rows.sizes, spec.cluster.shard_size)
+    cells = [p.cell for p in prepared]
 
     @functools.cache
     def index() -> tuple[list[str], list[str]]:  # ids and texts, read once and only if a model has no transcripts
-        return read_index(spec.dataset)
+        return rows.index()
 
     try:
-        transcription = _transcribe(spec, prepared, shards, run, index, progress, log, phases)
-        raw = TRANSCRIPTION.rows(run)
-        TRANSCRIPTION.check_complete(raw, [p.cell for p in prepared], n_rows, index)
+        transcription = _transcribe(spec, prepared, shards, run, rows, index, progress, log, phases)
         analysis = None
         if spec.analysis.divergence:  # needs every reference row, so after the main pass
+            raw = TRANSCRIPTION.rows(run)
+            TRANSCRIPTION.check_complete(raw, cells, rows.n_rows, index)
             with phases("divergence"):
-                analysis = run_divergence(spec, prepared, run, raw, progress, log)
+                analysis = run_divergence(spec, prepared, run, raw, rows, progress, log)
         with phases("score"):
-            utts = score_rows(raw.assign(run_id=run.run_id))
-            summary = summarize(utts, {p.cell.as_tuple(): p.facts for p in prepared})
-            write_parquet_atomic(utts, run.path / "utterances.parquet")
+            ids = index()[0]
+            parts = [Part(s.index, rows.part_at(s.start).spec.title, ids[s.start : s.stop]) for s in shards]
+            kept = finalise(run, cells, parts, run.path / UTTERANCES)
+            summary = summarize(kept, {p.cell.as_tuple(): p.facts for p in prepared})
+            breakdown = breakdown_table(kept, spec.breakdowns) if spec.breakdowns else None
+            del kept
             summary.to_csv(run.path / "summary.csv", index=False)
-            (run.path / "summary.md").write_text(format_summary(summary) + "\n")
+            text = format_summary(summary)
+            if breakdown is not None:
+                breakdown.to_csv(run.path / BREAKDOWN, index=False)
+                text += "\n\n" + format_breakdown(breakdown)
+            (run.path / "summary.md").write_text(text + "\n")
             candidates = [p.cell for p in prepared if analysed(p.cell)]
-            divergence = write_divergence(run, candidates, n_rows, index) if spec.analysis.divergence else None
-        info = _run_info(spec, run, prepared, n_rows, started, transcription, analysis, phases.report())
+            divergence = write_divergence(run, candidates, rows.n_rows, index) if spec.analysis.divergence else None
+        info = _run_info(spec, run, prepared, rows.n_rows, started, transcription, analysis, phases.report())
         info.write(run.path / RUN_JSON)
         run.complete()
     except KeyboardInterrupt:
@@ -171,7 +190,7 @@ def _evaluate(
     except BaseException as exc:
         run.stop(RunState.FAILED, one_line(exc))
         raise
-    return RunResult(run.path, utts, summary, divergence)
+    return RunResult(run.path, summary, divergence, breakdown)
 
 
 def _transcribe(
@@ -179,6 +198,7 @@ def _transcribe(
     prepared: list[PreparedModel],
     shards: list[Shard],
     run: RunDir,
+    rows: Rows,
     index: Index,
     progress: bool,
     log,
@@ -186,21 +206,27 @@ def _transcribe(
 ) -> PassReport:
     with serving() as server:
         with phases("publish"):
-            work = _work(spec, prepared, shards, run, server, index, log)
-        check = _stream_check(spec, prepared, shards, run) if spec.dataset.streaming else None
+            work = _work(spec, prepared, shards, run, rows, server, index, log)
+        check = _stream_check(prepared, shards, run, rows) if any(d.streaming for d in spec.datasets) else None
         with phases("schedule"):
             return TRANSCRIPTION.schedule(run, work, spec.cluster, index, progress, log, check)
 
 
-def _stream_check(spec: JobSpec, prepared: list[PreparedModel], shards: list[Shard], run: RunDir) -> ShardDone:
+def _stream_check(prepared: list[PreparedModel], shards: list[Shard], run: RunDir, rows: Rows) -> ShardDone:
     """A streamed dataset's ids checked as each shard comes back (`StreamIds`), after those of
     the shards a resumed run already has."""
-    ids = StreamIds(spec.dataset)
+    ids = {part.offset: StreamIds(part.spec) for part in rows.parts if part.spec.streaming}
+
+    def add(label: str, shard: Shard, utt_ids) -> None:
+        part = rows.part_at(shard.start)
+        if part.offset in ids:
+            ids[part.offset].add(label, shard.start - part.offset, utt_ids)
+
     for p in prepared:
         for s in shards:
             if (file := run.shard_file(p.cell, s.index)).is_file():
-                ids.add(p.cell.label, s.start, pd.read_parquet(file, columns=["utt_id"])["utt_id"])
-    return lambda cell, shard, rows: ids.add(cell.label, shard.start, (r["utt_id"] for r in rows))
+                add(p.cell.label, s, pd.read_parquet(file, columns=["utt_id"])["utt_id"])
+    return lambda cell, shard, done: add(cell.label, shard, (r["utt_id"] for r in done))
 
 
 def _work(
@@ -208,6 +234,7 @@ def _work(
     prepared: list[PreparedModel],
     shards: list[Shard],
     run: RunDir,
+    rows: Rows,
     server: Publisher,
     index: Index,
     log,
@@ -224,19 +251,22 @@ def _work(
         if not runnable:
             ids, texts = index()
             for s in todo:
-                rows = [
-                    row(p.cell, ids[i], texts[i], p.prepared.status, p.prepared.reason) for i in range(s.start, s.stop)
+                done = [
+                    failure_row(p.cell, ids[i], texts[i], p.prepared.status, p.prepared.reason)
+                    for i in range(s.start, s.stop)
                 ]
-                TRANSCRIPTION.persist(run, p.cell, s, rows)
+                TRANSCRIPTION.persist(run, p.cell, s, done)
             continue
+        sample = None if spec.latency.sample == ALL else int(spec.latency.sample)
         setup = WorkerSetup(
             p.cell,
             server.publish(p),
             p.dims,
             build_prompt(p.dims, spec.decoding),
             spec.decoding,
-            spec.dataset,
+            rows,
             spec.cluster.threads,
+            latency_sample(rows.sizes, sample, spec.latency.seed),
         )
         work.append(Work(setup, todo, get_target(p.cell.target).resource))
     return work

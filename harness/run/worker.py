@@ -1,13 +1,17 @@
-"""A Ray actor that holds one model and transcribes the shards it is handed, one row at a time.
+"""A Ray actor that holds one model and transcribes the shards it is handed.
 
-It reads its shard's audio itself (the driver ships only row ranges), transcribes it (long form
-in 30 s windows where the job asks: `harness.core.longform`) and streams raw rows back as each
-utterance finishes (a Ray generator), so a worker that dies loses at most the utterance in
-progress. Scoring happens later, on the driver, never here.
+It reads its shard's audio itself (the driver ships only row ranges), transcribes it — short
+utterances `decoding.batch_size` at a time where the runner batches
+(`harness.core.decoding.short_form_decode_batch`), the job's latency sample alone (its times are
+its own: `harness.job.spec.LatencySpec`), long form in 30 s windows (`harness.core.longform`) —
+scores each row (`harness.results.scoring.score_row`: the text metrics need only the row) and
+streams the rows back in the shard's order as they finish (a Ray generator), so a worker that dies
+loses at most the batch in progress.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
@@ -16,16 +20,29 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from converters.registry import get_target
-from harness.core.decoding import AUTO, DecodingOptions, Dims, Prompt, TooLong, english_only_refusal, tokenizer_for
+from harness.core.decoding import (
+    AUTO,
+    Decoded,
+    DecodingOptions,
+    Dims,
+    Prompt,
+    TooLong,
+    english_only_refusal,
+    short_form_decode_batch,
+    tokenizer_for,
+)
 from harness.core.errors import one_line
 from harness.core.longform import transcribe
 from harness.core.status import Status
 from harness.core.target import DEFAULT_THREADS, Runner, Unavailable
-from harness.job.spec import DatasetSpec, ModelCell
+from harness.job.spec import ModelCell
 from harness.results.schema import row
+from harness.results.scoring import score_row
 from harness.results.timing import cpu_description, prepare_worker_threads, warm_up
-from harness.run.dataset import Shard, open_dataset, read_shard
+from harness.run.dataset import Rows, Shard, Utterance
 from harness.run.node_cache import PublishedArtifact, materialise
 
 
@@ -36,8 +53,9 @@ class WorkerSetup:
     dims: Dims
     prompt: Prompt
     decoding: DecodingOptions
-    dataset: DatasetSpec
+    rows: Rows
     threads: int = DEFAULT_THREADS
+    timed: frozenset[int] | None = None  # the latency sample's rows (positions), decoded alone; None: every row
 
 
 def _ray_node_id() -> str:
@@ -94,7 +112,7 @@ class ModelWorker(Loaded):
         self.node = node_name()
         self.cpu = cpu_description()
         warm_up(self.runner, setup.dims, setup.prompt)
-        open_dataset(setup.dataset)
+        setup.rows.open()
         self.load_s = time.perf_counter() - started
 
     def options_for(self, language: str | None) -> DecodingOptions:
@@ -104,38 +122,103 @@ class ModelWorker(Loaded):
         return replace(options, language=language) if language and options.language != AUTO else options
 
     def run_shard(self, shard: Shard, skip: int = 0, attempt: int = 0) -> Iterator[dict[str, Any]]:
-        """One row per utterance of `shard`, after the first `skip` (a retry's rows already in)."""
-        cell, dims = self.setup.cell, self.setup.dims
-        for utt in read_shard(self.setup.dataset, Shard(shard.index, shard.start + skip, shard.stop)):
+        """One scored row per utterance of `shard`, after the first `skip` (a retry's rows already
+        in), in the shard's order: consecutive short utterances outside the latency sample are
+        decoded together, `decoding.batch_size` at a time; every other one alone."""
+        where = {"node": self.node, "cpu": self.cpu, "runtime": self.runner.runtime, "attempt": attempt}
+        batch: list[tuple[Utterance, DecodingOptions]] = []
+        start = shard.start + skip
+        for position, utt in enumerate(self.setup.rows.read(Shard(shard.index, start, shard.stop)), start):
             options = self.options_for(utt.language)
-            where = {"node": self.node, "cpu": self.cpu, "runtime": self.runner.runtime, "attempt": attempt}
-            where.update(ref_language=utt.language, task=options.task)
-            if utt.audio is None:
-                yield row(cell, utt.utt_id, utt.text, Status.ERROR, utt.error, **where)
+            timed = self.setup.timed is None or position in self.setup.timed
+            if not timed and self._batchable(utt, options):
+                batch.append((utt, options))
+                if len(batch) == self.setup.decoding.batch_size:
+                    yield from self._decode_batch(batch, where)
+                    batch = []
                 continue
-            if not dims.multilingual and (refused := english_only_refusal(options)):
-                why = f"{cell.size} is English-only: it cannot take {refused}"
-                yield row(cell, utt.utt_id, utt.text, Status.UNAVAILABLE, why, **where)
-                continue
-            try:
-                out = transcribe(self.runner, utt.audio, dims, options)
-            except TooLong as exc:  # short form never trims: the row says how to enable long form
-                yield row(cell, utt.utt_id, utt.text, Status.ERROR, str(exc), **where)
-                continue
-            except Unavailable as exc:  # an engine that decodes by itself, given a long-form item
-                yield row(cell, utt.utt_id, utt.text, Status.UNAVAILABLE, str(exc), **where)
-                continue
-            except Exception as exc:  # one broken utterance must not sink the run: it becomes a row
-                yield row(cell, utt.utt_id, utt.text, Status.ERROR, f"decoding failed: {one_line(exc)}", **where)
-                continue
-            yield row(
-                cell,
-                utt.utt_id,
-                utt.text,
-                Status.OK,
-                audio_s=utt.audio_s,
-                hyp_tokens=list(out.tokens),
-                hyp_text=self.tokenizer.decode(list(out.tokens)).strip(),
-                **out.costs(),
-                **where,
+            yield from self._decode_batch(batch, where)
+            batch = []
+            yield score_row(self._decode_alone(utt, options, {**_facts(utt, where), "timed": timed}))
+        yield from self._decode_batch(batch, where)
+
+    def _batchable(self, utt: Utterance, options: DecodingOptions) -> bool:
+        """Whether `utt` may share decoder calls: audio, one short-form window, a task the model takes."""
+        dims = self.setup.dims
+        return (
+            utt.audio is not None
+            and not options.long_form_for(utt.audio.size)
+            and utt.audio.size <= dims.window_samples
+            and (dims.multilingual or english_only_refusal(options) is None)
+        )
+
+    def _decode_batch(self, batch: list[tuple[Utterance, DecodingOptions]], where: dict) -> Iterator[dict[str, Any]]:
+        """Rows of a batch decoded together; should the batch fail, each utterance alone, so that one
+        bad utterance fails only its own row."""
+        if not batch:
+            return
+        try:
+            outs = short_form_decode_batch(
+                self.runner, [u.audio for u, _ in batch], self.setup.dims, [o for _, o in batch]
             )
+        except Exception:
+            for utt, options in batch:
+                yield score_row(self._decode_alone(utt, options, _facts(utt, where)))
+            return
+        for (utt, options), out in zip(batch, outs, strict=True):
+            yield score_row(self._transcript(utt, options, out, _facts(utt, where)))
+
+    def _transcript(self, utt: Utterance, options: DecodingOptions, out: Decoded, facts: dict) -> dict[str, Any]:
+        return row(
+            self.setup.cell,
+            utt.utt_id,
+            utt.text,
+            Status.OK,
+            audio_s=utt.audio_s,
+            hyp_tokens=list(out.tokens),
+            hyp_text=self.tokenizer.decode(list(out.tokens)).strip(),
+            ref_language=utt.language,
+            task=options.task,
+            **out.costs(),
+            **facts,
+        )
+
+    def _decode_alone(self, utt: Utterance, options: DecodingOptions, facts: dict) -> dict[str, Any]:
+        """The raw row of one utterance decoded by itself (short or long form), or of why it has none."""
+        cell, dims = self.setup.cell, self.setup.dims
+        failed = {**facts, "ref_language": utt.language, "task": options.task}
+        if utt.audio is None:
+            return row(cell, utt.utt_id, utt.text, Status.ERROR, utt.error, **failed)
+        if not dims.multilingual and (refused := english_only_refusal(options)):
+            why = f"{cell.size} is English-only: it cannot take {refused}"
+            return row(cell, utt.utt_id, utt.text, Status.UNAVAILABLE, why, **failed)
+        try:
+            out = transcribe(self.runner, utt.audio, dims, options)
+        except TooLong as exc:  # short form never trims: the row says how to enable long form
+            return row(cell, utt.utt_id, utt.text, Status.ERROR, str(exc), **failed)
+        except Unavailable as exc:  # an engine that decodes by itself, given a long-form item
+            return row(cell, utt.utt_id, utt.text, Status.UNAVAILABLE, str(exc), **failed)
+        except Exception as exc:  # one broken utterance must not sink the run: it becomes a row
+            return row(cell, utt.utt_id, utt.text, Status.ERROR, f"decoding failed: {one_line(exc)}", **failed)
+        return self._transcript(utt, options, out, facts)
+
+
+def _facts(utt: Utterance, where: dict[str, Any]) -> dict[str, Any]:
+    """A row's facts of where it ran and which dataset and groups it belongs to."""
+    return {**where, "dataset": utt.dataset, "meta": json.dumps(utt.meta, sort_keys=True) if utt.meta else None}
+
+
+def latency_sample(sizes: tuple[int, ...], sample: int | None, seed: int) -> frozenset[int] | None:
+    """The rows (positions among the job's, datasets one after another of `sizes` rows) that every
+    model decodes alone and times: `sample` of each dataset drawn with `seed`, the same for every
+    model and every run of the job; None (every row) when `sample` is None or covers them all."""
+    if sample is None or all(n <= sample for n in sizes):
+        return None
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    offset = 0
+    for n in sizes:
+        picked = range(n) if n <= sample else rng.choice(n, size=sample, replace=False)
+        chosen += [offset + int(i) for i in picked]
+        offset += n
+    return frozenset(chosen)
