@@ -132,6 +132,7 @@ DURATION = "duration"  # a breakdown by audio length, in DURATION_BUCKETS
 LANGUAGE = "language"  # a breakdown by the language that scored each utterance
 DURATION_BUCKETS = (5.0, 10.0, 20.0, 30.0)  # seconds: <5, 5-10, 10-20, 20-30, >=30 (long form)
 ALL = "all"  # latency.sample: every utterance
+MAX_BATCH = 256  # decoding.batch_size: utterances per decoder call, at most
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,8 @@ def _check_decoding(
         errors.append(f"decoding.long_form: expected auto, true or false, got {quote(decoding.long_form)}")
     if decoding.max_new_tokens is not None and not 0 < decoding.max_new_tokens <= 448:
         errors.append(f"decoding.max_new_tokens: expected 1..448, got {quote(decoding.max_new_tokens)}")
+    if not 0 < decoding.batch_size <= MAX_BATCH:
+        errors.append(f"decoding.batch_size: expected 1..{MAX_BATCH}, got {quote(decoding.batch_size)}")
     language = decoding.language
     if language != AUTO:
         code = language if language in LANGUAGES else TO_LANGUAGE_CODE.get(language.lower())

@@ -6,15 +6,19 @@ from __future__ import annotations
 from harness.core.window import FULL_AUDIO_CTX
 from harness.results.schema import JSON, TABLES
 
-# the tables' schema: 2 keys models on their audio context and adds the language columns. A
-# store of schema 1 is migrated in one transaction when opened (its rows ran at the full context);
-# a store of any other schema is refused, not altered.
-SCHEMA = 2
+# the tables' schema: 2 keys models on their audio context and adds the language columns; 3 keys
+# them on their dataset too (a suite's run has a row per dataset and model, and pooled rows). A
+# store of an older schema is migrated, one step after another, in one transaction each when a
+# writer opens it (`MIGRATIONS`); a store of any other schema is refused, not altered.
+SCHEMA = 3
 ADDED_IN_2 = {  # columns schema 2 added to each table (every other column was in schema 1)
     "models": ("audio_ctx", "language", "headline", "lang_agreement"),
     "utterances": ("audio_ctx", "task", "language", "detected_language", "language_prob", "ref_language",
                    "scoring_language", "language_match"),
 }  # fmt: skip
+ADDED_IN_3 = {"models": ("dataset", "n_timed")}  # (new utterance columns are added as any new column is)
+KEY = ("run_id", "dataset", "size", "target", "quant", "audio_ctx")  # a models row
+ONE_DATASET = ""  # the dataset of a models row from before suites (its run's one dataset)
 
 
 def sql_type(kind: str) -> str:
@@ -42,11 +46,13 @@ def create() -> list[str]:
     ]
 
 
-def models_table(name: str) -> str:
-    columns = ", ".join(f'"{c}" {sql_type(t)}' for c, t in TABLES["models"].items())
+def models_table(name: str, key: tuple[str, ...] = KEY, without: tuple[str, ...] = ()) -> str:
+    """The models table as `name`, keyed on `key`, without the columns of a later schema."""
+    columns = ", ".join(f'"{c}" {sql_type(t)}' for c, t in TABLES["models"].items() if c not in without)
+    primary = ", ".join(f'"{c}"' for c in key)
     return (
-        f'CREATE TABLE IF NOT EXISTS "{name}" ({columns}, PRIMARY KEY ("run_id", "size", "target", "quant", '
-        '"audio_ctx"), FOREIGN KEY ("run_id") REFERENCES "runs" ("run_id"))'
+        f'CREATE TABLE IF NOT EXISTS "{name}" ({columns}, PRIMARY KEY ({primary}), '
+        'FOREIGN KEY ("run_id") REFERENCES "runs" ("run_id"))'
     )
 
 
@@ -60,12 +66,31 @@ def migrate_1_to_2() -> list[str]:
         default = f" DEFAULT {FULL_AUDIO_CTX}" if column == "audio_ctx" else ""
         return f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type(kinds[column])}{default}'
 
-    old = ", ".join(f'"{c}"' for c in TABLES["models"] if c not in ADDED_IN_2["models"])
+    old = ", ".join(f'"{c}"' for c in TABLES["models"] if c not in (*ADDED_IN_2["models"], *ADDED_IN_3["models"]))
+    key_2 = tuple(c for c in KEY if c != "dataset")
     return [
         *(added("utterances", c) for c in ADDED_IN_2["utterances"]),
-        models_table("models_2"),
+        models_table("models_2", key_2, ADDED_IN_3["models"]),
         f'INSERT INTO "models_2" ({old}, "audio_ctx") SELECT {old}, {FULL_AUDIO_CTX} FROM "models"',
         'DROP TABLE "models"',
         'ALTER TABLE "models_2" RENAME TO "models"',
         """UPDATE "meta" SET "value" = '2' WHERE "key" = 'schema'""",
     ]
+
+
+def migrate_2_to_3() -> list[str]:
+    """Schema 2 → 3: the models table is rebuilt, its primary key gaining `dataset` (a run before
+    suites had one dataset: its rows get `ONE_DATASET`). Its new utterance columns are added as any
+    new column is (`History._add_new_columns`)."""
+    old = ", ".join(f'"{c}"' for c in TABLES["models"] if c not in ADDED_IN_3["models"])
+    return [
+        models_table("models_3"),
+        f'INSERT INTO "models_3" ({old}, "dataset") SELECT {old}, \'{ONE_DATASET}\' FROM "models"',
+        'DROP TABLE "models"',
+        'ALTER TABLE "models_3" RENAME TO "models"',
+        """UPDATE "meta" SET "value" = '3' WHERE "key" = 'schema'""",
+    ]
+
+
+# a store of the key's schema is brought to the next by its statements, until it is of SCHEMA
+MIGRATIONS = {"1": migrate_1_to_2, "2": migrate_2_to_3}

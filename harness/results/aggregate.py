@@ -1,8 +1,8 @@
 """From the shard files workers wrote to a run's tables, without holding every row.
 
 Workers score their own rows (`harness.results.scoring.score_row`). The driver then reads the run's
-shard files one shard at a time — every model's file of that shard together, so each row meets its
-reference's row of the same utterance (`compare_with_reference`) — and appends them to
+shard files a block of shards at a time — every model's files of those shards together, so each row
+meets its reference's row of the same utterance (`compare_with_reference`) — and appends them to
 `utterances.parquet` as it goes. Of each row it keeps only the few numbers the summary needs
 (`SUMMARY_COLUMNS`, strings as categories), so the driver's memory grows by tens of bytes a row,
 not by the row: a night of a million rows fits in a few hundred MB. The check that the run has
@@ -11,7 +11,8 @@ exactly one row per model and utterance is made here too, shard by shard.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from pandas.api.types import union_categoricals
 from harness.core.errors import some
 from harness.core.files import write_atomic
 from harness.job.spec import ModelCell
-from harness.results.run_dir import RAW, RunDir
+from harness.results.run_dir import RAW, RunDir, arrow_schema
 from harness.results.schema import UTTERANCE_COLUMNS, UTTERANCE_DTYPES
 from harness.results.scoring import compare_with_reference, typed_utterances
 
@@ -35,20 +36,12 @@ SUMMARY_COLUMNS = [
     "scoring_language", "runtime", "meta",
 ]  # fmt: skip
 _CATEGORIES = ("dataset", "size", "target", "quant", "utt_id", "status", "error", "scoring_language", "runtime", "meta")
-CHUNK_ROWS = 50_000  # rows gathered before their summary columns are packed into one frame
+CHUNK_ROWS = 50_000  # rows compared and written together: large enough to amortise, small to hold
 
 
-def arrow_schema() -> pa.Schema:
-    """utterances.parquet's schema, fixed, so that every shard's rows append to one file."""
-    types = {
-        "string": pa.string(), "Int64": pa.int64(), "float64": pa.float64(), "Float64": pa.float64(),
-        "boolean": pa.bool_(),
-    }  # fmt: skip
-    fields = [
-        pa.field(c, types[UTTERANCE_DTYPES[c]] if c in UTTERANCE_DTYPES else pa.list_(pa.int64()))
-        for c in UTTERANCE_COLUMNS
-    ]
-    return pa.schema(fields)
+def utterances_schema() -> pa.Schema:
+    """utterances.parquet's schema, fixed, so that every block of rows appends to one file."""
+    return arrow_schema({c: UTTERANCE_DTYPES.get(c, "object") for c in UTTERANCE_COLUMNS})
 
 
 @dataclass(frozen=True)
@@ -66,61 +59,65 @@ def finalise(
     parts: Sequence[Part],
     out: Path,
     folder: str = RAW,
-    on_rows: Callable[[pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
-    """Every model's rows of every shard, compared with their reference and written, shard by shard,
-    to `out` (utterances.parquet, atomically); returns the summary columns of every row.
-    `on_rows` sees each shard's finished rows (a caller's own tally).
+    """Every model's rows of every shard, compared with their reference and written, a block of
+    shards at a time (about CHUNK_ROWS rows), to `out` (utterances.parquet, atomically); returns the
+    summary columns of every row.
 
     Raises RuntimeError naming what is missing, repeated or unexpected unless every model has exactly
     one row per utterance: a scheduling bug must never pass as a result."""
-    schema = arrow_schema()
+    schema = utterances_schema()
     chunks: list[pd.DataFrame] = []
-    pending: list[pd.DataFrame] = []
-    pending_rows = 0
     problems: list[str] = []
 
     def write(tmp: Path) -> None:
-        nonlocal pending_rows
         with pq.ParquetWriter(tmp, schema) as writer:
-            for part in parts:
-                frames = []
-                for cell in cells:
-                    file = run.shard_file(cell, part.index, folder)
-                    if not file.is_file():
-                        problems.append(f"{cell.label}: shard {part.index} has no rows")
-                        continue
-                    frame = pd.read_parquet(file)
-                    problems.extend(_problems(cell, frame["utt_id"], part.ids))
-                    frames.append(frame)
-                if not frames:
+            for block in _blocks(parts, len(cells)):
+                tables = []
+                for part in block:
+                    for cell in cells:
+                        file = run.shard_file(cell, part.index, folder)
+                        if not file.is_file():
+                            problems.append(f"{cell.label}: shard {part.index} has no rows")
+                            continue
+                        table = pq.read_table(file)
+                        found = _problems(cell, table.column("utt_id").to_pylist(), part.ids)
+                        problems.extend(found)
+                        tables.append(table.append_column("dataset_", pa.array([part.dataset] * len(table))))
+                if problems or not tables:  # the run fails: its rows are not joined
                     continue
-                rows = pd.concat(frames, ignore_index=True).assign(run_id=run.run_id, dataset=part.dataset)
-                rows = typed_utterances(compare_with_reference(rows))
+                rows = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+                rows = rows.drop(columns=["dataset"]).rename(columns={"dataset_": "dataset"})
+                rows = typed_utterances(compare_with_reference(rows.assign(run_id=run.run_id)))
                 writer.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False))
-                if on_rows is not None:
-                    on_rows(rows)
-                pending.append(rows[SUMMARY_COLUMNS])
-                pending_rows += len(rows)
-                if pending_rows >= CHUNK_ROWS:
-                    chunks.append(_pack(pending))
-                    pending.clear()
-                    pending_rows = 0
+                chunks.append(_pack(rows[SUMMARY_COLUMNS]))
             if problems:
                 raise RuntimeError(f"transcription: not one row per model and utterance: {some(problems, 5, '; ')}")
 
     write_atomic(out, write)
-    if pending:
-        chunks.append(_pack(pending))
     return _join(chunks)
 
 
-def _problems(cell: ModelCell, found: pd.Series, expected: Sequence[str]) -> list[str]:
-    if len(found) == len(expected) and set(found) == set(expected) and not found.duplicated().any():
-        return []
+def _blocks(parts: Sequence[Part], n_models: int) -> Iterator[list[Part]]:
+    """Consecutive shards holding about CHUNK_ROWS rows of every model together."""
+    block: list[Part] = []
+    rows = 0
+    for part in parts:
+        block.append(part)
+        rows += len(part.ids) * n_models
+        if rows >= CHUNK_ROWS:
+            yield block
+            block, rows = [], 0
+    if block:
+        yield block
+
+
+def _problems(cell: ModelCell, found: list[str], expected: Sequence[str]) -> list[str]:
     seen = set(found)
+    if len(found) == len(expected) == len(seen) and seen == set(expected):
+        return []
     out = []
-    if repeated := sorted(set(found[found.duplicated()])):
+    if repeated := sorted({u for u, n in Counter(found).items() if n > 1}):
         out.append(f"{cell.label}: more than one row for {some(repeated, 3, ', ')}")
     if missing := [u for u in expected if u not in seen]:
         out.append(f"{cell.label}: {len(missing)} utterances missing ({some(missing, 3, ', ')})")
@@ -129,10 +126,9 @@ def _problems(cell: ModelCell, found: pd.Series, expected: Sequence[str]) -> lis
     return out
 
 
-def _pack(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Rows' summary columns as one frame, its strings as categories (a code a row)."""
-    packed = pd.concat(frames, ignore_index=True)
-    return packed.astype({c: "category" for c in _CATEGORIES})
+def _pack(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows' summary columns, their strings as categories (a code a row)."""
+    return rows.astype({c: "category" for c in _CATEGORIES})
 
 
 def _join(chunks: list[pd.DataFrame]) -> pd.DataFrame:

@@ -38,6 +38,7 @@ from harness.results.schema import RAW_COLUMNS, SHARD_COLUMNS
 
 if TYPE_CHECKING:  # frames only where rows are read or written: `runs` lists folders without pandas
     import pandas as pd
+    import pyarrow as pa
 
 STATE = "state.json"
 RAW = "raw"
@@ -54,10 +55,27 @@ def scored_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return _frame(rows, SHARD_COLUMNS)
 
 
-def _frame(rows: list[dict[str, Any]], columns: dict[str, str]) -> pd.DataFrame:
+def scored_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Scored rows as an Arrow table of the shard files' schema: what the driver writes for each
+    finished (model, shard), a few times faster than a typed frame (`scored_frame` reads them back)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=arrow_schema(SHARD_COLUMNS))
+
+
+def arrow_schema(columns: dict[str, str]) -> pa.Schema:
+    """The Arrow schema of columns declared as pandas dtypes (an `object` column holds token ids)."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "Int64": pa.int64(), "float64": pa.float64(), "Float64": pa.float64(),
+             "boolean": pa.bool_(), "object": pa.list_(pa.int64())}  # fmt: skip
+    return pa.schema([pa.field(c, types[t]) for c, t in columns.items()])
+
+
+def _frame(rows: list[dict[str, Any]] | pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=list(columns))
+    frame = rows[list(columns)] if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, columns=list(columns))
     return frame.astype({c: t for c, t in columns.items() if t != "object"})
 
 
@@ -221,15 +239,24 @@ class RunDir:
     def shard_file(self, cell: ModelCell, shard_index: int, folder: str = RAW) -> Path:
         return self.path / folder / f"{cell.label.replace('/', '__')}-shard{shard_index:05d}.parquet"
 
-    def write_shard(self, cell: ModelCell, shard_index: int, rows: pd.DataFrame, folder: str = RAW) -> None:
+    def write_shard(self, cell: ModelCell, shard_index: int, rows: pd.DataFrame | pa.Table, folder: str = RAW) -> None:
         (self.path / folder).mkdir(exist_ok=True)
-        write_parquet_atomic(rows, self.shard_file(cell, shard_index, folder))
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self.shard_file(cell, shard_index, folder)
+        if isinstance(rows, pa.Table):
+            write_atomic(path, lambda tmp: pq.write_table(rows, tmp))
+        else:
+            write_parquet_atomic(rows, path)
 
     def read_raw(self, folder: str = RAW) -> pd.DataFrame:
+        """Every row of a pass's folder; the main pass's with their declared dtypes."""
         import pandas as pd
 
         files = sorted((self.path / folder).glob("*.parquet"))
-        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        rows = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        return _frame(rows, SHARD_COLUMNS) if folder == RAW else rows
 
     def stop(self, state: RunState, reason: str) -> None:
         self._write_state(state, reason=reason)

@@ -139,47 +139,58 @@ def _number(value: object) -> bool:
 
 
 def compare_with_reference(rows: pd.DataFrame) -> pd.DataFrame:
-    """Scored rows of every model for some utterances (a shard's) → with what needs the reference's
-    row of the same utterance: its tokens and the token divergence against them, language-detection
-    agreement, and — where the dataset names no language — the reference's language as the scoring
-    rules (a row scored otherwise on its worker is scored again here, the same way)."""
-    df = rows.copy()
+    """Scored rows of every model for some utterances (a shard's, or several shards') → with what
+    needs the reference's row of the same utterance: its tokens and the token divergence against
+    them, language-detection agreement, and — where the dataset names no language — the reference's
+    language as the scoring rules (a row scored otherwise on its worker is scored again here, the
+    same way). Column-wise where it can be: the driver runs it over every row of a night."""
+    df = rows.reset_index(drop=True)
     ok = df["status"] == Status.OK
-    is_reference = (df["target"] == REFERENCE) & (df["audio_ctx"] == FULL_AUDIO_CTX) & ok
-    reference = df[is_reference].set_index(["size", "utt_id"])
-    keys = list(zip(df["size"], df["utt_id"], strict=True))
-    df["reference_tokens"] = [reference["hyp_tokens"].get(k) for k in keys]
-    languages = [reference["language"].get(k) for k in keys]
-    wanted = [
-        scoring_language(*facts)
-        for facts in zip(df["task"], df["ref_language"], languages, df["language"], strict=True)
-    ]
-    for position in np.flatnonzero(np.asarray(wanted, dtype=object) != df["scoring_language"].to_numpy(dtype=object)):
-        row = df.iloc[position].to_dict()
-        rescored = score_row(row, languages[position])
-        df.iloc[position, [df.columns.get_loc(c) for c in ("scoring_language", *TEXT_SCORES)]] = [
-            rescored[c] for c in ("scoring_language", *TEXT_SCORES)
-        ]
-    detected = [reference["detected_language"].get(k) for k in keys]
-    df["language_match"] = pd.array(
-        [
-            a == b if isinstance(a, str) and isinstance(b, str) else None
-            for a, b in zip(df["detected_language"], detected, strict=True)
-        ],
-        dtype="boolean",
+    is_reference = ((df["target"] == REFERENCE) & (df["audio_ctx"] == FULL_AUDIO_CTX) & ok).to_numpy(dtype=bool)
+    facts = ["hyp_tokens", "language", "detected_language"]
+    reference = df.loc[is_reference, ["size", "utt_id", *facts]].drop_duplicates(["size", "utt_id"])
+    joined = df[["size", "utt_id"]].merge(
+        reference.rename(columns={c: f"ref_{c}" for c in facts}), on=["size", "utt_id"], how="left"
     )
-
-    def divergence(hyp, ref):
-        if not isinstance(hyp, (list, np.ndarray)) or not isinstance(ref, (list, np.ndarray)):
-            return None, None, None
-        hyp, ref = list(hyp), list(ref)
-        return hyp == ref, first_divergence(hyp, ref), Levenshtein.distance(hyp, ref) / max(len(ref), 1)
-
-    div = [divergence(h, r) for h, r in zip(df["hyp_tokens"], df["reference_tokens"], strict=True)]
+    df["reference_tokens"] = joined["ref_hyp_tokens"].to_numpy()
+    languages = joined["ref_language"].astype(object).where(joined["ref_language"].notna(), None).to_numpy()
+    wanted = _scoring_languages(df, languages)
+    for position in np.flatnonzero(wanted != df["scoring_language"].to_numpy(dtype=object)):
+        rescored = score_row(df.iloc[position].to_dict(), languages[position])
+        columns = ("scoring_language", *TEXT_SCORES)
+        df.iloc[position, [df.columns.get_loc(c) for c in columns]] = [rescored[c] for c in columns]
+    own, theirs = df["detected_language"], joined["ref_detected_language"]
+    both = (own.notna() & theirs.notna()).to_numpy(dtype=bool)
+    match = pd.array([None] * len(df), dtype="boolean")
+    match[both] = own.to_numpy(dtype=object)[both] == theirs.to_numpy(dtype=object)[both]
+    df["language_match"] = match
+    div = [_divergence(h, r) for h, r in zip(df["hyp_tokens"], df["reference_tokens"], strict=True)]
     df["exact_match"] = pd.array([d[0] for d in div], dtype="boolean")
     df["first_divergence"] = pd.array([d[1] for d in div], dtype="Int64")
     df["token_edit_rate"] = pd.array([d[2] for d in div], dtype="Float64")
     return df
+
+
+def _scoring_languages(df: pd.DataFrame, reference_languages: np.ndarray) -> np.ndarray:
+    """`scoring_language` of every row, column-wise (the same rules, in the same order)."""
+    out = np.full(len(df), ENGLISH, dtype=object)
+    for column in (df["language"], reference_languages, df["ref_language"]):  # the last given wins
+        values = np.asarray(column, dtype=object)
+        given = np.array([isinstance(v, str) and bool(v) for v in values], dtype=bool)
+        out[given] = values[given]
+    out[np.array([t == "translate" if isinstance(t, str) else False for t in df["task"]], dtype=bool)] = ENGLISH
+    return out
+
+
+def _divergence(hyp: object, ref: object) -> tuple[bool | None, int | None, float | None]:
+    """(identical, first divergent token, token edit rate) of a row's tokens against its reference's."""
+    if not isinstance(hyp, (list, np.ndarray)) or not isinstance(ref, (list, np.ndarray)):
+        return None, None, None
+    hyp, ref = np.asarray(hyp, dtype=np.int64), np.asarray(ref, dtype=np.int64)
+    if hyp.shape == ref.shape and hyp.tobytes() == ref.tobytes():  # most rows: no need to align
+        return True, None, 0.0
+    hyp_list, ref_list = hyp.tolist(), ref.tolist()
+    return False, first_divergence(hyp_list, ref_list), Levenshtein.distance(hyp_list, ref_list) / max(len(ref), 1)
 
 
 def score_rows(raw: pd.DataFrame) -> pd.DataFrame:

@@ -66,12 +66,14 @@ def wer_delta(model: pd.DataFrame, reference: pd.DataFrame, seed: int = 0) -> tu
     )
     if both.empty or both["ref_words"].sum() == 0:
         return float("nan"), float("nan"), float("nan")
-    e_m, e_r, w = (both[c].to_numpy(dtype=float) for c in ("wer_errors", "wer_errors_ref", "ref_words"))
+    # Σ(e_m - e_r) / Σw: one column of differences, so a resample gathers two columns, not three
+    d = both["wer_errors"].to_numpy(dtype=float) - both["wer_errors_ref"].to_numpy(dtype=float)
+    w = both["ref_words"].to_numpy(dtype=float)
 
-    def delta(e_m: np.ndarray, e_r: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return (e_m.sum(axis=-1) - e_r.sum(axis=-1)) / np.maximum(w.sum(axis=-1), 1.0)
+    def delta(d: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return d.sum(axis=-1) / np.maximum(w.sum(axis=-1), 1.0)
 
-    return paired_bootstrap(delta, e_m, e_r, w, seed=seed)
+    return paired_bootstrap(delta, d, w, seed=seed)
 
 
 def summarize(utts: pd.DataFrame, models: dict[tuple[str, str, str, int], dict] | None = None) -> pd.DataFrame:

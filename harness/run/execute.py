@@ -32,7 +32,7 @@ from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
 from harness.job.spec import ALL, JobSpec, ModelCell
 from harness.results.aggregate import Part, finalise
-from harness.results.run_dir import RAW, InUse, RunDir, RunState, fingerprint, scored_frame
+from harness.results.run_dir import RAW, InUse, RunDir, RunState, fingerprint, scored_frame, scored_table
 from harness.results.run_info import RUN_JSON, Host, ModelInfo, PassReport, RunInfo, job_json
 from harness.results.schema import SCHEMA_VERSION, row
 from harness.results.scoring import score_row
@@ -56,7 +56,13 @@ def failure_row(cell: ModelCell, utt_id: str, text: str, status: Status, reason:
 
 # the main pass: a scored row per model and utterance in raw/ (harness.results.run_dir)
 TRANSCRIPTION = Pass(
-    "transcription", RAW, ModelWorker, scored_frame, failure_row, ("size", "target", "quant", "audio_ctx")
+    "transcription",
+    RAW,
+    ModelWorker,
+    scored_frame,
+    failure_row,
+    ("size", "target", "quant", "audio_ctx"),
+    scored_table,
 )
 
 
