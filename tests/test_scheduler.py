@@ -223,6 +223,27 @@ def test_a_board_model_gets_the_board_and_cpu_models_leave_it_its_slot():
 
 
 @pytest.mark.unit
+def test_a_gpu_goes_to_a_batching_model_and_only_one_worker_holds_it():
+    """A GPU host (2 CPUs, 1 GPU) and a CPU host: the batching model's first worker goes to the GPU
+    and holds it; nobody else does; a second worker of it, or a model that does not batch, takes a
+    CPU slot without a GPU. (The device the worker then decodes on: `worker_device`, from Ray.)"""
+    cluster = FakeCluster({"gpu": {"CPU": 2, "GPU": 1}, "cpu": {"CPU": 2}})
+    batching = Work(Setup(REF, row_s=2), tuple(plan_shards(N_UTTS, 2)), None, gpu=True)
+    rows, _ = schedule(cluster, batching, work(Setup(TS, row_s=1)))
+    assert (rows["status"] == "ok").all()
+    holding = [s for s in cluster.started if s.resources]
+    (first, *_) = [s for s in cluster.started if s.model == REF.label]
+    assert first.node_id == "gpu" and first.resources == {"GPU": 1}
+    assert all(s.model == REF.label and s.node_id == "gpu" for s in holding)
+    assert all(not s.resources for s in cluster.started if s.model == TS.label)
+    nodes = Nodes(FakeCluster({"cpu": {"CPU": 4}, "gpu": {"CPU": 2, "GPU": 1}}), 1, None, print)
+    assert nodes.place(None, set(), gpu=True) is nodes.nodes["gpu"]  # not the freest: the one with a GPU
+    assert nodes.take(nodes.nodes["gpu"], None, gpu=True) == {"GPU": 1}
+    assert nodes.place(None, set(), gpu=True) is nodes.nodes["cpu"]  # no GPU left: the freest node
+    assert nodes.take(nodes.nodes["gpu"], None, gpu=True) == {}  # a slot, but no second GPU
+
+
+@pytest.mark.unit
 def test_placement_keeps_a_board_nodes_slot_for_the_board_model_that_waits():
     """The placement rules alone: while an mtk model waits for the board, CPU models go elsewhere
     (or wait); once the board's model holds the board, its node's spare CPUs are anyone's."""

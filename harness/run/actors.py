@@ -20,6 +20,8 @@ from harness.core.errors import one_line
 from harness.job.spec import ModelCell
 from harness.run.dataset import Shard
 
+GPU = "GPU"  # Ray's resource for a node's GPUs (a worker asks for them as num_gpus)
+
 
 class Setup(Protocol):
     """What a worker is made with (a WorkerSetup, the analysis's AnalysisSetup): it names its model."""
@@ -138,11 +140,13 @@ class RayCluster:
 
         if worker not in self._remote:
             self._remote[worker] = self.ray.remote(worker)
+        others = {k: v for k, v in resources.items() if k != GPU}  # Ray takes GPUs as num_gpus only
         handle = (
             self._remote[worker]
             .options(
                 num_cpus=cpus,
-                resources=dict(resources),
+                num_gpus=resources.get(GPU, 0),
+                resources=others,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             )
             .remote(setup)

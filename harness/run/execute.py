@@ -30,6 +30,7 @@ from converters.registry import get_target
 from harness.core.decoding import build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
+from harness.core.target import Target, Unavailable
 from harness.job.spec import ALL, JobSpec, ModelCell
 from harness.results.aggregate import Part, finalise
 from harness.results.run_dir import RAW, InUse, RunDir, RunState, fingerprint, scored_frame, scored_table
@@ -274,8 +275,17 @@ def _work(
             spec.cluster.threads,
             latency_sample(rows.sizes, sample, spec.latency.seed),
         )
-        work.append(Work(setup, todo, get_target(p.cell.target).resource))
+        target = get_target(p.cell.target)
+        work.append(Work(setup, todo, target.resource, gpu=_batches(target)))
     return work
+
+
+def _batches(target: Target) -> bool:
+    """Whether the target's runner decodes several utterances per call (so a GPU serves it)."""
+    try:
+        return target.runner.batching
+    except Unavailable:  # its runtime is not here: its rows will say so, on a CPU slot
+        return False
 
 
 def _git_commit() -> str | None:

@@ -1,7 +1,9 @@
-"""The cluster's nodes as the scheduler sees them: slots, board resources, failures, placement.
+"""The cluster's nodes as the scheduler sees them: slots, board resources, GPUs, failures, placement.
 
 The scheduler places every worker itself (Ray's node affinity, hard), so it knows at once when no
-node can run a model, and can set aside a node whose workers keep dying.
+node can run a model, and can set aside a node whose workers keep dying. A node's GPUs (Ray's `GPU`
+resource) are offered to the models whose runners batch: such a worker goes where a GPU is free,
+holds one (Ray hands it that device) and decodes on it; other workers never hold a GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harness.results.run_info import NodeReport
-from harness.run.actors import Cluster
+from harness.run.actors import GPU, Cluster
 
 NODE_FAILURES_TO_SET_ASIDE = 2
 NODES_EVERY_S = 10.0  # how often the cluster's nodes are looked at again (joins, departures)
@@ -84,24 +86,33 @@ class Nodes:
             return f"no node of the cluster has a CPU for a {self.threads}-thread worker"
         return None
 
-    def place(self, resource: str | None, wanted: set[str] = frozenset()) -> NodeInfo | None:
-        """The freest node a new worker may go to: a board's node when it needs one and one exists.
-        Slots a board node needs for the boards of `wanted` resources (models waiting for one) are
-        kept for them, so a CPU model cannot take the only slot of a board a board model waits for."""
+    def place(self, resource: str | None, wanted: set[str] = frozenset(), gpu: bool = False) -> NodeInfo | None:
+        """The freest node a new worker may go to: a board's node when it needs one and one exists;
+        for a worker that can use a GPU (`gpu`), a node with a GPU free first. Slots a board node
+        needs for the boards of `wanted` resources (models waiting for one) are kept for them, so a
+        CPU model cannot take the only slot of a board a board model waits for."""
         candidates = [n for n in self.nodes.values() if not n.set_aside and n.used < n.slots]
         if resource and self.has_board(resource):
             candidates = [n for n in candidates if n.board_free(resource)]
             return max(candidates, key=lambda n: n.slots - n.used, default=None)
         spare = {n.node_id: n.slots - n.used - n.boards_free(wanted) for n in candidates}
-        return max((n for n in candidates if spare[n.node_id] > 0), key=lambda n: spare[n.node_id], default=None)
+        fits = [n for n in candidates if spare[n.node_id] > 0]
+        if gpu and (with_gpu := [n for n in fits if n.board_free(GPU)]):
+            fits = with_gpu
+        return max(fits, key=lambda n: spare[n.node_id], default=None)
 
-    def take(self, node: NodeInfo, resource: str | None) -> dict[str, float]:
-        """Book a slot (and a board) on `node`; the Ray resources the worker asks for."""
+    def take(self, node: NodeInfo, resource: str | None, gpu: bool = False) -> dict[str, float]:
+        """Book a slot (and a board, or a GPU for a worker that can use one) on `node`; the Ray
+        resources the worker asks for."""
         node.used += 1
+        held = {}
         if resource and node.resources.get(resource, 0) > 0:
-            node.boards_used[resource] = node.boards_used.get(resource, 0) + 1
-            return {resource: 1}
-        return {}
+            held[resource] = 1
+        elif gpu and node.board_free(GPU):
+            held[GPU] = 1
+        for key in held:
+            node.boards_used[key] = node.boards_used.get(key, 0) + 1
+        return held
 
     def release(self, node_id: str, resources: dict[str, float], busy_s: float) -> None:
         node = self.nodes.get(node_id)

@@ -45,6 +45,7 @@ class Work(Generic[S]):
     setup: S  # what its worker is made with
     shards: tuple[Shard, ...]
     resource: str | None  # a board resource its workers need (None: any CPU)
+    gpu: bool = False  # its runner batches: a worker placed where a GPU is free runs on it
 
     @property
     def cell(self) -> ModelCell:
@@ -160,7 +161,7 @@ class Scheduler(Generic[S]):
             # boards that models with work waiting need: a CPU model does not take their slots
             wanted = {r for m in waiting if (r := self.work[m].resource) and self.nodes.has_board(r)}
             for label in sorted(waiting, key=lambda m: self._work_left(m) / (1 + self._workers_of(m)), reverse=True):
-                if node := self.nodes.place(self.work[label].resource, wanted):
+                if node := self.nodes.place(self.work[label].resource, wanted, self.work[label].gpu):
                     self._start(label, node)
                     break
             else:
@@ -183,7 +184,7 @@ class Scheduler(Generic[S]):
 
     def _start(self, label: str, node: NodeInfo) -> None:
         work = self.work[label]
-        resources = self.nodes.take(node, work.resource)
+        resources = self.nodes.take(node, work.resource, work.gpu)
         actor = self.cluster.start(self.worker, work.setup, node.node_id, self.options.threads, resources)
         now = self.cluster.time()
         self.workers[actor] = Worker(work, node.node_id, now, last_seen=now, resources=resources)

@@ -86,13 +86,23 @@ class Loaded:
 
 
 def load_runner(published: PublishedArtifact, threads: int) -> Runner:
-    """The artifact's runner on this node: fetched into its cache, or reused there (checksums checked)."""
+    """The artifact's runner on this node: fetched into its cache, or reused there (checksums
+    checked); on the GPU Ray gave this worker, if it gave one (a runner that batches: placement)."""
     artifact = materialise(published)
     target = get_target(artifact.target)
-    runner = target.runner(artifact, threads)
+    device = worker_device()
+    runner = target.runner(artifact, threads, device=device) if device != "cpu" else target.runner(artifact, threads)
     # what executes it, said in every row: the runner's choice (a board's NPU), else the artifact's label
     runner.runtime = runner.runtime or artifact.manifest.get("runtime") or target.runtime
     return runner
+
+
+def worker_device() -> str:
+    """Where this worker decodes: "cuda" when Ray gave it a GPU (it sets CUDA_VISIBLE_DEVICES to
+    that one, so the process sees it as device 0), else "cpu"."""
+    import ray
+
+    return "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
 
 
 def node_name() -> str:
