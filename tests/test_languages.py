@@ -2,9 +2,9 @@
 and `translate` (against `whisper.decode`), a dataset's language column, the English-only
 refusal, and per-language scoring (normaliser, CER headline) checked by hand and with jiwer.
 
-No installable package ships a real non-English recording with its transcript under a free
-licence (pytest-audioeval's es/fr/ja/zh clips are synthesised speech), so the machinery runs on
-the shipped English LibriSpeech audio: detection must say English, with high probability."""
+The machinery runs here on the shipped English LibriSpeech audio (detection must say English,
+with high probability); the real recordings in 11 languages of `data/multilingual/` are held to
+openai-whisper in `tests/test_multilingual.py`."""
 
 from __future__ import annotations
 
