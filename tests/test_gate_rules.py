@@ -126,7 +126,13 @@ def test_latency_ratio_by_its_intervals_lower_end_on_one_kind_of_cpu_only():
     found = latency_change(evidence(base, cand), LIMITS)
     assert found.measured == {"latency": (1.125, 1.0, 1.5)} and found.regression is None
     doubled = latency_change(evidence(base, rows([0, 0], ms=[200.0, 600.0])), LIMITS)
-    assert doubled.regression == "latency ratio 2.00 [95% CI 2.00, 2.00] above 1.25"
+    assert (
+        doubled.regression
+        == "latency ratio 2.00 [95% CI 2.00, 2.00] above 1.25 (2 utterances timed alone in both runs)"
+    )
+    # a row decoded in a batch (not in the latency sample) in either run is left out
+    sample = latency_change(evidence(base, rows([0, 0], ms=[200.0, 900.0]).assign(timed=[True, False])), LIMITS)
+    assert sample.measured == {"latency": (2.0, 2.0, 2.0)} and "(1 utterances timed alone" in sample.regression
     assert latency_change(evidence(base, cand), ThresholdsSpec(max_latency_ratio=None)).measured == {}
     elsewhere = latency_change(evidence(base, rows([0, 0], ms=[900.0, 900.0], cpu="Other CPU")), LIMITS)
     assert elsewhere.measured == {} and elsewhere.regression is None

@@ -25,9 +25,9 @@ from harness.job.thresholds import ThresholdsSpec
 from harness.nightly.dialect import SQLite
 from harness.nightly.history import History
 from harness.results.record import read_run
-from harness.results.schema import UTTERANCE_COLUMNS
+from harness.results.schema import BOOL, TABLES, UTTERANCE_COLUMNS
 from tests.nightly_runs import harness, in_process
-from tests.synthetic_nights import night
+from tests.synthetic_nights import CPU, REFERENCE, drop_words, failed, night
 
 
 def _plain(value):
@@ -233,3 +233,63 @@ def test_a_history_reads_back_every_cell_it_was_given(store, tmp_path):
     summary = pd.read_csv(run_dir / "summary.csv")
     for col in ("n", "wer", "exact_match", "p50_ms", "status"):
         assert models[col].tolist() == summary[col].tolist(), col
+
+
+def _stored_rows(history: History, run_id: str) -> list[tuple]:
+    """A run's utterance rows as the database holds them, in the table's column order, booleans
+    as booleans (SQLite keeps them as 0/1)."""
+    kinds = list(TABLES["utterances"].values())
+    names = ", ".join(f'"{c}"' for c in TABLES["utterances"])
+    cur = history._conn.execute(
+        history.dialect.sql(f'SELECT {names} FROM "utterances" WHERE "run_id" = ? ORDER BY "position"'), (run_id,)
+    )
+    return [tuple(v if v is None or k != BOOL else bool(v) for v, k in zip(row, kinds, strict=True)) for row in cur]
+
+
+@pytest.mark.unit
+def test_a_run_read_in_several_batches_is_stored_as_one_read(store, tmp_path):
+    """utterances.parquet read five rows at a time (a night's 12 rows: three batches, the last one
+    short) is stored with exactly the rows and values of the same file read in one batch: every
+    cell, in order, through the one transaction. Rows with words dropped, and failed rows (no
+    transcript, no timings), so the batches hold every kind of value and missing ones."""
+    run_dir = night(tmp_path, 1, lambda utts: failed("worker died: <oom>")(drop_words(2, REFERENCE)(utts)))
+    whole, batched = read_run(run_dir), read_run(run_dir, batch_rows=5)
+    assert [len(batch) for batch in whole.utterances] == [12]
+    assert [len(batch) for batch in batched.utterances] == [5, 5, 2]  # read anew each time it is iterated
+    with History(store) as history:
+        assert history.add(batched)
+        stored = _stored_rows(history, run_dir.name)
+    (one_batch,) = whole.utterances
+    assert stored == one_batch
+    assert [row[-1] for row in stored] == list(range(12))  # `position`: each row's place in the file
+
+
+@pytest.mark.unit
+def test_columns_of_other_types_are_stored_as_their_cells_always_were(tmp_path):
+    """A file whose columns another writer typed otherwise (counts as floats with NaN, a text
+    column as categories, token lists of floats, a real column of integers, an empty list) is
+    converted column by column to exactly what the cell-by-cell conversion gave for each cell
+    (`_to_sql` over pandas' reading), whatever the batch."""
+    from harness.results.record import _row
+
+    run_dir = night(tmp_path, 1, failed("worker died"))
+    path = run_dir / "utterances.parquet"
+    utts = pd.read_parquet(path)
+    utts["wer_errors"] = utts["wer_errors"].astype("float64")  # NaN where the model failed
+    utts["cpu"] = utts["cpu"].astype("category")
+    utts["hyp_tokens"] = [None if t is None else [float(v) for v in t] for t in utts["hyp_tokens"]]
+    utts["reference_tokens"] = [[] if i == 0 else list(t) for i, t in enumerate(utts["reference_tokens"])]
+    utts["audio_s"] = utts["audio_s"].round().astype("int64")  # a REAL column of integers
+    utts.to_parquet(path, index=False)
+    read = pd.read_parquet(path).to_dict("records")
+    cells = [_row({**u, "position": i}, TABLES["utterances"]) for i, u in enumerate(read)]
+    record = read_run(run_dir, batch_rows=7)
+
+    def typed(rows: list[tuple]) -> list[list[tuple]]:  # 3 == 3.0 in Python: the types must match too
+        return [[(type(v).__name__, v) for v in row] for row in rows]
+
+    assert typed([row for batch in record.utterances for row in batch]) == typed(cells)
+    # each model's CPU, from the categorical column, over its decoded rows (the failed model has none)
+    assert [m[list(TABLES["models"]).index("cpu")] for m in record.models] == [CPU, None]
+    assert cells[0][UTTERANCE_COLUMNS.index("reference_tokens")] == "[]"
+    assert cells[0][UTTERANCE_COLUMNS.index("hyp_tokens")].startswith("[50257.0, ")

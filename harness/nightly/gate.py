@@ -1,8 +1,9 @@
 """The regression gate: a candidate run against a baseline run, per model, with statistics.
 
 Per model (size/target/quant at its audio context: a model at a trimmed `audio_ctx` is another
-model, never gated against the full one), the rules of `harness.nightly.rules` over the utterances
-both runs decoded: ΔWER with its paired bootstrap interval, the no-worse share, the fall in exact
+model, never gated against the full one) and, in a suite, per dataset (its pooled rows are a sum
+of those, not gated again), the rules of `harness.nightly.rules` over the utterances both runs
+decoded: ΔWER with its paired bootstrap interval, the no-worse share, the fall in exact
 match, the latency ratio on one kind of CPU, latency drift over the history, lost utterances.
 A model the baseline decoded that the candidate lacks, or could not run, is a regression.
 The limits come from the job's `thresholds:` (`thresholds.ThresholdsSpec`).
@@ -28,9 +29,10 @@ from harness.exit_codes import ExitCode
 from harness.job.spec import ModelCell
 from harness.job.thresholds import ThresholdsSpec, thresholds_from_dict
 from harness.nightly.history import RESERVED_REFS, History, masked
-from harness.nightly.rules import Evidence, judge, unpaired
+from harness.nightly.rules import COLUMNS, Evidence, judge, unpaired
 from harness.nightly.verdict import Comparison, ModelCheck, Verdict, format_comparison, save_verdict
 from harness.results.record import read_run
+from harness.results.summary import MODEL_KEY, POOLED
 
 
 def compare(
@@ -42,8 +44,12 @@ def compare(
     if thresholds is None:
         stored = candidate.get("thresholds")
         thresholds = thresholds_from_dict(stored, f"run {candidate_id}") if stored else ThresholdsSpec()
-    base_models, cand_models = history.models(baseline_id), history.models(candidate_id)
-    base_rows, cand_rows = _by_model(history.utterances(baseline_id)), _by_model(history.utterances(candidate_id))
+    base_models, cand_models = _gated(history.models(baseline_id)), _gated(history.models(candidate_id))
+    # only the columns the rules read; of the baseline, only its decoded rows (the rules hold the
+    # candidate to those alone), of the candidate every row (its lost utterances say why)
+    columns = ["dataset", *MODEL_KEY, *COLUMNS]
+    base_rows = _by_model(history.utterances(baseline_id, columns, decoded_only=True), _suite(base_models))
+    cand_rows = _by_model(history.utterances(candidate_id, columns), _suite(cand_models))
     cand_status = dict(zip(_keys(cand_models), _status_lines(cand_models), strict=True))
     checks = [
         _check(
@@ -52,11 +58,34 @@ def compare(
         for key, status in zip(_keys(base_models), _status_lines(base_models), strict=True)
     ]
     checks += [
-        ModelCheck(ModelCell(*key).label, notes=("new: not in the baseline",))
+        ModelCheck(_label(key), notes=("new: not in the baseline",))
         for key in _keys(cand_models)
         if key not in set(_keys(base_models))
     ]
     return Comparison(baseline, candidate, tuple(checks), thresholds)
+
+
+Key = tuple[str, str, str, str, int]  # (dataset, size, target, quant, audio_ctx); dataset "" outside suites
+
+
+def _gated(models: pd.DataFrame) -> pd.DataFrame:
+    """A run's model rows the gate checks: every dataset's, not a suite's pooled rows. A run of one
+    dataset has its rows under the name "" (as runs from before suites do), so that it gates
+    against any earlier run on that dataset."""
+    datasets = models["dataset"].fillna("").astype(str) if "dataset" in models else pd.Series([""] * len(models))
+    kept = models[(datasets != POOLED).to_numpy()].copy()
+    named = datasets[(datasets != POOLED).to_numpy()]
+    kept["dataset"] = named.to_numpy() if named.nunique() > 1 else ""
+    return kept
+
+
+def _suite(models: pd.DataFrame) -> bool:
+    return models["dataset"].nunique() > 1
+
+
+def _label(key: Key) -> str:
+    dataset, *model = key
+    return f"{dataset}: {ModelCell(*model).label}" if dataset else ModelCell(*model).label
 
 
 def _status_lines(models: pd.DataFrame) -> list[str]:
@@ -65,34 +94,49 @@ def _status_lines(models: pd.DataFrame) -> list[str]:
     return [f"{s}: {r}" if isinstance(r, str) and r else str(s) for s, r in zip(models["status"], reasons, strict=True)]
 
 
-def _keys(models: pd.DataFrame) -> list[tuple[str, str, str, int]]:
-    return list(zip(models["size"], models["target"], models["quant"], models["audio_ctx"].astype(int), strict=True))
+def _keys(models: pd.DataFrame) -> list[Key]:
+    return list(
+        zip(
+            models["dataset"],
+            models["size"],
+            models["target"],
+            models["quant"],
+            models["audio_ctx"].astype(int),
+            strict=True,
+        )
+    )
 
 
-def _by_model(utts: pd.DataFrame) -> dict[tuple[str, str, str, int], pd.DataFrame]:
-    return {key: rows for key, rows in utts.groupby(["size", "target", "quant", "audio_ctx"], sort=False)}
+def _by_model(utts: pd.DataFrame, suite: bool) -> dict[Key, pd.DataFrame]:
+    """Each model's rows (and each dataset's, in a suite)."""
+    utts = utts.assign(dataset=utts["dataset"].fillna("").astype(str) if suite else "")
+    return {key: rows for key, rows in utts.groupby(["dataset", *MODEL_KEY], sort=False)}
 
 
 def _check(
     history: History,
     candidate: dict[str, Any],
-    key: tuple[str, str, str, int],
+    key: Key,
     base: pd.DataFrame | None,
     cand: pd.DataFrame | None,
     base_status: str,
     cand_status: str | None,
     limits: ThresholdsSpec,
 ) -> ModelCheck:
-    """One model's check: the rules on its rows, and its latency trend from the history."""
-    model = ModelCell(*key).label
+    """One model's check: the rules on its rows (`base`: the baseline's decoded ones, `cand`: all
+    the candidate's), and its latency trend from the history."""
+    model = _label(key)
     settled = unpaired(model, base, cand, base_status, cand_status)
     if settled is not None:
         return settled
     assert base is not None and cand is not None  # `unpaired` settles a model either run lacks
     cand_ok = cand[cand["error"].isna()]
     cpus = set(cand_ok["cpu"].dropna())
-    trend = history.latency_trend(candidate, *key, next(iter(cpus))).tolist() if len(cpus) == 1 else None
-    return judge(model, Evidence(base[base["error"].isna()], cand, cand_ok, trend), limits)
+    dataset, *cell = key
+    trend = (
+        history.latency_trend(candidate, dataset or None, *cell, next(iter(cpus))).tolist() if len(cpus) == 1 else None
+    )
+    return judge(model, Evidence(base, cand, cand_ok, trend), limits)
 
 
 def _now() -> str:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.core.errors import HarnessError
 from harness.nightly.dialect import LOCK_WAIT_ENV, Access, Dialect, HistoryError, NotAHistory, dialect_of, masked
-from harness.nightly.history_schema import SCHEMA, TABLES, create, migrate_1_to_2, sql_type
+from harness.nightly.history_schema import MIGRATIONS, SCHEMA, TABLES, create, sql_type
 from harness.results.schema import BOOL, INT, JSON, REAL, RUN_COLUMNS, UTTERANCE_HISTORY_COLUMNS
 
 if TYPE_CHECKING:  # both load pandas: listing runs (`history`) needs neither, so they are imported where used
@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # both load pandas: listing runs (`history`) needs neither, s
     from harness.results.record import RunRecord
 
 HISTORY_ENV = "HARNESS_HISTORY"
+# rows of a run's utterances fetched and typed at a time (`History.utterances`)
+FETCH_ROWS = 50_000
 DEFAULT_FILE = "history.sqlite"
 # the gate's relative baselines (`harness.nightly.gate.resolve`): no tag may take these names
 RESERVED_REFS = ("latest", "previous")
@@ -138,19 +140,20 @@ class History:
         if not self._has_schema():
             raise NotAHistory(f"history {self.shown}: not a history (no harness tables in it; a run creates them)")
         found = self._schema()
-        older = found == "1" or (found == str(SCHEMA) and self._missing_columns(self._conn))
+        older = found in MIGRATIONS or (found == str(SCHEMA) and self._missing_columns(self._conn))
         if older:
             raise HistoryError(
                 f"history {self.shown}: written by an older harness (schema {found}"
-                f"{'' if found == '1' else ', without columns this one reads'}): "
+                f"{'' if found in MIGRATIONS else ', without columns this one reads'}): "
                 "the next `run` or `history add` to it upgrades it"
             )
         self._refuse_other(found)
 
     def _ensure_schema(self, may_create: bool) -> None:
-        """A writer's schema: the tables created on first use (when `may_create`), a store of schema 1
-        migrated, new columns added; a store of another schema refused. Only a new store takes the
-        write lock here, so readers of an existing one never wait for a writer."""
+        """A writer's schema: the tables created on first use (when `may_create`), a store of an older
+        schema migrated step by step (`MIGRATIONS`), new columns added; a store of another schema
+        refused. Only a new or older store takes the write lock here, so readers of an up-to-date
+        one never wait for a writer."""
         if not self._has_schema():
             if not may_create:
                 raise NotAHistory(f"history {self.shown}: not a history (no harness tables in it; a run creates them)")
@@ -163,12 +166,12 @@ class History:
                         cur.execute(statement)
                     cur.execute(self.dialect.sql('INSERT INTO "meta" VALUES (?, ?)'), ("schema", str(SCHEMA)))
         found = self._schema()
-        if found == "1":
+        while found in MIGRATIONS:  # one step after another, each in its own transaction
             with self._transaction() as cur:
                 self.dialect.lock_schema(cur)
                 cur.execute('SELECT "value" FROM "meta" WHERE "key" = \'schema\'')
-                if cur.fetchone()[0] == "1":  # checked again under the write lock: another may have migrated
-                    for statement in migrate_1_to_2():
+                if cur.fetchone()[0] == found:  # checked again under the write lock: another may have migrated
+                    for statement in MIGRATIONS[found]():
                         cur.execute(statement)
             found = self._schema()
         self._refuse_other(found)
@@ -214,7 +217,9 @@ class History:
     # -- writing
 
     def add(self, record: RunRecord) -> bool:
-        """Append a run in one transaction; False (and nothing written) when it is already there."""
+        """Append a run in one transaction; False (and nothing written) when it is already there.
+        Its utterance rows go in batch by batch as `record.utterances` reads them, so a run of a
+        million rows never has them all in memory, and still appears whole or not at all."""
         with self._transaction() as cur:
             names = ", ".join(f'"{c}"' for c in RUN_COLUMNS)
             marks = ", ".join("?" * (len(RUN_COLUMNS) + 1))
@@ -225,8 +230,9 @@ class History:
             )
             if cur.rowcount != 1:
                 return False
-            for table, rows in (("models", record.models), ("utterances", record.utterances)):
-                self._insert(cur, table, rows)
+            self._insert(cur, "models", record.models)
+            for batch in record.utterances:
+                self._insert(cur, "utterances", batch)
         return True
 
     def _insert(self, cur: Any, table: str, rows: list[tuple]) -> None:
@@ -283,35 +289,44 @@ class History:
     def models(self, run_id: str) -> pd.DataFrame:
         return self._frame('SELECT * FROM "models" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
 
-    def utterances(self, run_id: str) -> pd.DataFrame:
-        """A run's per-utterance rows as utterances.parquet has them (tokens as lists, pandas dtypes)."""
+    def utterances(self, run_id: str, columns: Sequence[str] | None = None, decoded_only: bool = False) -> pd.DataFrame:
+        """A run's per-utterance rows as utterances.parquet has them (tokens as lists, pandas dtypes):
+        every column, or only `columns` (in the table's order); every row, or with `decoded_only`
+        those with a transcript (no `error`). A run may have a million rows: what a reader does not
+        need is never fetched, and what it does is typed FETCH_ROWS rows at a time (never a million
+        rows of Python objects at once)."""
         import pandas as pd
 
-        names = ", ".join(f'"{c}"' for c in UTTERANCE_HISTORY_COLUMNS)
-        df = self._frame(f'SELECT {names} FROM "utterances" WHERE "run_id" = ? ORDER BY "position"', (run_id,))
-        for col, kind in UTTERANCE_HISTORY_COLUMNS.items():
-            if kind == JSON:
-                df[col] = [None if v is None else json.loads(v) for v in df[col]]
-            elif kind == INT:
-                df[col] = pd.array(df[col], dtype="Int64")
-            elif kind == BOOL:  # SQLite keeps booleans as 0/1
-                df[col] = pd.array([None if v is None else bool(v) for v in df[col]], dtype="boolean")
-            elif kind == REAL:
-                df[col] = pd.to_numeric(df[col]).astype(float)
-        return df
+        kinds = {c: k for c, k in UTTERANCE_HISTORY_COLUMNS.items() if columns is None or c in columns}
+        names = ", ".join(f'"{c}"' for c in kinds)
+        decoded = ' AND "error" IS NULL' if decoded_only else ""
+        sql = f'SELECT {names} FROM "utterances" WHERE "run_id" = ?{decoded} ORDER BY "position"'
+        # each column's chunks, from an empty one of its dtype: a run without rows still has its columns
+        chunks = {c: [pd.Series([], dtype=_DTYPES.get(k, object))] for c, k in kinds.items()}
+        with self._errors():
+            cur = self._conn.execute(self.dialect.sql(sql), (run_id,))
+            while rows := cur.fetchmany(FETCH_ROWS):
+                for (col, kind), values in zip(kinds.items(), zip(*rows, strict=True), strict=True):
+                    chunks[col].append(_typed(values, kind))
+        return pd.DataFrame({col: pd.concat(parts, ignore_index=True) for col, parts in chunks.items()})
 
     def latency_trend(
-        self, run: dict[str, Any], size: str, target: str, quant: str, audio_ctx: int, cpu: str
+        self, run: dict[str, Any], dataset: str | None, size: str, target: str, quant: str, audio_ctx: int, cpu: str
     ) -> pd.Series:
-        """A model's median latency (p50_ms) in each run of `run`'s job and dataset on `cpu`, oldest
-        first, up to and including `run`."""
+        """A model's median latency (p50_ms) in each run of `run`'s job and data on `cpu`, oldest
+        first, up to and including `run`: on one dataset of a suite (`dataset`), or on the run's one
+        dataset (None: whatever its rows are named; runs from before suites have no name)."""
+        on_dataset = "" if dataset is None else 'AND m."dataset" = ? '
         rows = self._frame(
             'SELECT r."run_id", m."p50_ms" FROM "models" m JOIN "runs" r ON r."run_id" = m."run_id" '
             'WHERE r."job" = ? AND r."dataset" = ? AND m."size" = ? AND m."target" = ? AND m."quant" = ? '
-            'AND m."audio_ctx" = ? AND m."cpu" = ? AND m."p50_ms" IS NOT NULL AND r."started" <= ? '
+            f'AND m."audio_ctx" = ? AND m."cpu" = ? AND m."p50_ms" IS NOT NULL AND r."started" <= ? {on_dataset}'
             'ORDER BY r."started", r."run_id"',
-            (run["job"], run["dataset"], size, target, quant, int(audio_ctx), cpu, run["started"]),
-        )
+            (
+                run["job"], run["dataset"], size, target, quant, int(audio_ctx), cpu, run["started"],
+                *(() if dataset is None else (dataset,)),
+            ),
+        )  # fmt: skip
         return rows.set_index("run_id")["p50_ms"].astype(float)
 
     def has_run(self, run_id: str) -> bool:
@@ -328,6 +343,25 @@ class History:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# the pandas dtype of each kind of utterance column but text and JSON (Python objects: None for NULL)
+_DTYPES = {INT: "Int64", BOOL: "boolean", REAL: "float64"}
+
+
+def _typed(values: tuple, kind: str) -> pd.Series:
+    """A chunk of one fetched column as the frame holds it. Text repeated down the column (a
+    model's name, a status, a CPU) is kept once per chunk, not once per row as the driver hands it."""
+    import pandas as pd
+
+    if kind == JSON:
+        return pd.Series([None if v is None else json.loads(v) for v in values], dtype=object)
+    if kind == BOOL:  # SQLite keeps booleans as 0/1
+        return pd.Series([None if v is None else bool(v) for v in values], dtype="boolean")
+    if kind in _DTYPES:
+        return pd.Series(values, dtype=_DTYPES[kind])
+    seen: dict[Any, Any] = {}
+    return pd.Series([seen.setdefault(v, v) for v in values], dtype=object)
 
 
 def format_runs(runs: list[dict[str, Any]]) -> str:

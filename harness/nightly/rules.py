@@ -33,6 +33,8 @@ from harness.nightly.verdict import Drift, ModelCheck, pct
 from harness.results.summary import paired_bootstrap, wer_delta
 
 MAD_SCALE = 1.4826  # MAD * this estimates a normal distribution's standard deviation
+# the utterance columns the rules (and `wer_delta`) read: the gate fetches no other from the history
+COLUMNS = ("utt_id", "status", "error", "cpu", "wer_errors", "ref_words", "exact_match", "total_ms", "timed")
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,9 @@ def unpaired(
     base_status: str,
     cand_status: str | None,
 ) -> ModelCheck | None:
-    """The check of a model with nothing to pair (`base`/`cand`: all its rows, None when the run
-    lacks it; the statuses as the summary's notes say them); None when the rules can judge it."""
+    """The check of a model with nothing to pair (`base`: its rows in the baseline, at least the
+    decoded ones, `cand`: all its rows in the candidate, None when a run has none; the statuses as
+    the summary's notes say them); None when the rules can judge it."""
     decoded = 0 if base is None else int(base["error"].isna().sum())
     if not decoded:  # nothing to hold the candidate to
         return ModelCheck(model, notes=(f"no baseline: the baseline decoded nothing ({base_status})",))
@@ -155,11 +158,21 @@ def latency_change(evidence: Evidence, limits: ThresholdsSpec) -> Finding:
         )
     if limits.max_latency_ratio is None:  # latency not gated
         return Finding()
-    timed = evidence.paired.dropna(subset=["total_ms_b", "total_ms_c"])
+    paired = evidence.paired.dropna(subset=["total_ms_b", "total_ms_c"])
+    # the latency sample only: rows both runs decoded alone (a batched row's time is its share of
+    # its batch's); a row from before the sample was decoded alone (`timed` NULL)
+    alone = np.ones(len(paired), dtype=bool)
+    for column in ("timed_b", "timed_c", "timed"):  # `timed` alone: only one run's rows have it
+        if column in paired:
+            alone &= paired[column].astype("boolean").fillna(True).to_numpy(dtype=bool)
+    timed = paired[alone]
     if timed.empty:
         return Finding()
     ratio = latency_ratio(timed["total_ms_c"].to_numpy(float), timed["total_ms_b"].to_numpy(float))
-    line = f"latency ratio {ratio[0]:.2f} [95% CI {ratio[1]:.2f}, {ratio[2]:.2f}] above {limits.max_latency_ratio:.2f}"
+    line = (
+        f"latency ratio {ratio[0]:.2f} [95% CI {ratio[1]:.2f}, {ratio[2]:.2f}] above {limits.max_latency_ratio:.2f} "
+        f"({len(timed)} utterances timed alone in both runs)"
+    )
     return Finding({"latency": ratio}, line if ratio[1] > limits.max_latency_ratio else None)
 
 

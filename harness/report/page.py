@@ -27,7 +27,7 @@ from harness.report.tables import cell, divergence_section, table, utterance_sec
 from harness.results import run_info
 from harness.results.run_dir import list_runs, write_atomic
 from harness.results.run_info import RUN_JSON, RunInfo
-from harness.results.summary import DELTA_COLUMN, status_notes, summary_cells
+from harness.results.summary import BREAKDOWN_FILE, DELTA_COLUMN, POOLED, breakdown_cells, status_notes, summary_cells
 
 REPORT_FILE = "report.html"
 RUN_FILES = (RUN_JSON, "summary.csv", "utterances.parquet")  # a complete run has them all
@@ -75,14 +75,14 @@ def write_report(run_dir: Path, history: str, out: Path | None = None, history_f
 def render(run_dir: Path, history: str, history_failure: str | None = None) -> str:
     info = run_info.read(run_dir / RUN_JSON)
     summary = pd.read_csv(run_dir / "summary.csv", keep_default_na=False, na_values=[""])
-    utts = pd.read_parquet(run_dir / "utterances.parquet")
     sections = [
         ("verdict", "Gate", _verdict(run_dir, history_failure)),
         ("summary", "Summary", _summary(summary)),
-        ("pareto", "WER vs latency", _scatter(summary)),
+        *_breakdowns(run_dir),
+        ("pareto", "WER vs latency", _scatter(_overall(summary))),
         ("trends", "Trends", _trends(info, history, history_failure)),
         ("divergence", "Divergence", divergence_section(run_dir)),
-        ("utterances", "Utterances", utterance_section(utts, summary)),
+        ("utterances", "Utterances", utterance_section(run_dir / "utterances.parquet", summary)),
     ]
     nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
     body = "\n".join(f'<section id="{key}">\n<h2>{title}</h2>\n{html}\n</section>' for key, title, html in sections)
@@ -190,6 +190,41 @@ def _summary(summary: pd.DataFrame) -> str:
     )
 
 
+def _overall(models: pd.DataFrame) -> pd.DataFrame:
+    """A run's rows over all its data: a suite's pooled rows, or its one dataset's."""
+    if "dataset" in models and (models["dataset"] == POOLED).any():
+        return models[models["dataset"] == POOLED]
+    return models
+
+
+def _breakdowns(run_dir: Path) -> list[tuple[str, str, str]]:
+    """A section per breakdown of breakdown.csv (none without one): a row per group, a column per
+    model: its headline rate and Δ against the reference with its 95% interval."""
+    path = run_dir / BREAKDOWN_FILE
+    if not path.is_file():
+        return []
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"group": str})
+    sections = []
+    for name, rows in frame.groupby("breakdown", sort=False):
+        wide = breakdown_cells(rows)
+        body = [
+            "<tr>" + cell(group) + "".join(cell(v) for v in values) + "</tr>"
+            for group, values in zip(wide.index, wide.itertuples(index=False), strict=True)
+        ]
+        html = (
+            f'<p class="muted">Per {escape(str(name))}: utterances, each model\'s headline rate (cer where the '
+            "group's words are characters) and, for a converted model, Δ against the reference on the same "
+            "utterances with its 95% paired bootstrap interval, in points. From <code>breakdown.csv</code>.</p>"
+            + table([str(name), *map(str, wide.columns)], body, ident=f"breakdown-{_ident(str(name))}")
+        )
+        sections.append((f"breakdown-{_ident(str(name))}", f"By {escape(str(name))}", html))
+    return sections
+
+
+def _ident(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
 def _scatter(summary: pd.DataFrame) -> str:
     from harness.report.plots import scatter
 
@@ -221,7 +256,7 @@ def _trends(info: RunInfo, where: str, history_failure: str | None) -> str:
         return f'<p class="muted">no trends: {escape(str(exc))}</p>'
     if not models:
         return f'<p class="muted">no runs of {escape(job)} on this dataset in history {escape(masked(where))}</p>'
-    frame = pd.concat(models, ignore_index=True)
+    frame = _overall(pd.concat(models, ignore_index=True))  # a suite's: its pooled rows
     frame["model"] = frame["size"] + "/" + frame["target"] + "/" + frame["quant"]
     cpus = sorted(frame["cpu"].dropna().unique())
     notes = [

@@ -1,16 +1,25 @@
 """The report's tables (`harness.report.page`): cells that sort by their number, the divergence tables
-and the per-utterance view. Every string from data goes through `escape`."""
+and the per-utterance view. Every string from data goes through `escape`.
+
+utterances.parquet and divergence.parquet may hold a million rows: the views read from them only
+what they show (the first rows of the per-utterance view; the divergent utterances listed, found
+by a pass over the few columns that choose them), never a whole file."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from harness.core.status import Status
+from harness.results.record import parquet_stream
 
 DIVERGENCE_CSV, DIVERGENCE_PARQUET = "divergence.csv", "divergence.parquet"
 DIVERGENCE_HINT = "analysis: {divergence: true} in the job"
@@ -21,6 +30,15 @@ CLIP = 400  # characters of a text shown before and after a divergence
 # characters of an utterance's reference, hypothesis or error shown in the per-utterance view: a
 # runaway decode (or a hostile dataset) may hold megabytes, and 5000 rows of them would too
 MAX_TEXT = 2000
+# the columns of utterances.parquet the per-utterance view shows or filters on
+UTTERANCE_VIEW_COLUMNS = [
+    "size", "target", "quant", "utt_id", "status", "error", "wer_errors", "substitutions", "deletions",
+    "insertions", "ref_words", "exact_match", "first_divergence", "total_ms", "ref_text", "hyp_text",
+]  # fmt: skip
+# rows of divergence.parquet read at a time, choosing the divergent utterances and reading them
+SCAN_ROWS = 10_000
+# the columns of divergence.parquet that choose them (the model's three first)
+_CHOOSING = ["size", "target", "quant", "status", "first_divergence"]
 # the per-utterance divergence metrics, as each reads (format of its value)
 _METRICS = {
     "encoder_snr_db": "encoder SNR {:.1f} dB",
@@ -105,27 +123,78 @@ def divergence_section(run_dir: Path) -> str:
         parts.append(f"<h3>Per model ({DIVERGENCE_CSV})</h3>" + frame_table(pd.read_csv(per_model), "divergence-table"))
     if per_utterance.is_file():
         parts.append(f"<h3>Divergent utterances ({DIVERGENCE_PARQUET})</h3>")
-        parts.append(_divergent_utterances(pd.read_parquet(per_utterance)))
+        parts.append(_divergent_utterances(per_utterance))
     return "\n".join(parts)
 
 
-def _divergent_utterances(rows: pd.DataFrame) -> str:
+@dataclass
+class _Divergent:
+    """One model's rows in divergence.parquet, counted over a pass through it: its divergent rows
+    (tokens departing from the reference's, or not analysed: `failed`) with their first divergence
+    and row number."""
+
+    rows: int = 0
+    failed: int = 0
+    bad: list[pa.Table] = field(default_factory=list)
+
+
+def _divergent_utterances(path: Path) -> str:
     """Per model, each utterance whose tokens depart from the reference's (or that failed): where,
-    the two texts from there on, and the two top-5s at that step."""
-    rows = rows.assign(model=model_labels(rows))
-    diverged = rows["first_divergence"].notna() | (rows["status"] != Status.OK)
+    the two texts from there on, and the two top-5s at that step.
+
+    Read in two passes, a batch at a time: the columns that choose the rows (keeping, of the
+    divergent rows, their first divergence and row number); then only the rows listed, whole."""
+    parquet = parquet_stream(path)
+    models: dict[str, _Divergent] = {}  # in the order models first appear
+    start = 0
+    for batch in parquet.iter_batches(SCAN_ROWS, columns=_CHOOSING):
+        rows = pa.Table.from_batches([batch]).append_column("row", pa.array(range(start, start + batch.num_rows)))
+        start += batch.num_rows
+        text = pa.large_string()  # the separator's type must be the columns' own
+        labels = pc.binary_join_element_wise(*(pc.cast(rows[c], text) for c in _CHOOSING[:3]), pa.scalar("/", text))
+        failed = pc.fill_null(pc.not_equal(rows["status"], Status.OK.value), True)
+        bad = pc.or_(pc.is_valid(rows["first_divergence"]), failed)
+        for label in pc.unique(labels).to_pylist():
+            mine = pc.equal(labels, label)
+            model = models.setdefault(label, _Divergent())
+            model.rows += pc.sum(mine).as_py()
+            model.failed += pc.sum(pc.and_(pc.and_(mine, bad), failed)).as_py()
+            model.bad.append(rows.select(["first_divergence", "row"]).filter(pc.and_(mine, bad)))
+    # each model's earliest divergences, failures last, as pandas sorts the column read as pandas
+    # reads it (its dtype from the file's pandas metadata): the rows today's reports listed
+    bad = {
+        label: pa.concat_tables(model.bad).replace_schema_metadata(parquet.schema_arrow.metadata).to_pandas()
+        for label, model in models.items()
+    }
+    listed = {
+        label: rows.sort_values("first_divergence", na_position="last")["row"].head(MAX_DIVERGENCES).tolist()
+        for label, rows in bad.items()
+    }
+    whole = _rows_at(parquet_stream(path), sorted(row for rows in listed.values() for row in rows))
+    opened = " open" if sum(len(rows) for rows in bad.values()) <= OPEN_UP_TO else ""
     parts = []
-    for model, group in rows.groupby("model", sort=False):
-        bad = group[diverged[group.index]].sort_values("first_divergence", na_position="last")
-        shown = bad.head(MAX_DIVERGENCES)
-        failed = int((bad["status"] != Status.OK).sum())
-        count = f"{len(bad) - failed} of {len(group)} utterances diverge"
-        count += f", {failed} not analysed" if failed else ""
-        count += f" (the first {len(shown)} shown)" if len(shown) < len(bad) else ""
+    for label, model in models.items():
+        shown = whole.loc[listed[label]]
+        count = f"{len(bad[label]) - model.failed} of {model.rows} utterances diverge"
+        count += f", {model.failed} not analysed" if model.failed else ""
+        count += f" (the first {len(shown)} shown)" if len(shown) < len(bad[label]) else ""
         items = "\n".join(_divergence(row) for row in shown.to_dict("records"))
-        opened = " open" if diverged.sum() <= OPEN_UP_TO else ""
-        parts.append(f"<details{opened}><summary>{escape(model)}: {count}</summary>\n{items}\n</details>")
+        parts.append(f"<details{opened}><summary>{escape(label)}: {count}</summary>\n{items}\n</details>")
     return "\n".join(parts)
+
+
+def _rows_at(parquet: pq.ParquetFile, numbers: list[int]) -> pd.DataFrame:
+    """The rows of a parquet file at the given row numbers (ascending), every column, as pandas
+    reads them, indexed by their number: a pass in batches that keeps only those."""
+    wanted = np.asarray(numbers, dtype=np.int64)
+    found, start = [], 0
+    for batch in parquet.iter_batches(SCAN_ROWS):
+        here = wanted[(wanted >= start) & (wanted < start + batch.num_rows)]
+        found.append(batch.take(pa.array(here - start)))
+        start += batch.num_rows
+    rows = pa.Table.from_batches(found, schema=parquet.schema_arrow).to_pandas()
+    rows.index = wanted
+    return rows
 
 
 def _divergence(row: dict[str, Any]) -> str:
@@ -188,15 +257,30 @@ def _cut(value: Any) -> str:
     return f"{text[:MAX_TEXT]}… ({len(text):,} characters; utterances.parquet has them all)"
 
 
-def utterance_section(utts: pd.DataFrame, summary: pd.DataFrame) -> str:
-    """Every row of utterances.parquet (up to MAX_UTTERANCE_ROWS), with a filter: text, model, and
-    only the rows with word errors, a token divergence or no transcript."""
+def _head(path: Path, columns: list[str], count: int) -> tuple[pd.DataFrame, int]:
+    """The first `count` rows of a parquet file, `columns` only, as pandas reads them; and how many
+    rows the file has (from its footer)."""
+    parquet = parquet_stream(path)
+    batches, read = [], 0
+    for batch in parquet.iter_batches(batch_size=count, columns=columns):
+        batches.append(batch)
+        read += batch.num_rows
+        if read >= count:
+            break
+    head = pa.Table.from_batches(batches) if batches else parquet.schema_arrow.empty_table().select(columns)
+    return head.slice(0, count).to_pandas(), parquet.metadata.num_rows
+
+
+def utterance_section(path: Path, summary: pd.DataFrame) -> str:
+    """The rows of utterances.parquet at `path` (the first MAX_UTTERANCE_ROWS), with a filter:
+    text, model, and only the rows with word errors, a token divergence or no transcript."""
+    utts, total = _head(path, UTTERANCE_VIEW_COLUMNS, MAX_UTTERANCE_ROWS)
     utts = utts.assign(model=model_labels(utts))
     flagged = (
         (utts["status"] != Status.OK) | (utts["wer_errors"].fillna(0) > 0) | utts["exact_match"].eq(False).fillna(False)
     )
     rows = []
-    for row, bad in zip(utts.head(MAX_UTTERANCE_ROWS).to_dict("records"), flagged, strict=False):
+    for row, bad in zip(utts.to_dict("records"), flagged, strict=True):
         ok = row["status"] == Status.OK
         errors = row["wer_errors"]
         counts = ", ".join(f"{k} {fmt(row[k])}" for k in ("substitutions", "deletions", "insertions"))
@@ -218,8 +302,8 @@ def utterance_section(utts: pd.DataFrame, summary: pd.DataFrame) -> str:
         )
     models = "".join(f'<option value="{escape(m)}">{escape(m)}</option>' for m in model_labels(summary))
     clipped = (
-        f'<p class="muted">the first {MAX_UTTERANCE_ROWS} of {len(utts)} rows (utterances.parquet has them all)</p>'
-        if len(utts) > MAX_UTTERANCE_ROWS
+        f'<p class="muted">the first {MAX_UTTERANCE_ROWS} of {total} rows (utterances.parquet has them all)</p>'
+        if total > MAX_UTTERANCE_ROWS
         else ""
     )
     controls = (

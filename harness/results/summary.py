@@ -29,6 +29,7 @@ from harness.results.timing import rtfx
 
 MODEL_KEY = ["size", "target", "quant", "audio_ctx"]
 POOLED = "all"  # the dataset column of a suite's pooled rows
+BREAKDOWN_FILE = "breakdown.csv"  # a run folder's breakdown tables (`breakdown_table`)
 LISTED_LANGUAGES = 3  # a model scored in more languages shows their count
 
 BOOTSTRAP_SAMPLES = 1000
@@ -296,35 +297,36 @@ BREAKDOWN_COLUMNS = [
 ]  # fmt: skip
 
 
+def breakdown_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """One breakdown's rows as every view shows them (the terminal's, the report's): a row per
+    group, its utterances `n`, and a column per model: its headline rate (CER where the group's
+    words are characters) and, for a compared model, Δ with its 95% interval."""
+    labels = [
+        f"{s}/{t}/{q}" + ("" if c == FULL_AUDIO_CTX else f"@ctx{c}")
+        for s, t, q, c in zip(*(rows[k] for k in MODEL_KEY), strict=True)
+    ]
+    cells = [
+        _rate(r) + ("" if r.wer_delta != r.wer_delta else f" ({100 * r.wer_delta:+.2f} "
+                    f"[{100 * r.wer_delta_lo:+.2f}, {100 * r.wer_delta_hi:+.2f}])")
+        for r in rows.itertuples()
+    ]  # fmt: skip
+    wide = (
+        rows.assign(model=labels, cell=cells)
+        .pivot_table(index="group", columns="model", values="cell", aggfunc="first", sort=False)
+        .reindex(columns=list(dict.fromkeys(labels)))
+    )
+    wide.insert(0, "n", rows.groupby("group", sort=False)["n"].max().reindex(wide.index))
+    return wide.fillna("-")
+
+
 def format_breakdown(table: pd.DataFrame) -> str:
-    """The breakdown tables, compact: a row per group, a column per model: its headline rate (CER
-    where the group's words are characters) and, for a converted model, Δ with its interval."""
+    """The breakdown tables, compact, one after another."""
     from tabulate import tabulate
 
-    out = []
-    for name, rows in table.groupby("breakdown", sort=False):
-        labels = [
-            f"{s}/{t}/{q}" + ("" if c == FULL_AUDIO_CTX else f"@ctx{c}")
-            for s, t, q, c in zip(*(rows[k] for k in MODEL_KEY), strict=True)
-        ]
-        cells = [
-            _rate(r)
-            + (
-                ""
-                if r.wer_delta != r.wer_delta
-                else f" ({100 * r.wer_delta:+.2f} [{100 * r.wer_delta_lo:+.2f}, {100 * r.wer_delta_hi:+.2f}])"
-            )
-            for r in rows.itertuples()
-        ]
-        wide = (
-            rows.assign(model=labels, cell=cells)
-            .pivot_table(index="group", columns="model", values="cell", aggfunc="first", sort=False)
-            .reindex(columns=list(dict.fromkeys(labels)))
-        )
-        n = rows.groupby("group", sort=False)["n"].max()
-        wide.insert(0, "n", n.reindex(wide.index))
-        out.append(f"by {name}:\n" + tabulate(wide.fillna("-"), headers="keys", tablefmt="github"))
-    return "\n\n".join(out)
+    return "\n\n".join(
+        f"by {name}:\n" + tabulate(breakdown_cells(rows), headers="keys", tablefmt="github")
+        for name, rows in table.groupby("breakdown", sort=False)
+    )
 
 
 def _rate(row) -> str:

@@ -37,7 +37,7 @@ from harness.results.run_dir import RAW, InUse, RunDir, RunState, fingerprint, s
 from harness.results.run_info import RUN_JSON, Host, ModelInfo, PassReport, RunInfo, job_json
 from harness.results.schema import SCHEMA_VERSION, row
 from harness.results.scoring import score_row
-from harness.results.summary import breakdown_table, format_breakdown, format_summary, summarize
+from harness.results.summary import BREAKDOWN_FILE, breakdown_table, format_breakdown, format_summary, summarize
 from harness.results.timing import Phases, cpu_description
 from harness.run.cluster import connect
 from harness.run.dataset import Rows, Shard, StreamIds, calibration_source, check_datasets, plan_shards
@@ -47,7 +47,6 @@ from harness.run.scheduler import Index, ShardDone, Work
 from harness.run.worker import ModelWorker, WorkerSetup, latency_sample
 
 UTTERANCES = "utterances.parquet"
-BREAKDOWN = "breakdown.csv"
 
 
 def failure_row(cell: ModelCell, utt_id: str, text: str, status: Status, reason: str, attempt: int = 0) -> dict:
@@ -183,7 +182,7 @@ def _evaluate(
             summary.to_csv(run.path / "summary.csv", index=False)
             text = format_summary(summary)
             if breakdown is not None:
-                breakdown.to_csv(run.path / BREAKDOWN, index=False)
+                breakdown.to_csv(run.path / BREAKDOWN_FILE, index=False)
                 text += "\n\n" + format_breakdown(breakdown)
             (run.path / "summary.md").write_text(text + "\n")
             candidates = [p.cell for p in prepared if analysed(p.cell)]
