@@ -112,6 +112,14 @@ def night(results: Path, n: int, change: Change = lambda utts: utts, limit: int 
     return folder
 
 
+def as_suite(utts: pd.DataFrame) -> pd.DataFrame:
+    """The night as a suite of two datasets: its first three utterances `a`, the rest `b` (ids
+    prefixed with them, as a suite's are)."""
+    first = utts["utt_id"].isin(utts["utt_id"].drop_duplicates().iloc[:3])
+    dataset = first.map({True: "a", False: "b"})
+    return utts.assign(dataset=dataset, utt_id=dataset + "/" + utts["utt_id"])
+
+
 def of_model(utts: pd.DataFrame, model: tuple[str, str, str] = MTK) -> pd.Series:
     return (utts["size"] == model[0]) & (utts["target"] == model[1]) & (utts["quant"] == model[2])
 

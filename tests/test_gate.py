@@ -21,7 +21,7 @@ from harness.nightly.history import History
 from harness.results.record import read_run
 from tests import nightly_runs
 from tests.nightly_runs import harness, in_process
-from tests.synthetic_nights import MTK, drop_words, failed, night, on_cpu, slower, without
+from tests.synthetic_nights import MTK, REFERENCE, as_suite, drop_words, failed, night, on_cpu, slower, without
 
 MODEL = "/".join(MTK)
 
@@ -38,6 +38,29 @@ def nights(tmp_path_factory) -> dict[str, Path]:
         "slower": night(results, 6, slower(2.0)),
         "other_cpu": night(results, 7, lambda utts: on_cpu("Other CPU [avx2]")(slower(2.0)(utts))),
     }
+
+
+@pytest.mark.unit
+def test_a_suite_is_gated_per_dataset_and_its_pooled_rows_are_not_gated_again(store, tmp_path):
+    """Two datasets; the candidate drops words on one utterance of `b` only: the regression is
+    `b`'s, `a` passes, and the pooled rows (in the history for the tables) add no check of their own."""
+
+    def worse_in_b(utts: pd.DataFrame) -> pd.DataFrame:
+        utts = as_suite(utts)
+        b = utts["dataset"] == "b"
+        return pd.concat([utts[~b], drop_words(1)(utts[b])]).sort_index()
+
+    base, worse = night(tmp_path, 1, as_suite), night(tmp_path, 2, worse_in_b)
+    with History(_history(store, base, worse)) as history:
+        assert set(history.models(base.name)["dataset"]) == {"a", "b", "all"}
+        result = compare(history, base.name, worse.name)
+    assert [c.model for c in result.checks] == [f"{d}: {'/'.join(m)}" for d in ("a", "b") for m in (REFERENCE, MTK)]
+    assert [c.model for c in result.regressed] == [f"b: {MODEL}"]
+    assert all(c.paired == 3 for c in result.checks)
+    # a run of one dataset gates as before, whatever its rows name their dataset
+    first, second = night(tmp_path, 3), night(tmp_path, 4)
+    with History(_history(str(tmp_path / "one.sqlite"), first, second)) as history:
+        assert [c.model for c in compare(history, first.name, second.name).checks] == ["/".join(REFERENCE), MODEL]
 
 
 def _history(where: str, *run_dirs: Path) -> str:
