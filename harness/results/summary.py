@@ -276,7 +276,7 @@ def breakdown_table(utts: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
     rows = []
     for name in names:
         groups = group_values(utts, name).to_numpy()
-        for group in sorted(set(groups), key=str):
+        for group in sorted(set(groups), key=_group_order):
             part = utts[groups == group]
             for key, g in _models(part):
                 full = _model_row(part, key, g, None)
@@ -289,6 +289,16 @@ def breakdown_table(utts: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(rows, columns=BREAKDOWN_COLUMNS)
+
+
+def _group_order(group: object) -> tuple:
+    """Groups in a table's order: duration buckets by their length, anything else by its text."""
+    text = str(group)
+    head = text.lstrip(">=").split("-")[0].split(" ")[0]
+    try:
+        return (0, float(head), text)
+    except ValueError:
+        return (1, 0.0, text)
 
 
 BREAKDOWN_COLUMNS = [
