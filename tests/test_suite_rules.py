@@ -45,7 +45,7 @@ def test_a_suite_names_its_datasets_and_dataset_stays_valid(tmp_path):
         ("libri", "libri", 3, None),
         ("more", "more", None, "test-clean"),
     ]
-    assert spec.breakdowns == () and spec.latency.sample == 100
+    assert spec.breakdowns == () and spec.latency.sample == 32
     one = load_job(_job(tmp_path, "name: s\ndataset: {path: EMBEDDED, language_column: lang}\n"))
     assert [d.title for d in one.datasets] == ["librispeech-eval"]
     assert one.breakdowns == ("language",)  # a dataset that names its languages: a table per language
