@@ -9,6 +9,10 @@ no hub tokenizer is needed and the ids are the harness's ids.
 CTranslate2 decodes only by itself, so the runner offers `generate` under the shared rules
 (harness.core.decoding.Prompt). Its `step`, used only by the parity check, teacher-forces the tokens
 as a prefix and reads the next position's raw logits (`return_logits_vocab`).
+
+It batches (`Runner.batching`) with CTranslate2's own batching: the batch's features, then
+`generate` with one prompt per row and `detect_language` on the batch.
+`device="cuda"` runs it on a GPU with the artifact's own weight type.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ from harness.core.checkpoint import Checkpoint
 from harness.core.decoding import DecodingOptions, Dims, Prompt, tokenizer_for
 from harness.core.errors import HarnessError
 from harness.core.target import (
+    CPU,
     DEFAULT_THREADS,
     Artifact,
     Implementation,
     SelfDecodingRunner,
+    Unavailable,
+    device_kind,
     encoder_io,
     require,
 )
@@ -117,13 +124,23 @@ class CTranslate2Runner(SelfDecodingRunner):
     """`generate` keeps CTranslate2's own KV cache; `step` (the parity check only) re-decodes the
     whole prefix on every call."""
 
-    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
+    batching = True
+
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS, device: str = CPU) -> None:
         require("ctranslate2")
         import ctranslate2 as ct2
 
         self._ct2 = ct2
+        kind, _, index = device.partition(":")
+        self._device = device_kind(device)
+        if self._device != CPU:
+            if int(index or 0) >= (count := ct2.get_cuda_device_count()):
+                raise Unavailable(f"device {device!r}: ctranslate2 {ct2.__version__} sees {count} CUDA device(s)")
+            self.runtime = "ctranslate2-cuda"
         # one thread per worker by default: the single-stream CPU number faster-whisper users compare with
-        self.model = ct2.models.Whisper(str(artifact.path), device="cpu", inter_threads=1, intra_threads=threads)
+        self.model = ct2.models.Whisper(
+            str(artifact.path), device=kind, device_index=int(index or 0), inter_threads=1, intra_threads=threads
+        )
         self._suppress_at_begin = tuple(json.loads(artifact.file(CONFIG).read_text())["suppress_ids_begin"])
         vocab = json.loads(artifact.file(VOCABULARY).read_text())
         self._n_vocab = len(vocab)
@@ -133,6 +150,13 @@ class CTranslate2Runner(SelfDecodingRunner):
         view = self._ct2.StorageView.from_array(np.ascontiguousarray(mel, dtype=np.float32))
         return self.model.encode(view, to_cpu=True)
 
+    def encode_batch(self, mel: np.ndarray) -> Any:
+        if self._device != CPU:
+            return self.encode(mel)
+        # a CPU encodes row by row (harness.core.target says why)
+        rows = np.concatenate([np.asarray(self.encode(row[None])) for row in mel])
+        return self._ct2.StorageView.from_array(rows)
+
     def _task_length(self, tokens: Sequence[int]) -> int:
         """CTranslate2's own split of a prompt: SOT and the task tokens after it (up to
         no-timestamps); anything later is a forced prefix that counts towards max_length."""
@@ -141,17 +165,17 @@ class CTranslate2Runner(SelfDecodingRunner):
             n += 1
         return n
 
-    def _generate(self, features: Any, tokens: Sequence[int], n_new: int, **options) -> Any:
+    def _generate(self, features: Any, prompts: Sequence[Sequence[int]], n_new: int, **options) -> list[Any]:
         # CTranslate2 forwards all task tokens but the last as the prompt (start_step of them) and
         # then generates at most min(max_length // 2, max_length - start_step) tokens, forced
-        # prefix included; this max_length makes that exactly n_new
-        start_step = self._task_length(tokens) - 1
+        # prefix included; this max_length makes that exactly n_new (prompts of one length)
+        start_step = self._task_length(prompts[0]) - 1
         return self.model.generate(
-            features, [list(tokens)], beam_size=1, max_length=n_new + max(n_new, start_step), **options
-        )[0]
+            features, [list(p) for p in prompts], beam_size=1, max_length=n_new + max(n_new, start_step), **options
+        )
 
-    def generate(self, audio_features: Any, prompt: Prompt) -> tuple[list[int], int]:
-        """Greedy decoding under the `Prompt`'s rules (see SelfDecodingRunner)."""
+    def _check(self, prompt: Prompt) -> None:
+        """Refuse a prompt CTranslate2 would not apply as the shared loop does."""
         if self._task_length(prompt.tokens) != len(prompt.tokens):
             raise HarnessError(f"CTranslate2 would take part of the prompt {prompt.tokens} as forced text")
         # blank suppression at the first sampled step can only come from the model's config.json
@@ -160,27 +184,52 @@ class CTranslate2Runner(SelfDecodingRunner):
                 f"CTranslate2 model suppresses {self._suppress_at_begin} at the first step, "
                 f"the decoding rules {tuple(prompt.suppress_at_begin)}; rebuild the artifact"
             )
-        limit = prompt.step_limit
-        result = self._generate(
-            audio_features, prompt.tokens, limit, suppress_tokens=list(prompt.suppress), suppress_blank=True
+
+    def generate(self, audio_features: Any, prompt: Prompt) -> tuple[list[int], int]:
+        """Greedy decoding under the `Prompt`'s rules (see SelfDecodingRunner)."""
+        return self.generate_batch(audio_features, [prompt])[0]
+
+    def generate_batch(self, audio_features: Any, prompts: Sequence[Prompt]) -> list[tuple[list[int], int]]:
+        """`generate` of every row under its own prompt, in one call: CTranslate2 takes one length,
+        one step limit and one suppression list per call (short form's prompts differ only in
+        their language token)."""
+        for prompt in prompts:
+            self._check(prompt)
+        if len({(len(p.tokens), p.step_limit, p.suppress) for p in prompts}) > 1:
+            raise HarnessError("CTranslate2 takes one prompt length, step limit and suppression list per batch")
+        limit = prompts[0].step_limit
+        results = self._generate(
+            audio_features,
+            [p.tokens for p in prompts],
+            limit,
+            suppress_tokens=list(prompts[0].suppress),
+            suppress_blank=True,
         )
-        tokens = list(result.sequences_ids[0])  # prompt and EOT already left out
-        # decoder steps as the shared loop counts them: one per token, plus the one that chose EOT
-        # unless the length limit stopped it first
-        return tokens, min(len(tokens) + 1, limit)
+        out = []
+        for result in results:
+            tokens = list(result.sequences_ids[0])  # prompt and EOT already left out
+            # decoder steps as the shared loop counts them: one per token, plus the one that chose
+            # EOT unless the length limit stopped it first
+            out.append((tokens, min(len(tokens) + 1, limit)))
+        return out
 
     def detect_language(self, audio_features: Any) -> tuple[str, float]:
         """CTranslate2's own detection (whisper's: a softmax over the language tokens' logits
         after SOT); its `generate`, and so `step`, gives every language token the same masked
         logit after SOT, so the shared step-based detection cannot run on it."""
-        ((token, probability), *_), *_ = self.model.detect_language(audio_features)
-        return token.removeprefix("<|").removesuffix("|>"), float(probability)
+        return self.detect_language_batch(audio_features)[0]
+
+    def detect_language_batch(self, audio_features: Any) -> list[tuple[str, float]]:
+        return [
+            (token.removeprefix("<|").removesuffix("|>"), float(probability))
+            for (token, probability), *_ in self.model.detect_language(audio_features)
+        ]
 
     def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
         # no suppression: parity compares raw logits
-        result = self._generate(
+        (result,) = self._generate(
             audio_features,
-            tokens,
+            [tokens],
             len(tokens) - self._task_length(tokens) + 1,
             suppress_tokens=[],
             suppress_blank=False,

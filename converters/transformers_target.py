@@ -6,11 +6,16 @@ own tokenizer, so the folder is a complete HF model (`from_pretrained` works on 
 CTranslate2's converter can take it as its input (converters/ctranslate2_target.py). The key mapping is
 the inverse of transformers' `models/whisper/convert_openai_to_hf.py`, which the installed
 transformers no longer ships.
+
+The runner batches (`Runner.batching`): the batch's features, then decoder calls on the rows still
+decoding, a row that has ended dropped from HF's cache (`batch_select_indices`). On
+`device="cuda"` the model runs there in fp32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +26,14 @@ from whisper.model import Whisper
 from harness.core.checkpoint import Checkpoint
 from harness.core.decoding import DecodingOptions, Dims, build_prompt, tokenizer_for
 from harness.core.target import (
+    CPU,
     DEFAULT_THREADS,
     Artifact,
     Implementation,
     Runner,
     encoder_io,
     require,
+    torch_device,
 )
 
 WEIGHTS, CONFIG, GENERATION_CONFIG = "model.safetensors", "config.json", "generation_config.json"
@@ -168,29 +175,73 @@ def convert(
     }
 
 
+@dataclass(frozen=True)
+class BatchCache:
+    """The rows a batch still decodes, their audio features, and HF's cache of exactly those rows."""
+
+    rows: tuple[int, ...]
+    features: torch.Tensor
+    cache: Any  # transformers' EncoderDecoderCache
+
+
 class TransformersRunner(Runner):
-    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
+    batching = True
+
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS, device: str = CPU) -> None:
         transformers = _transformers()
-        self.model = transformers.WhisperForConditionalGeneration.from_pretrained(
-            artifact.path, attn_implementation="sdpa", dtype=torch.float32
-        ).eval()
+        self.device = torch_device(device)
+        if self.device != CPU:
+            self.runtime = "pytorch-cuda"
+        self.model = (
+            transformers.WhisperForConditionalGeneration.from_pretrained(
+                artifact.path, attn_implementation="sdpa", dtype=torch.float32
+            )
+            .to(self.device)
+            .eval()
+        )
 
     @torch.inference_mode()
     def encode(self, mel: np.ndarray) -> torch.Tensor:
-        return self.model.model.encoder(torch.from_numpy(mel)).last_hidden_state
+        return self.model.model.encoder(torch.from_numpy(mel).to(self.device)).last_hidden_state
+
+    @torch.inference_mode()
+    def encode_batch(self, mel: np.ndarray) -> torch.Tensor:
+        # a CPU encodes row by row (harness.core.target says why)
+        return torch.cat([self.encode(row[None]) for row in mel]) if self.device == CPU else self.encode(mel)
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[int], audio_features: Any, cache: Any) -> tuple[np.ndarray, Any]:
+        new = tokens if cache is None else tokens[-1:]  # HF's cache holds every earlier position
+        logits, cache = self._decode([new], audio_features, cache)
+        return logits[0], cache
+
+    @torch.inference_mode()
+    def step_batch(
+        self, tokens: Sequence[Sequence[int]], audio_features: Any, cache: Any, rows: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, Any]:
+        if cache is None:  # a new batch, every row
+            logits, hf_cache = self._decode(tokens, audio_features, None)
+            return logits, BatchCache(tuple(range(len(tokens))), audio_features, hf_cache)
+        rows = cache.rows if rows is None else tuple(rows)
+        features, hf_cache = cache.features, cache.cache
+        if rows != cache.rows:  # rows that ended leave the cache: later calls compute only the others
+            keep = torch.tensor([cache.rows.index(r) for r in rows], device=self.device)
+            hf_cache.batch_select_indices(keep)
+            features = features[keep]
+        logits, hf_cache = self._decode([t[-1:] for t in tokens], features, hf_cache)
+        return logits, BatchCache(rows, features, hf_cache)
+
+    def _decode(self, new: Sequence[Sequence[int]], features: torch.Tensor, cache: Any) -> tuple[np.ndarray, Any]:
+        """The last position's logits [rows, n_vocab] after feeding `new` (one list per row), and HF's cache."""
         from transformers.modeling_outputs import BaseModelOutput
 
-        new = tokens if cache is None else tokens[-1:]  # HF's cache holds every earlier position
         out = self.model(
-            decoder_input_ids=torch.tensor([list(new)]),
-            encoder_outputs=BaseModelOutput(last_hidden_state=audio_features),
+            decoder_input_ids=torch.tensor([list(t) for t in new], device=self.device),
+            encoder_outputs=BaseModelOutput(last_hidden_state=features),
             cache=cache,
             use_cache=True,
         )
-        return out.logits[0, -1].numpy(), out.cache
+        return out.logits[:, -1].cpu().numpy(), out.cache
 
 
 IMPLEMENTATION = Implementation(convert=convert, runner=TransformersRunner)

@@ -14,7 +14,6 @@ from harness.results.record import RunRecord, read_run
 from harness.results.schema import TABLES
 from tests.synthetic_nights import night
 
-
 SUITE_COLUMNS = ("dataset", "batch", "timed", "meta")  # utterance columns that came with suites
 
 

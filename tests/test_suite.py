@@ -153,7 +153,9 @@ def test_a_resumed_suite_run_equals_an_uninterrupted_one(suite):
     for file in removed:
         file.unlink()
     RunDir(copy).stop(RunState.INTERRUPTED, "interrupted")
-    code, out, err = in_process("run", job, "--resume", copy.name, "--out", results, "--models", models, "--no-progress")
+    code, out, err = in_process(
+        "run", job, "--resume", copy.name, "--out", results, "--models", models, "--no-progress"
+    )
     assert code == 0, out + err
     resumed = pd.read_parquet(copy / "utterances.parquet").drop(columns=["run_id"])
     first = pd.read_parquet(run_dir / "utterances.parquet").drop(columns=["run_id"])
