@@ -221,6 +221,7 @@ def test_missing_analysis_shards_are_redone_alone(divergence_run, tiny_artifacts
     """As a resumed run does: only the (model, shard) without a file is analysed again, the same."""
     from harness.job.spec import load_job
     from harness.results.run_dir import RunDir
+    from harness.run.dataset import check_datasets
     from harness.run.divergence_pass import DIVERGENCE, run_divergence
     from harness.run.execute import prepare_models
 
@@ -229,9 +230,9 @@ def test_missing_analysis_shards_are_redone_alone(divergence_run, tiny_artifacts
     before = pd.read_parquet(shard)
     shard.unlink()
     spec = load_job(divergence_run["job"])
-    report = run_divergence(
-        spec, prepare_models(spec, models_root, log=lambda *a: None), run, run.read_raw(), False, print
-    )
+    rows, _ = check_datasets(spec.datasets, spec.breakdowns)
+    models = prepare_models(spec, models_root, log=lambda *a: None)
+    report = run_divergence(spec, models, run, run.read_raw(), rows, False, print)
     assert [w.shards for w in report.workers] == [1]
     after = pd.read_parquet(shard)
     assert after.to_json() == before.to_json()

@@ -71,7 +71,8 @@ def finalise(
     problems: list[str] = []
 
     def write(tmp: Path) -> None:
-        with pq.ParquetWriter(tmp, schema) as writer:
+        writer = None  # opened with the first block's schema: its pandas metadata keeps the dtypes
+        try:
             for block in _blocks(parts, len(cells)):
                 tables = []
                 for part in block:
@@ -89,10 +90,17 @@ def finalise(
                 rows = pa.concat_tables(tables, promote_options="permissive").to_pandas()
                 rows = rows.drop(columns=["dataset"]).rename(columns={"dataset_": "dataset"})
                 rows = typed_utterances(compare_with_reference(rows.assign(run_id=run.run_id)))
-                writer.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False))
+                table = pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
                 chunks.append(_pack(rows[SUMMARY_COLUMNS]))
             if problems:
                 raise RuntimeError(f"transcription: not one row per model and utterance: {some(problems, 5, '; ')}")
+            if writer is None:  # no rows at all: the file still has the table's columns
+                pq.write_table(schema.empty_table(), tmp)
+        finally:
+            if writer is not None:
+                writer.close()
 
     write_atomic(out, write)
     return _join(chunks)
