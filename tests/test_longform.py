@@ -41,6 +41,7 @@ def worker_rows(artifact, options: DecodingOptions) -> list[dict]:
 
     from harness.job.spec import ModelCell
     from harness.run.artifact_server import start_server
+    from harness.run.dataset import Rows
     from harness.run.node_cache import publish
     from harness.run.worker import ModelWorker, WorkerSetup
 
@@ -50,7 +51,8 @@ def worker_rows(artifact, options: DecodingOptions) -> list[dict]:
     try:
         cell = ModelCell("tiny.en", artifact.target, artifact.quant)
         prompt = build_prompt(dims, options)
-        setup = WorkerSetup(cell, publish(server, artifact), dims, prompt, options, DatasetSpec(LONGFORM))
+        rows = Rows.of([DatasetSpec(LONGFORM)], [2])
+        setup = WorkerSetup(cell, publish(server, artifact), dims, prompt, options, rows)
         return list(ModelWorker(setup).run_shard(Shard(0, 0, 2)))
     finally:
         ray.kill(server)
