@@ -34,15 +34,7 @@ def facts(d: Decoded) -> tuple:
     return d.tokens, d.n_steps, d.language, d.detection and d.detection.language
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch on one thread, as the workers run it (a second thread mostly waits on a busy machine)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as the workers run torch
 
 
 @pytest.fixture(scope="module")

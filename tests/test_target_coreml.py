@@ -28,13 +28,7 @@ from tests.conftest import EMBEDDED
 ON_MAC = platform.system() == "Darwin"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the machine is shared: one core per test process
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the machine is shared: one core per test process
 
 
 @pytest.fixture(scope="module")
