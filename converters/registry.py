@@ -112,7 +112,7 @@ _DECLARED = (
     _declare(
         name="onnx",
         description="ONNX (dynamo export), KV cache, onnxruntime CPU",
-        recipe="onnx-dynamo-kv-cache-v2",  # v2: from converters.forms.blocks (same math; op order, names differ)
+        recipe="onnx-dynamo-kv-cache-v3",  # v3: every graph's batch dimension dynamic (v2: forms.blocks)
         toolchain=("onnx", "onnxscript", "onnx-ir", "onnxruntime"),
         tolerances={
             "fp32": Tolerance(

@@ -35,10 +35,13 @@ def test_every_registry_entry_keeps_the_contract(name):
     assert target.resource is None or isinstance(target.resource, str)
     availability = target.unavailable()
     assert availability is None or (isinstance(availability, str) and availability)
-    # a Runner made as Runner(artifact, threads), nothing left abstract
+    # a Runner made as Runner(artifact, threads), and one that batches with a `device` too (a GPU
+    # placement hands it one); nothing left abstract
     assert issubclass(target.runner, Runner) and not inspect.isabstract(target.runner)
     params = list(inspect.signature(target.runner).parameters.values())
-    assert [p.name for p in params] == ["artifact", "threads"] and params[1].default == DEFAULT_THREADS
+    expected = ["artifact", "threads", "device"] if target.runner.batching else ["artifact", "threads"]
+    assert [p.name for p in params] == expected and params[1].default == DEFAULT_THREADS
+    assert not target.runner.batching or params[2].default == "cpu"
     assert target.decodes_itself == issubclass(target.runner, SelfDecodingRunner)
     convert = list(inspect.signature(target.convert).parameters)
     assert convert == ["checkpoint", "model", "quant", "out", "calibration"]
