@@ -23,7 +23,7 @@ import pandas as pd
 from harness.core.status import Status
 from harness.core.target import REFERENCE
 from harness.core.window import FULL_AUDIO_CTX
-from harness.job.spec import DURATION, DURATION_BUCKETS, LANGUAGE
+from harness.job.spec import DURATION, DURATION_BUCKETS, LANGUAGE, ModelCell
 from harness.results.scoring import headline
 from harness.results.timing import rtfx
 
@@ -311,10 +311,7 @@ def breakdown_cells(rows: pd.DataFrame) -> pd.DataFrame:
     """One breakdown's rows as every view shows them (the terminal's, the report's): a row per
     group, its utterances `n`, and a column per model: its headline rate (CER where the group's
     words are characters) and, for a compared model, Δ with its 95% interval."""
-    labels = [
-        f"{s}/{t}/{q}" + ("" if c == FULL_AUDIO_CTX else f"@ctx{c}")
-        for s, t, q, c in zip(*(rows[k] for k in MODEL_KEY), strict=True)
-    ]
+    labels = [ModelCell(*key).label for key in zip(*(rows[k] for k in MODEL_KEY), strict=True)]
     cells = [
         _rate(r) + ("" if r.wer_delta != r.wer_delta else f" ({100 * r.wer_delta:+.2f} "
                     f"[{100 * r.wer_delta_lo:+.2f}, {100 * r.wer_delta_hi:+.2f}])")

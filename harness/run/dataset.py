@@ -124,10 +124,6 @@ class Rows:
             texts += part_texts
         return ids, texts
 
-    def datasets(self) -> list[str]:
-        """Every row's dataset title."""
-        return [p.spec.title for p in self.parts for _ in range(p.n_rows)]
-
     def open(self) -> None:
         """Open every dataset once (a worker, as it loads its model)."""
         for part in self.parts:
