@@ -99,6 +99,40 @@ def test_reference_batch_equals_whisper_decode_batch(tiny, utterances, tiny_chec
     assert [list(d.tokens) for d in tiny("reference", "fp32", N)] == [theirs[u.utt_id].tokens for u in utterances]
 
 
+def test_a_worker_batches_across_the_timed_rows_and_keeps_the_shard_order(
+    ray_local, tiny, tiny_artifacts, embedded_utterances, utterances
+):
+    """The latency sample is spread over a shard: the rows between its rows still fill whole
+    batches (3, 3 here, not 1, 2, 3), the timed rows are decoded alone, and the rows come out in
+    the shard's order, each with the tokens it has alone."""
+    import ray
+    import torch
+
+    from harness.job.spec import DatasetSpec, ModelCell
+    from harness.run.artifact_server import start_server
+    from harness.run.dataset import Rows, Shard
+    from harness.run.node_cache import publish
+    from harness.run.worker import ModelWorker, WorkerSetup
+
+    assert [u.utt_id for u in embedded_utterances[:N]] == [u.utt_id for u in utterances]  # all short
+    artifact, threads = tiny_artifacts["reference"], torch.get_num_threads()
+    dims, options = Dims.of(artifact.manifest["dims"]), DecodingOptions(batch_size=3)
+    server = start_server()
+    try:
+        cell = ModelCell("tiny.en", artifact.target, artifact.quant)
+        rows = Rows.of([DatasetSpec(ROOT / "data" / "librispeech-eval")], [N])
+        setup = WorkerSetup(cell, publish(server, artifact), dims, build_prompt(dims, options), options, rows,
+                            timed=frozenset({1, 4}))  # fmt: skip
+        out = list(ModelWorker(setup).run_shard(Shard(0, 0, N)))
+    finally:
+        ray.kill(server)
+        torch.set_num_threads(threads)
+    assert [r["utt_id"] for r in out] == [u.utt_id for u in utterances]
+    assert [r["timed"] for r in out] == [i in (1, 4) for i in range(N)]
+    assert [r["batch"] for r in out] == [3, 1, 3, 3, 1, 3, 3, 3]
+    assert [r["hyp_tokens"] for r in out] == [list(d.tokens) for d in tiny("reference", "fp32")]
+
+
 def test_onnx_int8_does_not_batch(tiny_checkpoint, models_root, utterances, tiny_dims, tmp_path):
     """The exception, measured: onnx int8 quantizes every activation with one scale over the whole
     tensor (`DynamicQuantizeLinear`), so in a batch each row is quantized by the range of all rows:

@@ -16,6 +16,7 @@ import os
 import resource
 import socket
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -133,24 +134,42 @@ class ModelWorker(Loaded):
 
     def run_shard(self, shard: Shard, skip: int = 0, attempt: int = 0) -> Iterator[dict[str, Any]]:
         """One scored row per utterance of `shard`, after the first `skip` (a retry's rows already
-        in), in the shard's order: consecutive short utterances outside the latency sample are
-        decoded together, `decoding.batch_size` at a time; every other one alone."""
+        in), in the shard's order. Short utterances outside the latency sample are decoded together,
+        `decoding.batch_size` at a time, a batch gathering them across the timed and long rows
+        between them (the sample is spread over the shard: batching only neighbours would leave
+        batches of one or two); every other utterance alone, when its turn comes. Rows read ahead
+        of their turn wait (at most a shard's) until the rows before them are out."""
         where = {"node": self.node, "cpu": self.cpu, "runtime": self.runner.runtime, "attempt": attempt}
-        batch: list[tuple[Utterance, DecodingOptions]] = []
+        waiting: deque[tuple[int, Utterance, DecodingOptions, bool]] = deque()  # read, not yet out
+        batch: list[tuple[int, Utterance, DecodingOptions]] = []  # batchable rows waiting for their call
+        done: dict[int, dict[str, Any]] = {}  # rows of batches already decoded, by position
+
+        def ready() -> Iterator[dict[str, Any]]:
+            """The rows at the front of `waiting` that can go out now, in order."""
+            while waiting:
+                position, utt, options, timed = waiting[0]
+                if position in done:
+                    yield done.pop(position)
+                elif any(position == p for p, _, _ in batch):
+                    return  # its batch is not full yet
+                else:
+                    yield score_row(self._decode_alone(utt, options, {**_facts(utt, where), "timed": timed}))
+                waiting.popleft()
+
         start = shard.start + skip
         for position, utt in enumerate(self.setup.rows.read(Shard(shard.index, start, shard.stop)), start):
             options = self.options_for(utt.language)
             timed = self.setup.timed is None or position in self.setup.timed
+            waiting.append((position, utt, options, timed))
             if not timed and self._batchable(utt, options):
-                batch.append((utt, options))
+                batch.append((position, utt, options))
                 if len(batch) == self.setup.decoding.batch_size:
-                    yield from self._decode_batch(batch, where)
+                    done.update(self._decode_batch(batch, where))
                     batch = []
-                continue
-            yield from self._decode_batch(batch, where)
-            batch = []
-            yield score_row(self._decode_alone(utt, options, {**_facts(utt, where), "timed": timed}))
-        yield from self._decode_batch(batch, where)
+            yield from ready()
+        done.update(self._decode_batch(batch, where))
+        batch = []
+        yield from ready()
 
     def _batchable(self, utt: Utterance, options: DecodingOptions) -> bool:
         """Whether `utt` may share decoder calls: audio, one short-form window, a task the model takes."""
@@ -162,21 +181,23 @@ class ModelWorker(Loaded):
             and (dims.multilingual or english_only_refusal(options) is None)
         )
 
-    def _decode_batch(self, batch: list[tuple[Utterance, DecodingOptions]], where: dict) -> Iterator[dict[str, Any]]:
-        """Rows of a batch decoded together; should the batch fail, each utterance alone, so that one
-        bad utterance fails only its own row."""
+    def _decode_batch(
+        self, batch: list[tuple[int, Utterance, DecodingOptions]], where: dict
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The scored rows of a batch decoded together, by position; should the batch fail, each
+        utterance alone, so that one bad utterance fails only its own row."""
         if not batch:
             return
         try:
             outs = short_form_decode_batch(
-                self.runner, [u.audio for u, _ in batch], self.setup.dims, [o for _, o in batch]
+                self.runner, [u.audio for _, u, _ in batch], self.setup.dims, [o for _, _, o in batch]
             )
         except Exception:
-            for utt, options in batch:
-                yield score_row(self._decode_alone(utt, options, _facts(utt, where)))
+            for position, utt, options in batch:
+                yield position, score_row(self._decode_alone(utt, options, _facts(utt, where)))
             return
-        for (utt, options), out in zip(batch, outs, strict=True):
-            yield score_row(self._transcript(utt, options, out, _facts(utt, where)))
+        for (position, utt, options), out in zip(batch, outs, strict=True):
+            yield position, score_row(self._transcript(utt, options, out, _facts(utt, where)))
 
     def _transcript(self, utt: Utterance, options: DecodingOptions, out: Decoded, facts: dict) -> dict[str, Any]:
         return row(
