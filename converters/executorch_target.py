@@ -1,0 +1,219 @@
+"""`executorch`: Whisper as ExecuTorch programs (.pte) lowered to XNNPACK, run by `executorch.runtime`.
+
+The graphs are the LiteRT forms' (`converters.litert.graphs`: the same fixed shapes and the
+host-owned static KV cache, so a phone app drives both alike): `encoder.pte`, `cross_kv.pte` (every
+layer's prescaled cross-attention keys and values, once per utterance) and `decoder.pte` (one
+token per call against the cache; the host writes the step's keys and values into slot
+`position`). Each is exported with `torch.export`, lowered with `to_edge_transform_and_lower` and
+the XNNPACK partitioner, and its census written to the manifest: operators by type, inside an
+XNNPACK partition or left to the portable CPU kernels, and how many partitions.
+
+Quantizations:
+
+- fp32: the exported graphs.
+- int8: XNNPACK's quantizer through torchao's PT2E flow, dynamic per-channel (int8 weights per
+  output channel, activations quantized per call), on every linear (the LM head included) and
+  convolution. `convert_pt2e` leaves `_assert_tensor_metadata` checks on the float weights it
+  replaced; they are dropped, or the program keeps every fp32 weight as well (tiny.en's encoder:
+  40 MB instead of 11.7 MB).
+
+What was found when the form was measured (tiny.en, 1 thread): whisper's SDPA path lowers badly
+(the encoder at 1056 ms against 432 ms written out), so attention is written out
+(`whisper.model.disable_sdpa`); the logits are `F.linear` on the embedding (`x @ W.T` is not
+delegated); the token embedding is a gather left to the portable kernels while the tied LM head is
+packed into XNNPACK, so the decoder stores that matrix twice (tiny.en fp32: 193 MB, 80 MB of it
+each copy); XNNPACK 1.5.1 takes no LayerNorm, which runs in the portable kernels.
+
+Graph inputs are not memory-planned (`alloc_graph_input=False`): a step hands the runtime the
+host's cache tensors themselves, so no step copies the cache or the cross-attention keys.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from whisper.model import Whisper
+
+from converters.forms.static_cache import StaticCacheRunner
+from converters.litert import graphs as litert_graphs
+from harness.core.checkpoint import Checkpoint
+from harness.core.target import DEFAULT_THREADS, Artifact, Implementation, Unavailable, needs, require
+
+ENCODER, CROSS_KV, DECODER = "encoder.pte", "cross_kv.pte", "decoder.pte"
+FILES = {litert_graphs.ENCODER: ENCODER, litert_graphs.CROSS_KV: CROSS_KV, litert_graphs.DECODER: DECODER}
+IO_NAMES = {FILES[name]: names for name, names in litert_graphs.IO_NAMES.items()}
+QUANTS = ("fp32", "int8")
+RUNTIME = "executorch-xnnpack"
+DELEGATE_CALL = "executorch_call_delegate"
+
+
+def quantized(module: nn.Module, sample: dict[str, torch.Tensor]) -> nn.Module:
+    """`module` through torchao's PT2E flow with XNNPACK's dynamic per-channel int8 config, its
+    leftover metadata checks dropped (they would keep the float weights alive)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    graph = torch.export.export(module, args=(), kwargs=sample, strict=False).module()
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+    prepared = prepare_pt2e(graph, XNNPACKQuantizer().set_global(config))
+    prepared(**sample)  # dynamic activations need no ranges; one call settles the observers
+    converted = convert_pt2e(prepared)
+    for node in list(converted.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            converted.graph.erase_node(node)
+    converted.graph.eliminate_dead_code()
+    converted.recompile()
+    return converted
+
+
+def lower(module: nn.Module, sample: dict[str, torch.Tensor], quant: str) -> tuple[bytes, dict[str, Any]]:
+    """One graph as an XNNPACK-lowered ExecuTorch program, and its census."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from whisper.model import disable_sdpa
+
+    with torch.no_grad(), disable_sdpa():
+        graph = quantized(module.eval(), sample) if quant == "int8" else module.eval()
+        exported = torch.export.export(graph, args=(), kwargs=sample, strict=False)
+        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+        census_of = census(edge.exported_program())
+        program = edge.to_executorch(
+            ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
+        )
+    return program.buffer, census_of
+
+
+def census(program: Any) -> dict[str, Any]:
+    """What executes where in a lowered program: each operator's count inside XNNPACK partitions
+    and in the portable kernels, and the number of partitions."""
+    delegated: Counter[str] = Counter()
+    portable: Counter[str] = Counter()
+    partitions = 0
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        if getattr(node.target, "__name__", "") == DELEGATE_CALL:
+            partitions += 1
+            lowered = getattr(program.graph_module, node.args[0].target)
+            delegated.update(_op_name(n.target) for n in lowered.original_module.graph.nodes if n.op == "call_function")
+        else:
+            portable[_op_name(node.target)] += 1
+    return {
+        "backend": "XnnpackBackend",
+        "partitions": partitions,
+        "delegated": dict(delegated),
+        "portable": dict(portable),
+    }
+
+
+def _op_name(target: Any) -> str:
+    """An operator's short name: `aten.linear.default` → `linear`."""
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[-2] if name.count(".") >= 2 else name.split(".")[0]
+
+
+def convert(
+    checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]
+) -> dict[str, Any]:
+    require("executorch", "torchao")
+    if quant not in QUANTS:
+        raise Unavailable(f"quantization {quant!r} has no ExecuTorch recipe (known: {', '.join(QUANTS)})")
+    seconds: dict[str, float] = {}
+    census_of: dict[str, Any] = {}
+    io: dict[str, Any] = {}
+    for graph, (module, sample) in litert_graphs.parts(model).items():
+        name, started = FILES[graph], time.time()
+        assert tuple(sample) == IO_NAMES[name][0], name  # the Runner feeds these names, in this order
+        buffer, census_of[name] = lower(module, sample, quant)
+        (out / name).write_bytes(buffer)
+        seconds[name] = round(time.time() - started, 2)
+        io[name] = {"inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                               for k, v in sample.items()},
+                    "outputs": list(IO_NAMES[name][1])}  # fmt: skip
+    return {
+        "io": io,
+        "quantization": (
+            {"tool": "torchao pt2e + XNNPACKQuantizer", "recipe": "dynamic int8, per channel"}
+            if quant == "int8"
+            else None
+        ),
+        "convert_s": seconds,
+        "census": census_of,
+        "kv_cache": {"slots": model.dims.n_text_ctx, "masked": litert_graphs.MASKED, "owner": "host"},
+        "path": "torch.export + to_edge_transform_and_lower(XnnpackPartitioner)",
+        "runtime": RUNTIME,
+    }
+
+
+def set_threads(threads: int) -> None:
+    """ExecuTorch's XNNPACK threadpool is one per process: the worker's thread count."""
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+
+    if _threadpool_get_thread_count() != threads:
+        _unsafe_reset_threadpool(threads)
+
+
+class Runner(StaticCacheRunner):
+    """Encoder, cross-K/V once per utterance, then the decoder one token at a time against the
+    host's static cache (torch tensors handed to the runtime as they are, written in place)."""
+
+    runtime = RUNTIME
+
+    def __init__(self, artifact: Artifact, threads: int = DEFAULT_THREADS) -> None:
+        require("executorch")
+        from executorch.runtime import Runtime
+
+        set_threads(threads)
+        runtime = Runtime.get()
+        self.encoder, self.cross_kv, self.decoder = (
+            runtime.load_program(artifact.file(name)).load_method("forward") for name in (ENCODER, CROSS_KV, DECODER)
+        )
+        shapes = artifact.manifest["io"][DECODER]["inputs"]
+        slots = shapes["mask"]["shape"][-1]
+        # the precomputed additive causal mask: row p lets position p see slots 0 .. p-1
+        mask = torch.where(torch.arange(slots)[None] < torch.arange(slots)[:, None], 0.0, litert_graphs.MASKED)
+        self.mask = mask.to(torch.float32)
+        self.k_cache = torch.zeros(shapes["k_cache"]["shape"])
+        self.v_cache = torch.zeros(shapes["v_cache"]["shape"])
+        self.cross: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def encode(self, mel: np.ndarray) -> np.ndarray:
+        (features,) = self.encoder.execute([torch.from_numpy(np.ascontiguousarray(mel, np.float32))])
+        return features.numpy()
+
+    def start(self, audio_features: Any) -> None:
+        features = torch.from_numpy(np.ascontiguousarray(audio_features, np.float32))
+        cross_k, cross_v = self.cross_kv.execute([features])
+        self.cross = (cross_k.clone(), cross_v.clone())  # the runtime may reuse its output buffers
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def advance(self, state: None, token: int, position: int) -> np.ndarray:
+        assert self.cross is not None
+        inputs = [
+            torch.tensor([[token]], dtype=torch.int32),
+            torch.tensor([position], dtype=torch.int32),
+            self.mask[position][None, None],
+            self.k_cache,
+            self.v_cache,
+            *self.cross,
+        ]
+        logits, k_new, v_new = self.decoder.execute(inputs)
+        self.k_cache[:, :, position] = k_new[:, :, 0]
+        self.v_cache[:, :, position] = v_new[:, :, 0]
+        return logits[0].numpy()
+
+
+IMPLEMENTATION = Implementation(convert=convert, runner=Runner, unavailable=needs("executorch"))
