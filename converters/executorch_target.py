@@ -88,7 +88,7 @@ def lower(module: nn.Module, sample: dict[str, torch.Tensor], quant: str) -> tup
         graph = quantized(module.eval(), sample) if quant == "int8" else module.eval()
         exported = torch.export.export(graph, args=(), kwargs=sample, strict=False)
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-        census_of = census(edge.exported_program())
+        census_of = {**census(edge.exported_program()), "constants": constants(exported)}
         program = edge.to_executorch(
             ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
         )
@@ -107,7 +107,8 @@ def census(program: Any) -> dict[str, Any]:
         if getattr(node.target, "__name__", "") == DELEGATE_CALL:
             partitions += 1
             lowered = getattr(program.graph_module, node.args[0].target)
-            delegated.update(_op_name(n.target) for n in lowered.original_module.graph.nodes if n.op == "call_function")
+            inside = [n for n in lowered.original_module.graph.nodes if n.op == "call_function"]
+            delegated.update(_op_name(n.target) for n in inside if n.target is not operator.getitem)
         else:
             portable[_op_name(node.target)] += 1
     return {
@@ -116,6 +117,18 @@ def census(program: Any) -> dict[str, Any]:
         "delegated": dict(delegated),
         "portable": dict(portable),
     }
+
+
+def constants(program: Any) -> list[dict[str, Any]]:
+    """The weights of an exported program (before lowering, where each is one tensor): name,
+    shape, dtype and bytes; int8 after quantization where the quantizer took them."""
+    tensors = {**program.state_dict, **program.constants}
+    return [
+        {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+         "bytes": t.numel() * t.element_size()}
+        for name, t in tensors.items()
+        if isinstance(t, torch.Tensor)
+    ]  # fmt: skip
 
 
 def _op_name(target: Any) -> str:

@@ -1,4 +1,4 @@
-"""`python -m harness run|runs|validate|convert|history|compare|report`: the command line, and the one place
+"""`python -m harness run|runs|validate|convert|inspect|history|compare|report`: the command line, and the one place
 errors become exit codes (`harness.exit_codes.ExitCode`)."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   python -m harness run jobs/librispeech_base.yaml --address ray://head:10001
   python -m harness validate jobs/*.yaml
   python -m harness convert --sizes tiny.en,base --targets all --quant all
+  python -m harness inspect base/tflite/int8-dynamic     # what runs in XNNPACK, in which precision
   python -m harness run jobs/nightly_base.yaml --baseline previous   # exit 3 on a regression
   python -m harness history --job nightly_base --last 10
   python -m harness history pin 20250101-020000-1a2b3c --tag release-1.4
@@ -77,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--targets", default="all", help="comma list of targets, or 'all' (default)")
     convert.add_argument("--quant", default="all", help="comma list of quantizations, or 'all' (default)")
     convert.add_argument(
+        "--models",
+        type=Path,
+        default=Path(os.environ.get("HARNESS_MODELS", "models")),
+        help="artifact store (default: $HARNESS_MODELS or models)",
+    )
+    inspect = sub.add_parser(
+        "inspect", help="what executes where in an artifact: operators, delegate partitions, weight precision"
+    )
+    inspect.add_argument("model", help="an artifact folder, or size/target/quant in --models (e.g. base/tflite/fp32)")
+    inspect.add_argument("--json", action="store_true", help="the census as JSON")
+    inspect.add_argument(
         "--models",
         type=Path,
         default=Path(os.environ.get("HARNESS_MODELS", "models")),
@@ -137,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if args.command == "runs":
             return _runs(args)
+        if args.command == "inspect":
+            return _inspect(args)
         if args.command == "history":
             return _history(args)
         if args.command == "compare":
@@ -229,6 +243,17 @@ def _convert(args: argparse.Namespace) -> int:
     counts = table["status"].value_counts()
     print("\n" + ", ".join(f"{n} {status}" for status, n in counts.items()) + f"; store: {args.models}")
     return ExitCode.FAILED if "failed" in counts else ExitCode.OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from converters.census import census, find_artifact, format_census
+    from converters.store import load_artifact
+
+    found = census(load_artifact(find_artifact(args.models, args.model)))
+    print(json.dumps(found.as_dict(), indent=2) if args.json else format_census(found))
+    return ExitCode.OK
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -169,6 +169,20 @@ def test_the_regression_the_trends_and_the_divergence_are_shown(nights):
         assert all(f"<li>{escape(repr(t['token']))} p=" in html for t in row["cand_top5"])
 
 
+def test_the_census_shows_what_executes_where(nights):
+    """The real night's converted model: its two TorchScript graphs, counted from its files (tiny.en:
+    4 encoder blocks of 6 linears; 4 decoder blocks of 10, cross keys and values included)."""
+    second = nights["runs"][1]
+    found = json.loads((second / "census.json").read_text())
+    assert list(found) == ["/".join(MTK)]  # converted models only
+    graphs = {g["file"]: g for g in found["/".join(MTK)]["graphs"]}
+    assert set(graphs) == {"encoder.pt", "decoder.pt"}  # token_embedding.npy is no graph
+    assert graphs["encoder.pt"]["ops"]["linear"] == 24 and graphs["decoder.pt"]["ops"]["linear"] == 40
+    shown = _records((second / "report.html").read_text(), "census")
+    assert [(r["model"], r["file"]) for r in shown] == [("/".join(MTK), "decoder.pt"), ("/".join(MTK), "encoder.pt")]
+    assert all(r["delegated"] == "-" and r["weights"].startswith("float32 100%") for r in shown)
+
+
 def test_the_report_command_finds_runs_and_refuses_others(nights, tmp_path):
     results, history = nights["results"], nights["history"]
     _, second, _ = nights["runs"]

@@ -23,7 +23,7 @@ from harness.core.errors import HarnessError
 from harness.core.status import Status
 from harness.nightly.history import History, HistoryError, NotAHistory, masked
 from harness.nightly.verdict import comparison_rows, describe_run, read_verdict, verdict_lines
-from harness.report.tables import cell, divergence_section, table, utterance_section
+from harness.report.tables import cell, census_section, divergence_section, table, utterance_section
 from harness.results import run_info
 from harness.results.run_dir import list_runs, write_atomic
 from harness.results.run_info import RUN_JSON, RunInfo
@@ -82,6 +82,7 @@ def render(run_dir: Path, history: str, history_failure: str | None = None) -> s
         ("pareto", "WER vs latency", _scatter(_overall(summary))),
         ("trends", "Trends", _trends(info, history, history_failure)),
         ("divergence", "Divergence", divergence_section(run_dir)),
+        ("census", "What executes where", census_section(run_dir)),
         ("utterances", "Utterances", utterance_section(run_dir / "utterances.parquet", summary)),
     ]
     nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)

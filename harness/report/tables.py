@@ -7,6 +7,8 @@ by a pass over the few columns that choose them), never a whole file."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from converters.census import CENSUS_FILE, Census, precision_line, short_name
 from harness.core.status import Status
 from harness.results.record import parquet_stream
 
@@ -109,6 +112,47 @@ def frame_table(frame: pd.DataFrame, ident: str) -> str:
 
 def model_labels(frame: pd.DataFrame) -> pd.Series:
     return frame["size"] + "/" + frame["target"] + "/" + frame["quant"]
+
+
+def census_section(run_dir: Path) -> str:
+    """A row per graph file of each converted model (`census.json`, `converters.census`): its
+    engine, operators and how many run inside the delegate's partitions, the fallback operators,
+    the weights' precision, the largest weight; then the device forms' checks."""
+    path = run_dir / CENSUS_FILE
+    if not path.is_file():
+        return '<p class="muted">No census in this run (runs before the census was written have none).</p>'
+    rows, checks = [], []
+    for label, facts in json.loads(path.read_text()).items():
+        if "error" in facts:
+            rows.append("<tr>" + cell(label) + cell("", facts["error"]) + "".join(cell("") for _ in range(6)) + "</tr>")
+            continue
+        found = Census.from_dict(facts)
+        for g in found.graphs:
+            fallback = Counter(g.ops) - Counter(g.delegated or {})
+            biggest = g.largest[0] if g.largest else None
+            rows.append(
+                "<tr>"
+                + cell(label)
+                + cell(g.file, title=g.engine)
+                + cell(g.n_ops)
+                + cell(g.delegated_share if g.delegated_share is not None else np.nan,
+                       "-" if g.delegated_share is None else f"{g.delegated_share:.0%} in {g.partitions}")
+                + cell(", ".join(f"{op} {n}" for op, n in fallback.most_common(6)) if g.delegated is not None else "")
+                + cell(precision_line(g.weights))
+                + cell(biggest.bytes / 1e6 if biggest else np.nan,
+                       f"{short_name(biggest.name)} {list(biggest.shape)} {biggest.dtype}" if biggest else "")
+                + "</tr>"
+            )  # fmt: skip
+        checks += [f"<li>{escape(f'{label}: {name}: {verdict}')}</li>" for name, verdict in found.checks.items()]
+    headers = ["model", "file", "ops", "delegated", "fallback ops", "weights", "largest weight (MB)"]
+    html = (
+        '<p class="muted">Inside each converted artifact: operators per graph file, the share inside the '
+        "delegate's partitions (XNNPACK for LiteRT and ExecuTorch; '-': the engine runs every operator "
+        "itself), the operators left to the fallback kernels, the weights' bytes per precision, the largest "
+        "weight. <code>python -m harness inspect MODEL</code> prints one artifact's. From "
+        "<code>census.json</code>.</p>" + table(headers, rows, ident="census")
+    )
+    return html + (f"<ul>{''.join(checks)}</ul>" if checks else "")
 
 
 def divergence_section(run_dir: Path) -> str:

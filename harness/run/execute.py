@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import platform
 import subprocess
@@ -22,15 +23,17 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from converters.census import CENSUS_FILE, census
 from converters.matrix import prepare_cells
 from converters.registry import get_target
 from harness.core.decoding import build_prompt
 from harness.core.errors import HarnessError, one_line
 from harness.core.status import Status
-from harness.core.target import Target, Unavailable
+from harness.core.target import REFERENCE, Target, Unavailable
 from harness.job.spec import ALL, JobSpec, ModelCell
 from harness.results.aggregate import Part, finalise
 from harness.results.run_dir import RAW, InUse, RunDir, RunState, fingerprint, scored_frame, scored_table
@@ -185,6 +188,7 @@ def _evaluate(
                 breakdown.to_csv(run.path / BREAKDOWN_FILE, index=False)
                 text += "\n\n" + format_breakdown(breakdown)
             (run.path / "summary.md").write_text(text + "\n")
+            _write_census(prepared, run.path / CENSUS_FILE)
             candidates = [p.cell for p in prepared if analysed(p.cell)]
             divergence = write_divergence(run, candidates, rows.n_rows, index) if spec.analysis.divergence else None
         info = _run_info(spec, run, prepared, rows.n_rows, started, transcription, analysis, phases.report())
@@ -197,6 +201,20 @@ def _evaluate(
         run.stop(RunState.FAILED, one_line(exc))
         raise
     return RunResult(run.path, summary, divergence, breakdown)
+
+
+def _write_census(prepared: list[PreparedModel], path: Path) -> None:
+    """What executes where in each converted model's artifact (`converters.census`), for the
+    report; a census that cannot be read says why, and costs the run nothing else."""
+    found: dict[str, Any] = {}
+    for p in prepared:
+        if p.prepared.artifact is None or p.cell.target == REFERENCE:
+            continue
+        try:
+            found[p.cell.label] = census(p.prepared.artifact).as_dict()
+        except Exception as exc:
+            found[p.cell.label] = {"error": one_line(exc)}
+    path.write_text(json.dumps(found, indent=1))
 
 
 def _transcribe(
