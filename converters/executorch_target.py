@@ -17,12 +17,20 @@ Quantizations:
   replaced; they are dropped, or the program keeps every fp32 weight as well (tiny.en's encoder:
   40 MB instead of 11.7 MB).
 
-What was found when the form was measured (tiny.en, 1 thread): whisper's SDPA path lowers badly
-(the encoder at 1056 ms against 432 ms written out), so attention is written out
-(`whisper.model.disable_sdpa`); the logits are `F.linear` on the embedding (`x @ W.T` is not
-delegated); the token embedding is a gather left to the portable kernels while the tied LM head is
-packed into XNNPACK, so the decoder stores that matrix twice (tiny.en fp32: 193 MB, 80 MB of it
-each copy); XNNPACK 1.5.1 takes no LayerNorm, which runs in the portable kernels.
+What was found when the form was measured (tiny.en, 1 thread), and what the export does about it:
+
+- whisper's SDPA path lowers badly (the encoder at 1056 ms against 432 ms written out): attention
+  is written out (`whisper.model.disable_sdpa`); the logits are `F.linear` on the embedding
+  (`x @ W.T` is not delegated).
+- XNNPACK 1.5.1 takes no LayerNorm, nor a mean over the last dimension alone: left as they are,
+  they split the decoder into 30 partitions. Each LayerNorm is exported written out, its two
+  means as `F.linear` on a 1/d row (`LinearMeanLayerNorm`), so XNNPACK takes it.
+- a 4-D matmul lowers to `expand_copy` (same shape: a copy of every cached key and value, per layer
+  and step, in the portable kernels); XNNPACK's own no-op pass removes them before partitioning.
+- the decoder takes each layer's cache and cross-attention keys and values as inputs of their own:
+  selecting a layer from a stacked input is a `select_copy` of it at every step.
+- the token embedding is a gather left to the portable kernels while the tied LM head is packed
+  into XNNPACK, so the decoder stores that matrix twice (tiny.en fp32: 80 MB each copy).
 
 Graph inputs are not memory-planned (`alloc_graph_input=False`): a step hands the runtime the
 host's cache tensors themselves, so no step copies the cache or the cross-attention keys.
@@ -30,6 +38,7 @@ host's cache tensors themselves, so no step copies the cache or the cross-attent
 
 from __future__ import annotations
 
+import copy
 import operator
 import time
 from collections import Counter
@@ -39,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from whisper.model import Whisper
 
@@ -53,11 +63,45 @@ IO_NAMES = {FILES[name]: names for name, names in litert_graphs.IO_NAMES.items()
 QUANTS = ("fp32", "int8")
 RUNTIME = "executorch-xnnpack"
 DELEGATE_CALL = "executorch_call_delegate"
+PER_LAYER = ("k_cache", "v_cache", "cross_k", "cross_v")  # the decoder's inputs given one tensor per layer
 
 
-def quantized(module: nn.Module, sample: dict[str, torch.Tensor]) -> nn.Module:
-    """`module` through torchao's PT2E flow with XNNPACK's dynamic per-channel int8 config, its
-    leftover metadata checks dropped (they would keep the float weights alive)."""
+class LinearMeanLayerNorm(nn.Module):
+    """whisper's LayerNorm written out for XNNPACK, the means over the channels as `F.linear` on a
+    1/d row (XNNPACK's mean reduces the two innermost dimensions of a 4-D tensor only)."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        (d,) = norm.normalized_shape
+        self.register_buffer("row", torch.full((1, d), 1.0 / d), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - F.linear(x, self.row)
+        variance = F.linear(centred * centred, self.row)
+        return centred * torch.rsqrt(variance + self.eps) * self.weight + self.bias
+
+
+def for_xnnpack(module: nn.Module) -> nn.Module:
+    """A copy of `module` with its LayerNorms as `LinearMeanLayerNorm` (the model stays as it is)."""
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.LayerNorm):
+                setattr(parent, name, LinearMeanLayerNorm(child))
+    return module.eval()
+
+
+def layerwise(sample: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The decoder's sample with each stacked per-layer input (caches, cross K/V) as a tuple of
+    its layers: `DecoderLayers` indexes either alike, and the program gets one input per layer."""
+    return {k: tuple(v.unbind(0)) if k in PER_LAYER else v for k, v in sample.items()}
+
+
+def quantized(module: nn.Module, sample: dict[str, Any]) -> nn.Module:
+    """`module` through torchao's PT2E flow with XNNPACK's dynamic per-channel int8 config (the
+    LayerNorms' means excepted), its leftover metadata checks dropped (they would keep the float
+    weights alive)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -66,7 +110,10 @@ def quantized(module: nn.Module, sample: dict[str, torch.Tensor]) -> nn.Module:
 
     graph = torch.export.export(module, args=(), kwargs=sample, strict=False).module()
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
-    prepared = prepare_pt2e(graph, XNNPACKQuantizer().set_global(config))
+    quantizer = XNNPACKQuantizer().set_global(config)
+    # the normalisations' means stay float: int8 activations there cost ~8 dB of encoder SNR (tiny.en)
+    quantizer.set_module_type(LinearMeanLayerNorm, None)
+    prepared = prepare_pt2e(graph, quantizer)
     prepared(**sample)  # dynamic activations need no ranges; one call settles the observers
     converted = convert_pt2e(prepared)
     for node in list(converted.graph.nodes):
@@ -77,17 +124,20 @@ def quantized(module: nn.Module, sample: dict[str, torch.Tensor]) -> nn.Module:
     return converted
 
 
-def lower(module: nn.Module, sample: dict[str, torch.Tensor], quant: str) -> tuple[bytes, dict[str, Any]]:
+def lower(module: nn.Module, sample: dict[str, Any], quant: str) -> tuple[bytes, dict[str, Any]]:
     """One graph as an XNNPACK-lowered ExecuTorch program, and its census."""
+    from executorch.backends.xnnpack._passes.remove_noop_expand_copy_pass import RemoveNoopExpandCopyPass
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from whisper.model import disable_sdpa
 
     with torch.no_grad(), disable_sdpa():
-        graph = quantized(module.eval(), sample) if quant == "int8" else module.eval()
+        graph = quantized(for_xnnpack(module), sample) if quant == "int8" else for_xnnpack(module)
         exported = torch.export.export(graph, args=(), kwargs=sample, strict=False)
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+        edge = to_edge_transform_and_lower(
+            exported, transform_passes=[RemoveNoopExpandCopyPass()], partitioner=[XnnpackPartitioner()]
+        )
         census_of = {**census(edge.exported_program()), "constants": constants(exported)}
         program = edge.to_executorch(
             ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
@@ -149,7 +199,7 @@ def convert(
     for graph, (module, sample) in litert_graphs.parts(model).items():
         name, started = FILES[graph], time.time()
         assert tuple(sample) == IO_NAMES[name][0], name  # the Runner feeds these names, in this order
-        buffer, census_of[name] = lower(module, sample, quant)
+        buffer, census_of[name] = lower(module, layerwise(sample) if name == DECODER else sample, quant)
         (out / name).write_bytes(buffer)
         seconds[name] = round(time.time() - started, 2)
         io[name] = {"inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
@@ -164,7 +214,12 @@ def convert(
         ),
         "convert_s": seconds,
         "census": census_of,
-        "kv_cache": {"slots": model.dims.n_text_ctx, "masked": litert_graphs.MASKED, "owner": "host"},
+        "kv_cache": {
+            "slots": model.dims.n_text_ctx,
+            "masked": litert_graphs.MASKED,
+            "owner": "host",
+            "inputs": "one per layer: " + ", ".join(PER_LAYER),
+        },
         "path": "torch.export + to_edge_transform_and_lower(XnnpackPartitioner)",
         "runtime": RUNTIME,
     }
@@ -200,7 +255,7 @@ class Runner(StaticCacheRunner):
         self.mask = mask.to(torch.float32)
         self.k_cache = torch.zeros(shapes["k_cache"]["shape"])
         self.v_cache = torch.zeros(shapes["v_cache"]["shape"])
-        self.cross: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.layers: list[torch.Tensor] = []
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
         (features,) = self.encoder.execute([torch.from_numpy(np.ascontiguousarray(mel, np.float32))])
@@ -209,19 +264,18 @@ class Runner(StaticCacheRunner):
     def start(self, audio_features: Any) -> None:
         features = torch.from_numpy(np.ascontiguousarray(audio_features, np.float32))
         cross_k, cross_v = self.cross_kv.execute([features])
-        self.cross = (cross_k.clone(), cross_v.clone())  # the runtime may reuse its output buffers
+        cross = (cross_k.clone(), cross_v.clone())  # the runtime may reuse its output buffers
+        # the decoder's per-layer inputs: views of the host's tensors, written in place, never copied
+        self.layers = [layer for stacked in (self.k_cache, self.v_cache, *cross) for layer in stacked.unbind(0)]
         self.k_cache.zero_()
         self.v_cache.zero_()
 
     def advance(self, state: None, token: int, position: int) -> np.ndarray:
-        assert self.cross is not None
         inputs = [
             torch.tensor([[token]], dtype=torch.int32),
             torch.tensor([position], dtype=torch.int32),
             self.mask[position][None, None],
-            self.k_cache,
-            self.v_cache,
-            *self.cross,
+            *self.layers,
         ]
         logits, k_new, v_new = self.decoder.execute(inputs)
         self.k_cache[:, :, position] = k_new[:, :, 0]

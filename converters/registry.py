@@ -242,22 +242,22 @@ _DECLARED = (
     _declare(
         name="executorch",
         description="ExecuTorch .pte lowered to XNNPACK (static KV cache, the LiteRT graphs); torchao int8",
-        recipe="executorch-xnnpack-static-kv-v1",
+        recipe="executorch-xnnpack-static-kv-v2",  # v2: LayerNorm written out, per-layer decoder inputs
         toolchain=("executorch", "torchao"),
         tolerances={
             "fp32": Tolerance(
                 80.0,
                 1e-3,
                 1.0,
-                "fp32 on XNNPACK (explicit attention, static-cache decoder): measured 111.4 dB / 4.9e-5 (tiny.en), "
-                "109.3 dB / 1.0e-4 (base); LiteRT fp32's bars, for the same reasons",
+                "fp32 on XNNPACK (explicit attention and LayerNorm, static-cache decoder): measured 111.3 dB / 5.4e-5 "
+                "(tiny.en), 109.3 dB / 1.3e-4 (base); LiteRT fp32's bars, for the same reasons",
             ),
             "int8": Tolerance(
                 20.0,
                 4.0,
                 0.75,
                 "torchao PT2E dynamic int8 per channel on every linear and conv (LM head included): measured "
-                "32.1 dB / 1.25 (tiny.en), 27.6 dB / 1.19 (base), top-1 8/8; a perturbed embedding moves the "
+                "32.0 dB / 1.50 (tiny.en), 27.6 dB / 1.62 (base), top-1 8/8; a perturbed embedding moves the "
                 "logits by tens",
             ),
         },
