@@ -140,15 +140,36 @@ def io_shapes(model: Path) -> dict[str, dict[str, list[int | str]]]:
     return {"inputs": shapes(graph.input), "outputs": shapes(graph.output)}
 
 
+def block_probes(folder: Path) -> dict[str, dict[str, str]]:
+    """Where each encoder and decoder block's output is in the exported float graphs (see
+    `converters.layer_drift`): fixed here, at conversion, and kept in the manifest."""
+    from converters.layer_drift import onnx_probes
+
+    return {
+        ENCODER: onnx_probes(folder / ENCODER, "encoder.blocks.", "encoder"),
+        DECODER: onnx_probes(folder / DECODER, "blocks.", "decoder"),
+    }
+
+
+def kept(path: Path, probes: dict[str, str]) -> dict[str, str]:
+    """The probes whose tensors the final graph still has (quantization renames what it replaces)."""
+    import onnx
+
+    names = {o for node in onnx.load(str(path), load_external_data=False).graph.node for o in node.output}
+    return {block: name for block, name in probes.items() if name in names}
+
+
 def convert(
     checkpoint: Checkpoint, model: Whisper, quant: str, out: Path, calibration: Sequence[np.ndarray]
 ) -> dict[str, Any]:
     require("onnx", "onnxscript", "onnxruntime")
     if quant == "fp32":
         export_fp32(model, out)
+        probes = block_probes(out)
     else:
         with tempfile.TemporaryDirectory(prefix="onnx-fp32-") as tmp:
             export_fp32(model, Path(tmp))
+            probes = block_probes(Path(tmp))
             quantize_int8(Path(tmp), out)
     import onnx
 
@@ -158,6 +179,7 @@ def convert(
         path += ", then onnxruntime.quantization.quantize_dynamic (MatMul, QInt8 weights)"
     return {
         "path": path,
+        "probes": {name: kept(out / name, found) for name, found in probes.items()},
         "opset": {o.domain or "ai.onnx": o.version for o in graph.opset_import},
         "io": {name: io_shapes(out / name) for name in (ENCODER, CROSS_KV, DECODER)},
     }

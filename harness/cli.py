@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="an artifact folder, or size/target/quant in --models (e.g. base/tflite/fp32)")
     inspect.add_argument("--json", action="store_true", help="the census as JSON")
     inspect.add_argument(
+        "--drift",
+        type=Path,
+        metavar="AUDIO",
+        help="also: each block's output against the reference's on this audio file, at the first divergent token",
+    )
+    inspect.add_argument(
         "--models",
         type=Path,
         default=Path(os.environ.get("HARNESS_MODELS", "models")),
@@ -251,8 +257,22 @@ def _inspect(args: argparse.Namespace) -> int:
     from converters.census import census, find_artifact, format_census
     from converters.store import load_artifact
 
-    found = census(load_artifact(find_artifact(args.models, args.model)))
+    artifact = load_artifact(find_artifact(args.models, args.model))
+    found = census(artifact)
     print(json.dumps(found.as_dict(), indent=2) if args.json else format_census(found))
+    if args.drift is not None:
+        from converters.layer_drift import at_first_divergence
+        from harness.core.audio import decode_audio
+        from harness.core.target import Unavailable
+
+        try:
+            drift, step = at_first_divergence(artifact, decode_audio(str(args.drift)))
+        except Unavailable as exc:
+            print(f"layer drift: unavailable: {exc}", file=sys.stderr)
+            return ExitCode.FAILED
+        where = "agrees with the reference's tokens" if step is None else f"first divergent token: #{step}"
+        print(f"\nlayer drift on {args.drift.name} ({where}):")
+        print("\n".join(drift.lines()))
     return ExitCode.OK
 
 
