@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import tempfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,23 @@ class Drift:
             else f"every block at or above {self.threshold_db:g} dB"
         )
         return [head] + [f"  {b.block:<18} {b.snr_db:7.1f} dB   max |Δ| {b.max_abs_err:.3g}" for b in self.blocks]
+
+
+SAMPLE_EVERY = 8  # of the utterances whose tokens agree, about one in this many is measured too
+
+
+def sampled(utt_id: str) -> bool:
+    """Whether an agreeing utterance is in the analysis's sample: the same ones in every run and
+    for every model (a hash of the id, not a random draw)."""
+    return zlib.crc32(utt_id.encode()) % SAMPLE_EVERY == 0
+
+
+def threshold_for(target: str, quant: str) -> float:
+    """The bar a block's output SNR is held to: the target's parity bar for the encoder's at
+    this quantization (its reasons are in `converters.registry`)."""
+    from converters.registry import get_target
+
+    return get_target(target).tolerance(quant).min_encoder_snr_db
 
 
 def block_order(names: Sequence[str]) -> list[str]:
@@ -192,5 +210,5 @@ def at_first_divergence(artifact: Artifact, audio: np.ndarray, threads: int = 1)
         step = min(len(ours), len(theirs))
     fed = [*prompt.tokens, *(ours if step is None else ours[:step])]
     mel = log_mel(audio, dims.n_mels, dims.n_audio_ctx)
-    threshold = get_target(artifact.target).tolerance(artifact.quant).min_encoder_snr_db
+    threshold = threshold_for(artifact.target, artifact.quant)
     return measure(artifact, load_model(artifact.checkpoint()).eval(), mel, fed, threshold, threads), step

@@ -15,6 +15,7 @@ from scipy.special import rel_entr, softmax
 from harness.core.decoding import DecodingOptions, build_prompt, greedy_decode, tokenizer_for
 from harness.core.status import Status
 from harness.results.divergence import DIVERGENCE_COLUMNS
+from tests.nightly_runs import in_process
 
 # -- real tiny.en runners on real audio ------------------------------------------------------------
 
@@ -158,7 +159,7 @@ name: divergence_tiny
 dataset: {{path: {data}}}
 models:
   sizes: [tiny.en]
-  targets: {{torchscript: [int8]}}
+  targets: {{torchscript: [int8], onnx: [int8]}}
 cluster: {{shard_size: 2}}
 analysis: {{divergence: true}}
 """
@@ -166,7 +167,8 @@ analysis: {{divergence: true}}
 
 @pytest.fixture(scope="module")
 def divergence_run(ray_local, tiny_artifacts, models_root, tmp_path_factory):
-    """tiny.en and its torchscript int8 form on the four short utterances, through the command line."""
+    """tiny.en and its torchscript and ONNX int8 forms on the four short utterances, through the
+    command line (ONNX's runtime gives its blocks: the layer drift too)."""
     import contextlib
     import io
     import json
@@ -196,9 +198,10 @@ def divergence_run(ray_local, tiny_artifacts, models_root, tmp_path_factory):
 def test_a_run_writes_the_divergence_tables(divergence_run):
     run_dir = divergence_run["run_dir"]
     assert divergence_run["code"] == 0
-    rows = pd.read_parquet(run_dir / "divergence.parquet")
-    assert list(rows.columns) == DIVERGENCE_COLUMNS and len(rows) == 4 and (rows["status"] == Status.OK).all()
-    assert set(rows["target"]) == {"torchscript"} and (rows["run_id"] == run_dir.name).all()
+    every = pd.read_parquet(run_dir / "divergence.parquet")
+    assert list(every.columns) == DIVERGENCE_COLUMNS and len(every) == 8 and (every["status"] == Status.OK).all()
+    assert set(every["target"]) == {"torchscript", "onnx"} and (every["run_id"] == run_dir.name).all()
+    rows = every[every["target"] == "torchscript"]
     assert len(list((run_dir / "divergence").glob("tiny.en__torchscript__int8-shard*.parquet"))) == 2
     # the candidate's own transcripts are the main pass's: the same exact matches and first divergences
     utts = pd.read_parquet(run_dir / "utterances.parquet").query("target == 'torchscript'").set_index("utt_id")
@@ -207,14 +210,48 @@ def test_a_run_writes_the_divergence_tables(divergence_run):
     assert rows["first_divergence"].equals(utts.loc[rows.index, "first_divergence"])
     for _, r in rows[~rows["exact_match"]].iterrows():
         assert r["ref_top5"][0]["id"] == r["ref_token_id"] and r["cand_top5"][0]["id"] == r["cand_token_id"]
-    summary = pd.read_csv(run_dir / "divergence.csv")
-    assert len(summary) == 1 and summary.loc[0, "n"] == 4
-    assert summary.loc[0, "tf_top1_agreement"] == pytest.approx(rows["tf_top1_agree"].sum() / rows["tf_steps"].sum())
-    assert summary.loc[0, "exact_match"] == pytest.approx(utts["exact_match"].mean())
+    assert rows["layer_drift"].isna().all()  # TorchScript gives no block outputs
+    summary = pd.read_csv(run_dir / "divergence.csv", keep_default_na=False, na_values=[""]).set_index("target")
+    assert sorted(summary.index) == ["onnx", "torchscript"] and list(summary["n"]) == [4, 4]
+    ts = summary.loc["torchscript"]
+    assert ts["drift_analysed"] == 0 and pd.isna(ts["first_drift_block"])
+    assert ts["tf_top1_agreement"] == pytest.approx(rows["tf_top1_agree"].sum() / rows["tf_steps"].sum())
+    assert ts["exact_match"] == pytest.approx(utts["exact_match"].mean())
     table = (run_dir / "divergence.md").read_text().strip()
     assert table in divergence_run["stdout"] and divergence_run["stdout"].index(table) > divergence_run["stdout"].index(
         (run_dir / "summary.md").read_text().strip()
     )
+
+
+def test_the_layer_drift_of_a_model_that_gives_its_blocks(divergence_run):
+    """ONNX int8: every divergent utterance, and the sampled agreeing ones, measured block by block;
+    the first block below the bar (onnx int8's 12 dB) as the analysis found it."""
+    from converters.layer_drift import sampled
+
+    run_dir = divergence_run["run_dir"]
+    rows = pd.read_parquet(run_dir / "divergence.parquet").query("target == 'onnx'").set_index("utt_id")
+    measured = rows["layer_drift"].notna()
+    assert list(measured) == [not exact or sampled(u) for u, exact in rows["exact_match"].items()]
+    assert measured.any()
+    for utt, drift in rows.loc[measured, "layer_drift"].items():
+        blocks = [b["block"] for b in drift]
+        assert blocks == [*(f"encoder.blocks.{i}" for i in range(4)), *(f"decoder.blocks.{i}" for i in range(4))]
+        below = [b["block"] for b in drift if not b["snr_db"] >= 12.0]
+        found = rows.loc[utt, "first_drift_block"]
+        assert (None if pd.isna(found) else found) == (below[0] if below else None)
+        assert all(10 < b["snr_db"] < 60 for b in drift)  # int8: drifts, within reason
+    summary = pd.read_csv(run_dir / "divergence.csv", keep_default_na=False, na_values=[""]).set_index("target")
+    assert summary.loc["onnx", "drift_analysed"] == measured.sum()
+    # the report's chart: each block's median over the measured utterances
+    from harness.report.tables import drift_curves
+
+    curves = drift_curves(run_dir / "divergence.parquet")
+    assert list(curves["model"].unique()) == ["tiny.en/onnx/int8"] and len(curves) == 8
+    by_block = pd.DataFrame([{b["block"]: b["snr_db"] for b in d} for d in rows.loc[measured, "layer_drift"]])
+    assert list(curves["snr_db"]) == pytest.approx(list(by_block.median()))
+    code, _, _ = in_process("report", run_dir, "--history", run_dir.parent.parent / "history.sqlite")
+    html = (run_dir / "report.html").read_text()
+    assert code == 0 and "<h3>Layer drift</h3>" in html and 'id="chart-layer-drift"' in html
 
 
 def test_missing_analysis_shards_are_redone_alone(divergence_run, tiny_artifacts, models_root):

@@ -161,3 +161,27 @@ def trends(history: pd.DataFrame, current: str) -> str:
         top.legend(fontsize=LABEL_SIZE, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
         svg = to_svg(figure, "chart-trends")
     return svg
+
+
+def block_drift(curves: pd.DataFrame) -> str:
+    """Each model's median output SNR per block, in data-flow order (columns: model, block, snr_db,
+    threshold_db; `block` in order), its bar dotted in the model's colour."""
+    import matplotlib
+
+    blocks = list(dict.fromkeys(curves["block"]))
+    colours = matplotlib.colormaps["tab10"]
+    with matplotlib.rc_context(_RC):
+        figure, (ax,) = _figure(9.5, 3.4)
+        for i, (model, rows) in enumerate(curves.groupby("model", sort=False)):
+            colour = colours(i % colours.N)
+            x = [blocks.index(b) for b in rows["block"]]
+            finite = np.minimum(rows["snr_db"].to_numpy(dtype=float), 150.0)  # identical outputs: inf dB
+            ax.plot(x, finite, lw=1.2, marker=MARKERS[i % len(MARKERS)], ms=3.5, color=colour, label=model)
+            ax.axhline(float(rows["threshold_db"].iloc[0]), color=colour, lw=0.8, ls=":")
+        names = [b.replace(".blocks.", " ") for b in blocks]
+        ax.set_xticks(range(len(blocks)), names, fontsize=LABEL_SIZE, rotation=45)
+        ax.set_ylabel("output SNR, dB (median)")
+        ax.set_xlabel("block (encoder, then decoder at the first divergent step); dotted: each model's bar")
+        ax.legend(fontsize=LABEL_SIZE, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        svg = to_svg(figure, "chart-layer-drift")
+    return svg

@@ -21,7 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from converters.census import CENSUS_FILE, Census, precision_line, short_name
+from converters.layer_drift import threshold_for
 from harness.core.status import Status
+from harness.report.plots import block_drift
 from harness.results.record import parquet_stream
 
 DIVERGENCE_CSV, DIVERGENCE_PARQUET = "divergence.csv", "divergence.parquet"
@@ -165,10 +167,38 @@ def divergence_section(run_dir: Path) -> str:
     parts = []
     if per_model.is_file():
         parts.append(f"<h3>Per model ({DIVERGENCE_CSV})</h3>" + frame_table(pd.read_csv(per_model), "divergence-table"))
+    if per_utterance.is_file() and (curves := drift_curves(per_utterance)) is not None:
+        parts.append(
+            "<h3>Layer drift</h3>"
+            '<p class="muted">Median output SNR of each block against openai-whisper\'s, over the utterances '
+            "measured (every divergent one and a fixed sample of the others; the decoder at the first "
+            "divergent step), for models whose runtime gives its blocks. The first block below a model's bar "
+            "(its parity bar for encoder SNR) is where its drift starts: <code>first_drift_block</code> "
+            "above.</p>" + block_drift(curves)
+        )
     if per_utterance.is_file():
         parts.append(f"<h3>Divergent utterances ({DIVERGENCE_PARQUET})</h3>")
         parts.append(_divergent_utterances(per_utterance))
     return "\n".join(parts)
+
+
+def drift_curves(path: Path) -> pd.DataFrame | None:
+    """Per model and block, the median output SNR over the measured utterances of divergence.parquet
+    and the model's bar; None when no model was measured."""
+    rows = pq.read_table(path, columns=["size", "target", "quant", "layer_drift"]).to_pandas()
+    rows = rows[rows["layer_drift"].notna()]
+    if rows.empty:
+        return None
+    flat = pd.DataFrame(
+        [
+            {"model": f"{r.size}/{r.target}/{r.quant}", "block": b["block"], "snr_db": b["snr_db"],
+             "threshold_db": threshold_for(r.target, r.quant)}
+            for r in rows.itertuples()
+            for b in r.layer_drift
+        ]
+    )  # fmt: skip
+    curves = flat.groupby(["model", "block"], sort=False)
+    return curves.agg(snr_db=("snr_db", "median"), threshold_db=("threshold_db", "first")).reset_index()
 
 
 @dataclass

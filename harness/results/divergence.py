@@ -32,6 +32,12 @@ the models and hands them over), and the tables they make.
   renormalised over what may be sampled: their first entry is the token each model chose;
   `common_prefix_text` + `ref_continuation` is the reference's text, + `cand_continuation` the
   candidate's (decoded, not stripped, so the pieces join exactly).
+- Layer drift (`converters.layer_drift`, candidates whose runtime gives its block outputs: null
+  elsewhere): `layer_drift`, a list of `{"block", "snr_db", "max_abs_err"}` in data-flow order
+  (each encoder block's output; each decoder block's at the first divergent step, or at the last
+  token where the transcripts agree), on every divergent utterance and on the agreeing ones that
+  `converters.layer_drift.sampled` picks; `first_drift_block` the first below the target's parity
+  bar for encoder SNR at this quantization, null when every block holds.
 
 `divergence.csv` / `.md`: one row per candidate model (`summarize_divergence`).
 """
@@ -66,6 +72,7 @@ ROW_COLUMNS: dict[str, str] = {
     "first_divergence": "Int64", "ref_token_id": "Int64", "cand_token_id": "Int64",
     "ref_token": "string", "cand_token": "string", "ref_top5": "object", "cand_top5": "object",
     "common_prefix_text": "string", "ref_continuation": "string", "cand_continuation": "string",
+    "layer_drift": "object", "first_drift_block": "string",
 }  # fmt: skip
 DIVERGENCE_COLUMNS = ["run_id", *ROW_COLUMNS]
 
@@ -246,7 +253,7 @@ HYBRIDS = ("hybrid_cand_encoder_exact", "hybrid_cand_decoder_exact")
 SUMMARY_COLUMNS = [
     "size", "target", "quant", "n", "analysed", "encoder_snr_mean_db", "encoder_snr_min_db", "tf_steps",
     "tf_top1_agreement", "tf_max_abs_dlogit", "tf_mean_kl", "tf_max_kl", "exact_match", "exact_cand_encoder",
-    "exact_cand_decoder", "verdict", "reason",
+    "exact_cand_decoder", "verdict", "drift_analysed", "first_drift_block", "reason",
 ]  # fmt: skip
 
 
@@ -286,10 +293,20 @@ def summarize_divergence(rows: pd.DataFrame) -> pd.DataFrame:
                 "exact_cand_encoder": _share(ok["hybrid_cand_encoder_exact"]),
                 "exact_cand_decoder": _share(ok["hybrid_cand_decoder_exact"]),
                 "verdict": call,
+                **drift_summary(ok),
                 "reason": f"{len(failed)} not analysed, e.g. {reasons.index[0]}" if len(failed) else "",
             }
         )
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+
+
+def drift_summary(ok: pd.DataFrame) -> dict[str, Any]:
+    """A model's layer drift over its analysed utterances: how many had it measured, and the block
+    most often first below the target's bar ("none": every block held on every one of them)."""
+    measured = ok[ok["layer_drift"].notna()] if "layer_drift" in ok else ok.iloc[:0]
+    firsts = measured["first_drift_block"].dropna() if len(measured) else pd.Series(dtype=object)
+    first = str(firsts.mode().iloc[0]) if len(firsts) else ("none" if len(measured) else "")
+    return {"drift_analysed": len(measured), "first_drift_block": first}
 
 
 def _max(values: pd.Series) -> float:

@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from converters import layer_drift
 from converters.registry import get_target
 from harness.core.audio import log_mel
 from harness.core.decoding import LONG_FORM, DecodingOptions, Dims, Prompt, build_prompt, decode_window, tokenizer_for
 from harness.core.errors import one_line
 from harness.core.status import Status
 from harness.core.target import REFERENCE, Runner
+from harness.core.weights import load_model
 from harness.core.window import FULL_AUDIO_CTX
 from harness.job.spec import JobSpec, ModelCell
 from harness.results.divergence import (
@@ -49,7 +51,7 @@ from harness.results.run_dir import RunDir, write_parquet_atomic
 from harness.results.run_info import PassReport
 from harness.results.timing import prepare_worker_threads
 from harness.run.dataset import Rows, Shard, plan_shards
-from harness.run.node_cache import PublishedArtifact
+from harness.run.node_cache import PublishedArtifact, materialise
 from harness.run.passes import Pass, PreparedModel, serving
 from harness.run.scheduler import Index, Work
 from harness.run.worker import Loaded, load_runner, node_name
@@ -152,6 +154,10 @@ class DivergenceWorker(Loaded):
         self.candidate = load_runner(setup.candidate, setup.threads)
         self.tokenizer = tokenizer_for(setup.dims, setup.decoding)
         self.node = node_name()
+        # layer drift, where the candidate's runtime gives its blocks: the artifact on this node and
+        # openai-whisper's model of its checkpoint (loaded on first use: most utterances agree)
+        self.artifact = materialise(setup.candidate) if setup.cell.target in layer_drift.PROBED else None
+        self.whisper: Any = None
         setup.rows.open()
         self.load_s = time.perf_counter() - started
 
@@ -167,10 +173,25 @@ class DivergenceWorker(Loaded):
             else:
                 try:
                     facts = analyse(self.reference, self.candidate, utt.audio, s.dims, s.prompt, given, self._decode)
+                    facts.update(self._drift(utt.utt_id, utt.audio, given, facts.get("first_divergence")))
                 except Exception as exc:  # one utterance's failure is its row, never the run's
                     yield divergence_row(cell, utt.utt_id, Status.ERROR, f"analysis failed: {one_line(exc)}")
                     continue
                 yield divergence_row(cell, utt.utt_id, Status.OK, **facts)
+
+    def _drift(self, utt_id: str, audio: np.ndarray, given: Transcripts, step: int | None) -> dict[str, Any]:
+        """The layer-drift columns of a divergent utterance, or of a sampled agreeing one; none else."""
+        if self.artifact is None or (step is None and not layer_drift.sampled(utt_id)):
+            return {}
+        if self.whisper is None:
+            self.whisper = load_model(self.artifact.checkpoint()).eval()
+        s = self.setup
+        fed = [*s.prompt.tokens, *(given.reference if step is None else given.reference[:step])]
+        mel = log_mel(audio, s.dims.n_mels, s.dims.n_audio_ctx)
+        threshold = layer_drift.threshold_for(s.cell.target, s.cell.quant)
+        drift = layer_drift.measure(self.artifact, self.whisper, mel, fed, threshold, s.threads)
+        first = drift.first
+        return {"layer_drift": [asdict(b) for b in drift.blocks], "first_drift_block": first.block if first else None}
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
