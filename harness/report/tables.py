@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from converters.census import CENSUS_FILE, Census, precision_line, short_name
+from converters.census import CENSUS_FILE, Census, compute_line, precision_line, short_name
 from converters.layer_drift import threshold_for
 from harness.core.status import Status
 from harness.report.plots import block_drift
@@ -126,7 +126,7 @@ def census_section(run_dir: Path) -> str:
     rows, checks = [], []
     for label, facts in json.loads(path.read_text()).items():
         if "error" in facts:
-            rows.append("<tr>" + cell(label) + cell("", facts["error"]) + "".join(cell("") for _ in range(6)) + "</tr>")
+            rows.append("<tr>" + cell(label) + cell("", facts["error"]) + "".join(cell("") for _ in range(7)) + "</tr>")
             continue
         found = Census.from_dict(facts)
         for g in found.graphs:
@@ -141,16 +141,18 @@ def census_section(run_dir: Path) -> str:
                        "-" if g.delegated_share is None else f"{g.delegated_share:.0%} in {g.partitions}")
                 + cell(", ".join(f"{op} {n}" for op, n in fallback.most_common(6)) if g.delegated is not None else "")
                 + cell(precision_line(g.weights))
+                + cell(compute_line(g.compute) if g.ops else "")
                 + cell(biggest.bytes / 1e6 if biggest else np.nan,
                        f"{short_name(biggest.name)} {list(biggest.shape)} {biggest.dtype}" if biggest else "")
                 + "</tr>"
             )  # fmt: skip
         checks += [f"<li>{escape(f'{label}: {name}: {verdict}')}</li>" for name, verdict in found.checks.items()]
-    headers = ["model", "file", "ops", "delegated", "fallback ops", "weights", "largest weight (MB)"]
+    headers = ["model", "file", "ops", "delegated", "fallback ops", "weights", "compute", "largest weight (MB)"]
     html = (
         '<p class="muted">Inside each converted artifact: operators per graph file, the share inside the '
         "delegate's partitions (XNNPACK for LiteRT and ExecuTorch; '-': the engine runs every operator "
-        "itself), the operators left to the fallback kernels, the weights' bytes per precision, the largest "
+        "itself), the operators left to the fallback kernels, the weights' bytes per precision, the "
+        "multiply-accumulates of one call per precision (where the file's shapes are static), the largest "
         "weight. <code>python -m harness inspect MODEL</code> prints one artifact's. From "
         "<code>census.json</code>.</p>" + table(headers, rows, ident="census")
     )
