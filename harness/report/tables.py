@@ -186,7 +186,9 @@ def divergence_section(run_dir: Path) -> str:
 
 def drift_curves(path: Path) -> pd.DataFrame | None:
     """Per model and block, the median output SNR over the measured utterances of divergence.parquet
-    and the model's bar; None when no model was measured."""
+    and the model's bar; None when no model was measured (or the run predates the measure)."""
+    if "layer_drift" not in pq.read_schema(path).names:  # a run from before the layer drift
+        return None
     rows = pq.read_table(path, columns=["size", "target", "quant", "layer_drift"]).to_pandas()
     rows = rows[rows["layer_drift"].notna()]
     if rows.empty:
