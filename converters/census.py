@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.core.target import Artifact
+from harness.core.target import Artifact, Unavailable
 
 CENSUS_FILE = "census.json"  # a run's: every converted model's census, by label
 LARGEST = 5  # tensors listed per file
@@ -264,12 +264,15 @@ def census(artifact: Artifact) -> Census:
     graphs = []
     for name in sorted(artifact.manifest.get("files", {})):
         path = artifact.path / name
-        if path.suffix == ".pte":
-            graphs.append(executorch_census(path, artifact.manifest))
-        elif name == "model.bin":
-            graphs.append(ct2_census(path))
-        elif path.suffix in READERS:
-            graphs.append(READERS[path.suffix](path))
+        try:
+            if path.suffix == ".pte":
+                graphs.append(executorch_census(path, artifact.manifest))
+            elif name == "model.bin":
+                graphs.append(ct2_census(path))
+            elif path.suffix in READERS:
+                graphs.append(READERS[path.suffix](path))
+        except ImportError as exc:  # the reader's runtime is not installed on this machine
+            raise Unavailable(f"{artifact.path.name}/{name}: reading it needs {exc.name}, not installed here") from None
     return Census(f"{artifact.size}/{artifact.target}/{artifact.quant}", tuple(graphs), checks(artifact, graphs))
 
 

@@ -256,20 +256,24 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from converters.census import census, find_artifact, format_census
     from converters.store import load_artifact
+    from harness.core.target import Unavailable
 
     artifact = load_artifact(find_artifact(args.models, args.model))
-    found = census(artifact)
+    try:
+        found = census(artifact)
+    except Unavailable as exc:
+        print(f"census: unavailable: {exc}", file=sys.stderr)
+        return ExitCode.INCOMPLETE
     print(json.dumps(found.as_dict(), indent=2) if args.json else format_census(found))
     if args.drift is not None:
         from converters.layer_drift import at_first_divergence
         from harness.core.audio import decode_audio
-        from harness.core.target import Unavailable
 
         try:
             drift, step = at_first_divergence(artifact, decode_audio(str(args.drift)))
         except Unavailable as exc:
             print(f"layer drift: unavailable: {exc}", file=sys.stderr)
-            return ExitCode.FAILED
+            return ExitCode.INCOMPLETE
         where = "agrees with the reference's tokens" if step is None else f"first divergent token: #{step}"
         print(f"\nlayer drift on {args.drift.name} ({where}):")
         print("\n".join(drift.lines()))

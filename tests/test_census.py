@@ -98,3 +98,12 @@ def test_inspect_command(tflite, models_root):
     assert code == ExitCode.BAD_INPUT and err.count("\n") == 1 and "int4" in err
     code, _, err = in_process("inspect", "tiny.en/tflite/fp16", "--models", models_root / "nowhere")
     assert code == ExitCode.BAD_INPUT and "no artifact" in err and "harness convert" in err
+
+
+def test_a_census_whose_reader_is_not_installed_is_one_line(tflite, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # as if ai-edge-litert were absent
+    code, out, err = in_process("inspect", tflite.path)
+    assert code == ExitCode.INCOMPLETE and out == "" and err.count("\n") == 1
+    assert "cross_kv.tflite: reading it needs ai_edge_litert.interpreter, not installed here" in err

@@ -11,7 +11,9 @@
 
 The `tflite` decoder looks its token and position up inside the graph; the MediaTek form
 (`converters.mtk_target`) takes both embeddings as inputs (no GATHER on the NPU). Both build on
-`DecoderLayers`, whose blocks are `converters.forms.blocks.DecoderBlock` with prescaled keys.
+`DecoderLayers`, whose blocks are `converters.forms.blocks.DecoderBlock` with prescaled keys. The
+`executorch` target lowers these same graphs (`converters.executorch_target`), its decoder given
+each layer's cache as an input of its own (`DecoderLayers` indexes a tuple as it does a stack).
 """
 
 from __future__ import annotations
