@@ -98,6 +98,45 @@ def layerwise(sample: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {k: tuple(v.unbind(0)) if k in PER_LAYER else v for k, v in sample.items()}
 
 
+class Probed(nn.Module):
+    """A graph that also returns the outputs of its blocks (`blocks`: name → the block's path in
+    the graph; a block returning several: its first), named `encoder.blocks.<i>` /
+    `decoder.blocks.<i>` after the graph's own outputs: the probes the layer drift reads
+    (`converters.layer_drift`), fixed here, at conversion. Forward hooks, set for one call, collect
+    them, so the graph's code stays as it is; the export traces them into ordinary outputs."""
+
+    def __init__(self, graph: nn.Module, blocks: dict[str, str]) -> None:
+        super().__init__()
+        self.inner, self.blocks = graph, blocks  # not `graph`: an exported module's own attribute
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.blocks)
+
+    def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Any:
+            return lambda _module, _inputs, out: seen.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+
+        hooks = [self.inner.get_submodule(path).register_forward_hook(keep(n)) for n, path in self.blocks.items()]
+        try:
+            outputs = self.inner(**inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {**outputs, **{name: seen[name] for name in self.blocks}}
+
+
+def probed(name: str, graph: nn.Module) -> nn.Module:
+    """The encoder and decoder graphs with their blocks' outputs (cross K/V has no blocks)."""
+    if name == ENCODER:
+        return Probed(graph, {f"encoder.blocks.{i}": f"encoder.blocks.{i}" for i in range(len(graph.encoder.blocks))})
+    if name == DECODER:
+        return Probed(graph, {f"decoder.blocks.{i}": f"layers.blocks.{i}" for i in range(len(graph.layers.blocks))})
+    return graph
+
+
 def quantized(module: nn.Module, sample: dict[str, Any]) -> nn.Module:
     """`module` through torchao's PT2E flow with XNNPACK's dynamic per-channel int8 config (the
     LayerNorms' means excepted), its leftover metadata checks dropped (they would keep the float
@@ -224,10 +263,14 @@ def convert(
     seconds: dict[str, float] = {}
     census_of: dict[str, Any] = {}
     io: dict[str, Any] = {}
+    probes: dict[str, list[str]] = {}  # per file: the block outputs after its own, in order
     for graph, (module, sample) in litert_graphs.parts(model).items():
         name, started = FILES[graph], time.time()
         assert tuple(sample) == IO_NAMES[name][0], name  # the Runner feeds these names, in this order
-        buffer, census_of[name] = lower(module, layerwise(sample) if name == DECODER else sample, quant)
+        graph_module = probed(name, module)
+        buffer, census_of[name] = lower(graph_module, layerwise(sample) if name == DECODER else sample, quant)
+        if isinstance(graph_module, Probed):
+            probes[name] = list(graph_module.names)
         (out / name).write_bytes(buffer)
         seconds[name] = round(time.time() - started, 2)
         io[name] = {"inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
@@ -242,6 +285,7 @@ def convert(
         ),
         "convert_s": seconds,
         "census": census_of,
+        "probes": probes,
         "kv_cache": {
             "slots": model.dims.n_text_ctx,
             "masked": litert_graphs.MASKED,
@@ -284,9 +328,13 @@ class Runner(StaticCacheRunner):
         self.k_cache = torch.zeros(shapes["k_cache"]["shape"])
         self.v_cache = torch.zeros(shapes["v_cache"]["shape"])
         self.layers: list[torch.Tensor] = []
+        # the blocks' outputs of the last encode and decoder step (`converters.layer_drift`)
+        self.probe_names: dict[str, list[str]] = artifact.manifest.get("probes", {})
+        self.probes: dict[str, torch.Tensor] = {}
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
-        (features,) = self.encoder.execute([torch.from_numpy(np.ascontiguousarray(mel, np.float32))])
+        features, *blocks = self.encoder.execute([torch.from_numpy(np.ascontiguousarray(mel, np.float32))])
+        self.probes.update(zip(self.probe_names.get(ENCODER, ()), blocks, strict=True))
         return features.numpy()
 
     def start(self, audio_features: Any) -> None:
@@ -305,7 +353,8 @@ class Runner(StaticCacheRunner):
             self.mask[position][None, None],
             *self.layers,
         ]
-        logits, k_new, v_new = self.decoder.execute(inputs)
+        logits, k_new, v_new, *blocks = self.decoder.execute(inputs)
+        self.probes.update(zip(self.probe_names.get(DECODER, ()), blocks, strict=True))
         self.k_cache[:, :, position] = k_new[:, :, 0]
         self.v_cache[:, :, position] = v_new[:, :, 0]
         return logits[0].numpy()

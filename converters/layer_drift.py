@@ -10,7 +10,8 @@ measures what reaches it, drift from earlier blocks included; the first block be
 threshold is where it starts.
 
 Runtimes that give their tensors: ONNX Runtime (the probes become graph outputs of a session made
-for the analysis). Other targets raise `Unavailable` with the reason.
+for the analysis) and ExecuTorch (its programs return the blocks' outputs after their own,
+`converters.executorch_target.Probed`). Other targets raise `Unavailable` with the reason.
 """
 
 from __future__ import annotations
@@ -168,8 +169,24 @@ def onnx_blocks(artifact: Artifact, mel: np.ndarray, tokens: Sequence[int], thre
     }
 
 
+def executorch_blocks(
+    artifact: Artifact, mel: np.ndarray, tokens: Sequence[int], threads: int
+) -> dict[str, np.ndarray]:
+    """An ExecuTorch artifact's block outputs: its programs return them after their own outputs
+    (`converters.executorch_target.Probed`); its runner keeps the last encode's and step's."""
+    from converters import executorch_target
+
+    if not artifact.manifest.get("probes"):
+        raise Unavailable(f"{artifact.path.name} records no probes (built before they were): rebuild it")
+    runner = executorch_target.Runner(artifact, threads)
+    runner.step(list(tokens), runner.encode(mel), None)  # the prompt and prefix, one token at a time
+    return {name: value.numpy()[:, -1] if name.startswith(DECODER) else value.numpy()
+            for name, value in runner.probes.items()}  # fmt: skip
+
+
 PROBED: dict[str, Callable[[Artifact, np.ndarray, Sequence[int], int], dict[str, np.ndarray]]] = {
     "onnx": onnx_blocks,
+    "executorch": executorch_blocks,
 }
 
 

@@ -242,7 +242,8 @@ _DECLARED = (
     _declare(
         name="executorch",
         description="ExecuTorch .pte lowered to XNNPACK (static KV cache, the LiteRT graphs); torchao int8",
-        recipe="executorch-xnnpack-static-kv-v2",  # v2: LayerNorm written out, per-layer decoder inputs
+        # v3: the blocks' outputs as extra outputs (probes); v2: LayerNorm written out, per-layer decoder inputs
+        recipe="executorch-xnnpack-static-kv-v3",
         toolchain=("executorch", "torchao"),
         tolerances={
             "fp32": Tolerance(

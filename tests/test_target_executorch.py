@@ -52,6 +52,20 @@ def test_fp32_records_files_io_census_and_parity(fp32, tiny_checkpoint):
     assert m["parity"]["encoder_snr_db"] > 100
 
 
+def test_its_blocks_match_the_reference_block_by_block(fp32, embedded_utterances):
+    """The programs return their blocks' outputs after their own (the probes, fixed at
+    conversion): on a real utterance every block of the fp32 form is within fp32 rounding."""
+    from converters import layer_drift
+
+    assert fp32.manifest["probes"] == {
+        executorch_target.ENCODER: [f"encoder.blocks.{i}" for i in range(4)],
+        executorch_target.DECODER: [f"decoder.blocks.{i}" for i in range(4)],
+    }
+    drift, step = layer_drift.at_first_divergence(fp32, embedded_utterances[0].audio)
+    assert step is None and drift.first is None and len(drift.blocks) == 8
+    assert all(b.snr_db > 90 for b in drift.blocks), drift.lines()
+
+
 def test_cached_steps_match_whole_sequence_recomputation(fp32, tiny_dims):
     check_cached_steps(executorch_target.Runner(fp32), fp32.checkpoint(), tiny_dims, lambda cache: cache.length)
 
