@@ -24,9 +24,10 @@ import statistics
 import time
 from pathlib import Path
 
+from batching import utterances  # the first utterances of one window (run as a script: benchmarks/ on the path)
+
 os.environ.setdefault("HARNESS_WEIGHTS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "librispeech-eval"
 RUNNERS = (
     "reference:fp32",
     "executorch:fp32",
@@ -36,18 +37,6 @@ RUNNERS = (
     "onnx:fp32",
     "ctranslate2:fp32",
 )
-
-
-def utterances(n: int, dims) -> list:
-    from harness.core.decoding import too_long
-    from harness.job.spec import DatasetSpec
-    from harness.run.dataset import Shard, count_rows, read_shard
-
-    spec = DatasetSpec(path=DATA)
-    short = [u for u in read_shard(spec, Shard(0, 0, count_rows(spec))) if too_long(u.audio, dims) is None]
-    if len(short) < n:
-        raise SystemExit(f"{DATA} has {len(short)} utterances of one window, not {n}")
-    return short[:n]
 
 
 def measure(size: str, target: str, quant: str, n: int, threads: int, models: Path) -> dict:

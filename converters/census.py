@@ -1,8 +1,9 @@
 """What executes where inside an artifact, read from its files: for each graph, operators by type
 and how many of them run inside the accelerator's partitions (XNNPACK for LiteRT and ExecuTorch)
 rather than the fallback kernels; the weights' bytes per precision (is the "int8" model int8 where
-it matters?); the largest tensors; and the checks a device form promises (no GATHER in the
-MediaTek graphs, no dimension past the Apple Neural Engine's 16,384 in the Core ML form).
+it matters?); the largest tensors; and the checks a device form promises (none of
+`converters.litert.NPU_UNSUPPORTED_OPS` in the MediaTek graphs, no dimension past the Apple Neural
+Engine's 16,384 in the Core ML form).
 
 One function per file format, each importing only its own reader. ExecuTorch's census is made
 when the program is lowered (`converters.executorch_target.census`: a .pte keeps no record of
@@ -21,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from converters.litert import NPU_UNSUPPORTED_OPS
 from harness.core.target import Artifact, Unavailable
 
 CENSUS_FILE = "census.json"  # a run's: every converted model's census, by label
 LARGEST = 5  # tensors listed per file
 ANE_MAX_DIM = 16_384  # the Apple Neural Engine's cap on one dimension
 MATMUL_OPS = frozenset({"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL"})  # LiteRT's products
-GATHER_OPS = frozenset({"GATHER", "GATHER_ND", "EMBEDDING_LOOKUP"})  # what the MediaTek NPU does not run
 
 
 @dataclass(frozen=True)
@@ -280,8 +281,8 @@ def checks(artifact: Artifact, graphs: list[GraphCensus]) -> dict[str, str]:
     """The promises of the device forms, kept or broken."""
     out = {}
     if artifact.target == "mtk":
-        found = [f"{g.file}: {op}" for g in graphs for op in g.ops if op in GATHER_OPS]
-        out["no GATHER (MediaTek NPU)"] = "ok" if not found else "found " + ", ".join(found)
+        found = [f"{g.file}: {op}" for g in graphs for op in g.ops if op in NPU_UNSUPPORTED_OPS]
+        out["no GATHER or cache write (MediaTek NPU)"] = "ok" if not found else "found " + ", ".join(found)
     if artifact.target == "coreml":
         chunks, n_vocab = artifact.manifest.get("vocab_chunks"), artifact.manifest["dims"]["n_vocab"]
         widest = -(-n_vocab // chunks) if chunks else n_vocab  # the vocabulary projection's widest chunk

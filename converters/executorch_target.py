@@ -177,14 +177,18 @@ def lower(module: nn.Module, sample: dict[str, Any], quant: str) -> tuple[bytes,
         edge = to_edge_transform_and_lower(
             exported, transform_passes=[RemoveNoopExpandCopyPass()], partitioner=[XnnpackPartitioner()]
         )
-        census_of = {**census(edge.exported_program()), "constants": constants(exported), "compute": compute(exported)}
+        census_of = {
+            **delegation(edge.exported_program()),
+            "constants": constants(exported),
+            "compute": compute(exported),
+        }
         program = edge.to_executorch(
             ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
         )
     return program.buffer, census_of
 
 
-def census(program: Any) -> dict[str, Any]:
+def delegation(program: Any) -> dict[str, Any]:
     """What executes where in a lowered program: each operator's count inside XNNPACK partitions
     and in the portable kernels, and the number of partitions."""
     delegated: Counter[str] = Counter()

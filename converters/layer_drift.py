@@ -145,61 +145,78 @@ def _probed_session(path: Path, probes: dict[str, str], threads: int):
         return ort.InferenceSession(str(probed), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_blocks(artifact: Artifact, mel: np.ndarray, tokens: Sequence[int], threads: int) -> dict[str, np.ndarray]:
-    """An ONNX artifact's block outputs, by its manifest's probes."""
+Probe = Callable[[np.ndarray, Sequence[int]], dict[str, np.ndarray]]  # (mel, tokens) → block outputs
+
+
+def onnx_probe(artifact: Artifact, threads: int) -> Probe:
+    """An ONNX artifact's block outputs, by its manifest's probes: its three graphs loaded once as
+    sessions that also return them."""
     from converters import onnx_target
 
-    enc_file, step_file = onnx_target.ENCODER, onnx_target.DECODER
-
-    probes = artifact.manifest.get("probes")
-    if not probes:
-        raise Unavailable(f"{artifact.path.name} records no probes (built before they were): rebuild it")
+    probes, enc_file, step_file = artifact.manifest["probes"], onnx_target.ENCODER, onnx_target.DECODER
     encoder = _probed_session(artifact.file(enc_file), probes[enc_file], threads)
-    features, *enc = encoder.run(["audio_features", *probes[enc_file].values()], {"mel": mel})
     cross_kv = _probed_session(artifact.file(onnx_target.CROSS_KV), {}, threads)
-    cross_k, cross_v = cross_kv.run(None, {"audio_features": features})
     decoder = _probed_session(artifact.file(step_file), probes[step_file], threads)
-    empty = np.zeros((cross_k.shape[0], 1, 0, cross_k.shape[-1]), np.float32)
-    feeds = {"tokens": np.asarray([list(tokens)], np.int64), "self_k": empty, "self_v": empty,
-             "cross_k": cross_k, "cross_v": cross_v}  # fmt: skip
-    dec = decoder.run(list(probes[step_file].values()), feeds)
-    return {
-        **dict(zip(probes[enc_file], enc, strict=True)),
-        **{name: value[:, -1] for name, value in zip(probes[step_file], dec, strict=True)},
-    }
+
+    def blocks(mel: np.ndarray, tokens: Sequence[int]) -> dict[str, np.ndarray]:
+        features, *enc = encoder.run(["audio_features", *probes[enc_file].values()], {"mel": mel})
+        cross_k, cross_v = cross_kv.run(None, {"audio_features": features})
+        empty = np.zeros((cross_k.shape[0], 1, 0, cross_k.shape[-1]), np.float32)
+        feeds = {"tokens": np.asarray([list(tokens)], np.int64), "self_k": empty, "self_v": empty,
+                 "cross_k": cross_k, "cross_v": cross_v}  # fmt: skip
+        dec = decoder.run(list(probes[step_file].values()), feeds)
+        return {
+            **dict(zip(probes[enc_file], enc, strict=True)),
+            **{name: value[:, -1] for name, value in zip(probes[step_file], dec, strict=True)},
+        }
+
+    return blocks
 
 
-def executorch_blocks(
-    artifact: Artifact, mel: np.ndarray, tokens: Sequence[int], threads: int
-) -> dict[str, np.ndarray]:
+def executorch_probe(artifact: Artifact, threads: int) -> Probe:
     """An ExecuTorch artifact's block outputs: its programs return them after their own outputs
-    (`converters.executorch_target.Probed`); its runner keeps the last encode's and step's."""
+    (`converters.executorch_target.Probed`); its runner, loaded once, keeps the last encode's and
+    step's."""
     from converters import executorch_target
 
-    if not artifact.manifest.get("probes"):
-        raise Unavailable(f"{artifact.path.name} records no probes (built before they were): rebuild it")
     runner = executorch_target.Runner(artifact, threads)
-    runner.step(list(tokens), runner.encode(mel), None)  # the prompt and prefix, one token at a time
-    return {name: value.numpy()[:, -1] if name.startswith(DECODER) else value.numpy()
-            for name, value in runner.probes.items()}  # fmt: skip
+
+    def blocks(mel: np.ndarray, tokens: Sequence[int]) -> dict[str, np.ndarray]:
+        runner.step(list(tokens), runner.encode(mel), None)  # the prompt and prefix, one token at a time
+        return {name: value.numpy()[:, -1] if name.startswith(DECODER) else value.numpy()
+                for name, value in runner.probes.items()}  # fmt: skip
+
+    return blocks
 
 
-PROBED: dict[str, Callable[[Artifact, np.ndarray, Sequence[int], int], dict[str, np.ndarray]]] = {
-    "onnx": onnx_blocks,
-    "executorch": executorch_blocks,
-}
+PROBED: dict[str, Callable[[Artifact, int], Probe]] = {"onnx": onnx_probe, "executorch": executorch_probe}
 
 
-def measure(
-    artifact: Artifact, model: Any, mel: np.ndarray, tokens: Sequence[int], threshold_db: float, threads: int = 1
-) -> Drift:
-    """Every block of `artifact` against the reference `model` on one window's `mel` and the
-    decoder at the last of `tokens` (e.g. the prompt and the common prefix up to a divergence)."""
+def probe_for(artifact: Artifact, threads: int = 1) -> Probe:
+    """What reads `artifact`'s block outputs, its runtime loaded now: load it once per artifact and
+    hand it to `measure` for each utterance. `Unavailable` where the runtime gives no blocks, or the
+    artifact records no probes."""
     if artifact.target not in PROBED:
         raise Unavailable(
             f"{artifact.target}: no block outputs from its runtime yet (layer drift reads: {', '.join(PROBED)})"
         )
-    theirs = PROBED[artifact.target](artifact, mel, tokens, threads)
+    if not artifact.manifest.get("probes"):
+        raise Unavailable(f"{artifact.path.name} records no probes (built before they were): rebuild it")
+    return PROBED[artifact.target](artifact, threads)
+
+
+def measure(
+    artifact: Artifact,
+    model: Any,
+    mel: np.ndarray,
+    tokens: Sequence[int],
+    threshold_db: float,
+    probe: Probe | None = None,
+) -> Drift:
+    """Every block of `artifact` (read by `probe`, else one loaded for this call) against the
+    reference `model` on one window's `mel` and the decoder at the last of `tokens` (e.g. the
+    prompt and the common prefix up to a divergence)."""
+    theirs = (probe or probe_for(artifact))(mel, tokens)
     ours = reference_blocks(model, mel, tokens)
     blocks = tuple(
         BlockDrift(name, round(snr_db(ours[name], theirs[name]), 2), float(np.max(np.abs(ours[name] - theirs[name]))))
@@ -218,6 +235,7 @@ def at_first_divergence(artifact: Artifact, audio: np.ndarray, threads: int = 1)
     from harness.core.target import REFERENCE
     from harness.core.weights import load_model
 
+    probe = probe_for(artifact, threads)  # an artifact without probes is refused before decoding
     dims = Dims.of(artifact.manifest["dims"])
     prompt = build_prompt(dims)
     ours = greedy_decode(get_target(REFERENCE).runner(artifact, threads), audio, dims, prompt).tokens
@@ -228,4 +246,4 @@ def at_first_divergence(artifact: Artifact, audio: np.ndarray, threads: int = 1)
     fed = [*prompt.tokens, *(ours if step is None else ours[:step])]
     mel = log_mel(audio, dims.n_mels, dims.n_audio_ctx)
     threshold = threshold_for(artifact.target, artifact.quant)
-    return measure(artifact, load_model(artifact.checkpoint()).eval(), mel, fed, threshold, threads), step
+    return measure(artifact, load_model(artifact.checkpoint()).eval(), mel, fed, threshold, probe), step

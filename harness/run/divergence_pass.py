@@ -30,7 +30,7 @@ from harness.core.audio import log_mel
 from harness.core.decoding import LONG_FORM, DecodingOptions, Dims, Prompt, build_prompt, decode_window, tokenizer_for
 from harness.core.errors import one_line
 from harness.core.status import Status
-from harness.core.target import REFERENCE, Runner
+from harness.core.target import REFERENCE, Runner, Unavailable
 from harness.core.weights import load_model
 from harness.core.window import FULL_AUDIO_CTX
 from harness.job.spec import JobSpec, ModelCell
@@ -158,6 +158,7 @@ class DivergenceWorker(Loaded):
         # openai-whisper's model of its checkpoint (loaded on first use: most utterances agree)
         self.artifact = materialise(setup.candidate) if setup.cell.target in layer_drift.PROBED else None
         self.whisper: Any = None
+        self.probe: layer_drift.Probe | None = None
         setup.rows.open()
         self.load_s = time.perf_counter() - started
 
@@ -173,25 +174,38 @@ class DivergenceWorker(Loaded):
             else:
                 try:
                     facts = analyse(self.reference, self.candidate, utt.audio, s.dims, s.prompt, given, self._decode)
-                    facts.update(self._drift(utt.utt_id, utt.audio, given, facts.get("first_divergence")))
+                    drift, why = self._drift(utt.utt_id, utt.audio, given, facts.get("first_divergence"))
+                    facts.update(drift)
+                    if why:  # the rest of the analysis stands without it
+                        facts["note"] = "; ".join(n for n in (facts["note"], why) if n)
                 except Exception as exc:  # one utterance's failure is its row, never the run's
                     yield divergence_row(cell, utt.utt_id, Status.ERROR, f"analysis failed: {one_line(exc)}")
                     continue
                 yield divergence_row(cell, utt.utt_id, Status.OK, **facts)
 
-    def _drift(self, utt_id: str, audio: np.ndarray, given: Transcripts, step: int | None) -> dict[str, Any]:
-        """The layer-drift columns of a divergent utterance, or of a sampled agreeing one; none else."""
+    def _drift(
+        self, utt_id: str, audio: np.ndarray, given: Transcripts, step: int | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The layer-drift columns of a divergent utterance, or of a sampled agreeing one (none
+        else), and why they are missing where the artifact cannot give them."""
         if self.artifact is None or (step is None and not layer_drift.sampled(utt_id)):
-            return {}
-        if self.whisper is None:
+            return {}, None
+        if self.probe is None:  # both loaded at the first utterance measured
+            try:
+                self.probe = layer_drift.probe_for(self.artifact, self.setup.threads)
+            except Unavailable as exc:
+                return {}, f"layer drift: {exc}"
             self.whisper = load_model(self.artifact.checkpoint()).eval()
         s = self.setup
         fed = [*s.prompt.tokens, *(given.reference if step is None else given.reference[:step])]
         mel = log_mel(audio, s.dims.n_mels, s.dims.n_audio_ctx)
         threshold = layer_drift.threshold_for(s.cell.target, s.cell.quant)
-        drift = layer_drift.measure(self.artifact, self.whisper, mel, fed, threshold, s.threads)
+        drift = layer_drift.measure(self.artifact, self.whisper, mel, fed, threshold, self.probe)
         first = drift.first
-        return {"layer_drift": [asdict(b) for b in drift.blocks], "first_drift_block": first.block if first else None}
+        return {
+            "layer_drift": [asdict(b) for b in drift.blocks],
+            "first_drift_block": first.block if first else None,
+        }, None
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
